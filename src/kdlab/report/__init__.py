@@ -1,0 +1,1 @@
+"""kdlab.report"""
