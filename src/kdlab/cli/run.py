@@ -1,0 +1,49 @@
+"""`kdlab run CONFIG [--set key=value ...] [--resume]`: one experiment from a YAML config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kdlab.config import ConfigError, describe_fields, load_config
+
+
+def command(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config (omit to use the defaults).")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a field: --set stage2.regime=online_student (repeatable).")] = [],
+    resume: Annotated[bool, typer.Option(help="Continue the run in output_dir from its last checkpoint.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (overrides output_dir).")] = None,
+    report: Annotated[bool, typer.Option(help="Write report.html and summary.json at the end.")] = True,
+) -> None:
+    """Run one experiment: stage 1 (cached), stage 2 under the configured regime, evaluation, report."""
+    from kdlab.pipeline.distill import RunDirectoryInUse, TrainingDiverged, run
+
+    overrides = list(set_) + ([f"output_dir={out}"] if out else [])
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    try:
+        run_dir = run(cfg, resume=resume, log=lambda m: typer.echo(m, err=True))
+    except (TrainingDiverged, RunDirectoryInUse, ValueError, RuntimeError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1)
+    if report:
+        write_report_safely([run_dir])
+
+
+def write_report_safely(dirs: list[Path]) -> None:
+    try:
+        from kdlab.report import write_report
+    except ImportError:
+        typer.echo("(report module not available; skipping report)", err=True)
+        return
+    path = write_report(dirs)
+    typer.echo(f"report: {path}", err=True)
+
+
+command.__doc__ += "\n\n\bConfig fields (set them in the YAML file or with --set):\n" + "\n".join(
+    "  " + line for line in describe_fields())

@@ -1,0 +1,387 @@
+"""Typed run configuration: YAML load/save, dotted overrides, validation.
+
+Every field is documented where it is declared (`Field(description=...)`); `kdlab run --help` prints
+them all (see `describe_fields`). Validation happens before any work: an unknown key, a wrong type or
+an out-of-range value raises `ConfigError` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the config."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# World: the oracle and the prompt distribution
+
+
+class ArchConfig(_Section):
+    """A Llama-architecture model built from scratch (used for the synthetic oracle, teacher, student)."""
+
+    hidden_size: int = Field(64, ge=8, le=65536, description="Width of the residual stream.")
+    num_layers: int = Field(2, ge=1, le=256, description="Number of transformer blocks.")
+    num_heads: int = Field(4, ge=1, le=256, description="Attention heads (hidden_size must divide by it).")
+    intermediate_size: int | None = Field(
+        None, ge=8, description="MLP width; default 4 x hidden_size."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ArchConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+        return self
+
+
+class OracleConfig(ArchConfig):
+    """The synthetic oracle: a seeded random Llama sharpened by a logit scale."""
+
+    init_std: float = Field(1.0, gt=0, le=100, description="Std of the random weight init.")
+    logit_scale: float = Field(
+        4.0, gt=0, le=1000, description="Multiplies the oracle's logits: higher = peakier conditionals."
+    )
+
+
+class PoolsConfig(_Section):
+    """Sizes of the disjoint prompt pools."""
+
+    stage1: int = Field(8192, ge=1, description="Prompts for stage-1 SFT (teacher and student init).")
+    stage2: int = Field(8192, ge=1, description="Prompts that stage-2 regimes draw training prompts from.")
+    eval: int = Field(512, ge=2, description="Held-out prompts for proxy and golden evaluation.")
+
+
+class WorldConfig(_Section):
+    """The ground truth: an oracle LM and a prompt distribution."""
+
+    oracle: str = Field(
+        "synthetic",
+        description="'synthetic' (a seeded random Llama, see world.synthetic) or 'hf:<name or path>' "
+        "for a real causal LM used as ground truth.",
+    )
+    seed: int = Field(0, ge=0, description="Seeds the oracle, the prompt pools and stage 1.")
+    vocab_size: int = Field(32, ge=2, le=1_000_000, description="Synthetic world vocabulary size.")
+    prompt_length: int = Field(8, ge=1, le=8192, description="Tokens per synthetic prompt.")
+    response_length: int = Field(16, ge=1, le=8192, description="Tokens per response (max new tokens).")
+    prompt_source: Literal["uniform", "oracle"] = Field(
+        "uniform",
+        description="How synthetic prompts are drawn: 'uniform' i.i.d. tokens, or 'oracle' samples from "
+        "the oracle after a fixed start token.",
+    )
+    synthetic: OracleConfig = Field(default_factory=OracleConfig, description="Synthetic oracle architecture.")
+    pools: PoolsConfig = Field(default_factory=PoolsConfig, description="Disjoint prompt pool sizes.")
+
+    @field_validator("oracle")
+    @classmethod
+    def _oracle_kind(cls, value: str) -> str:
+        if value != "synthetic" and not value.startswith("hf:"):
+            raise ValueError("must be 'synthetic' or 'hf:<name or path>'")
+        return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and stage 1
+
+
+class ModelsConfig(_Section):
+    """Teacher and student architectures (or paths to pretrained models with 'hf:')."""
+
+    teacher: ArchConfig | str = Field(
+        default_factory=lambda: ArchConfig(hidden_size=64, num_layers=2, num_heads=4),
+        description="Teacher architecture, or 'hf:<name or path>' to start from a pretrained model.",
+    )
+    student: ArchConfig | str = Field(
+        default_factory=lambda: ArchConfig(hidden_size=32, num_layers=1, num_heads=2),
+        description="Student architecture, or 'hf:<name or path>'.",
+    )
+
+
+class SFTConfig(_Section):
+    """Supervised fine-tuning on oracle samples (cross-entropy on response tokens)."""
+
+    num_samples: int = Field(4000, ge=1, description="Oracle samples (one per prompt) to train on.")
+    steps: int = Field(2000, ge=0, description="Optimizer steps.")
+    batch_size: int = Field(64, ge=1, description="Sequences per step.")
+    lr: float = Field(1e-3, gt=0, le=10, description="Adam learning rate.")
+
+
+class Stage1Config(_Section):
+    """Stage 1: the teacher and the student initialisation, both SFT on oracle samples."""
+
+    teacher: SFTConfig = Field(default_factory=SFTConfig, description="Teacher SFT budget.")
+    student: SFTConfig = Field(
+        default_factory=lambda: SFTConfig(num_samples=500, steps=300),
+        description="Student initialisation SFT budget.",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2
+
+
+class OfflineConfig(_Section):
+    """A fixed dataset of teacher generations, made once and reused for many epochs."""
+
+    num_prompts: int = Field(2048, ge=1, description="Distinct training prompts in the dataset.")
+    generations_per_prompt: int = Field(1, ge=1, description="Teacher samples per prompt.")
+    targets: Literal["auto", "full", "topk", "none"] = Field(
+        "auto",
+        description="Cached teacher targets: 'full' log-probs, 'topk', 'auto' (full if it fits "
+        "target_memory_mb, else top-k), or 'none' (live teacher forward every step).",
+    )
+    topk: int = Field(64, ge=1, description="k for top-k cached targets.")
+    target_memory_mb: float = Field(1024.0, gt=0, description="Memory budget for full cached targets.")
+
+
+class MixedConfig(_Section):
+    """GKD-style mixture: a fraction `lmbda` of batches on-policy, the rest from `other`."""
+
+    lmbda: float = Field(0.5, ge=0, le=1, description="Fraction of on-policy (student-sampled) batches.")
+    other: Literal["offline", "online_teacher"] = Field(
+        "online_teacher", description="Regime of the remaining batches."
+    )
+
+
+class SamplingConfig(_Section):
+    """How the teacher/student sample responses during stage 2."""
+
+    temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature.")
+    top_k: int | None = Field(None, ge=1, description="Top-k sampling (None = off).")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling (None = off).")
+
+
+class Stage2Config(_Section):
+    """Stage 2: distil the student from the teacher under a data regime."""
+
+    regime: Literal["offline", "online_teacher", "online_student", "mixed"] = Field(
+        "offline", description="Where (prompt, response) batches come from."
+    )
+    steps: int = Field(3000, ge=1, description="Optimizer steps (the budget shared across regimes).")
+    batch_size: int = Field(64, ge=1, description="Sequences per optimizer step.")
+    lr: float = Field(1e-3, gt=0, le=10, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm (None = no clipping).")
+    offline: OfflineConfig = Field(default_factory=OfflineConfig, description="Offline dataset.")
+    mixed: MixedConfig = Field(default_factory=MixedConfig, description="Mixed regime.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Response sampling.")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (also at the end).")
+
+
+class LossConfig(_Section):
+    """The token-level distillation loss (kdlab.losses)."""
+
+    name: Literal[
+        "forward_kl", "reverse_kl", "generalized_jsd", "tvd", "skew_kl", "skew_reverse_kl", "taid"
+    ] = Field("forward_kl", description="Divergence between teacher and student at each response position.")
+    beta: float = Field(0.5, ge=0, le=1, description="generalized_jsd: 0 = forward KL, 1 = reverse KL.")
+    alpha: float = Field(0.1, ge=0, lt=1, description="skew_kl / skew_reverse_kl mixing weight.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature on both sides.")
+    taid_t_start: float = Field(0.4, ge=0, le=1, description="taid: initial interpolation t.")
+    taid_t_end: float = Field(1.0, ge=0, le=1, description="taid: final interpolation t.")
+    taid_momentum: float = Field(0.99, ge=0, lt=1, description="taid: momentum of the adaptive update.")
+    taid_step_size: float = Field(5e-4, ge=0, le=1, description="taid: step size of the adaptive update.")
+    lean: bool = Field(
+        False,
+        description="Compute the loss from hidden states chunk by chunk (never materialising all "
+        "student logits); for large vocabularies.",
+    )
+    chunk_size: int = Field(1024, ge=1, description="Tokens per chunk on the lean path.")
+
+
+class EvalConfig(_Section):
+    """Evaluation at log-spaced steps on held-out prompts."""
+
+    num_points: int = Field(24, ge=2, le=10_000, description="Log-spaced evaluation steps (plus 0 and the last).")
+    num_prompts: int = Field(512, ge=2, description="Held-out prompts (at most world.pools.eval).")
+    samples_per_prompt: int = Field(1, ge=1, description="Reference samples per prompt.")
+    batch_size: int = Field(256, ge=1, description="Sequences per evaluation forward pass.")
+    reverse: bool = Field(False, description="Also compute reverse KL (needs fresh student samples each time).")
+    train_prompts: int = Field(
+        256, ge=0, description="Training prompts on which the divergence to the teacher is also logged (0 = off)."
+    )
+
+
+class RunConfig(_Section):
+    """One experiment: world, models, stage 1, stage 2, loss, evaluation."""
+
+    name: str = Field("run", description="Condition name (used in reports; seeds of one condition share it).")
+    seed: int = Field(0, ge=0, description="Seeds stage 2: data order, sampling, offline dataset.")
+    output_dir: str = Field("runs/run", description="Run directory.")
+    cache_dir: str | None = Field(
+        None,
+        description="Where stage-1 results and evaluation references are cached by config hash "
+        "(default: <output_dir>/../.kdlab-cache).",
+    )
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch's default).")
+    device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N', or 'auto'.")
+    world: WorldConfig = Field(default_factory=WorldConfig, description="Oracle and prompts.")
+    models: ModelsConfig = Field(default_factory=ModelsConfig, description="Teacher and student.")
+    stage1: Stage1Config = Field(default_factory=Stage1Config, description="Stage-1 SFT budgets.")
+    stage2: Stage2Config = Field(default_factory=Stage2Config, description="Stage-2 distillation.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Distillation loss.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        if self.eval.num_prompts > self.world.pools.eval:
+            raise ValueError(
+                f"eval.num_prompts={self.eval.num_prompts} exceeds world.pools.eval={self.world.pools.eval}"
+            )
+        if self.stage2.offline.num_prompts > self.world.pools.stage2:
+            raise ValueError(
+                f"stage2.offline.num_prompts={self.stage2.offline.num_prompts} exceeds "
+                f"world.pools.stage2={self.world.pools.stage2}"
+            )
+        for who in ("teacher", "student"):
+            n = getattr(self.stage1, who).num_samples
+            if n > self.world.pools.stage1:
+                raise ValueError(
+                    f"stage1.{who}.num_samples={n} exceeds world.pools.stage1={self.world.pools.stage1}"
+                )
+        return self
+
+    # -- hashing for caches -------------------------------------------------------------------
+    def stage1_key(self) -> str:
+        """Hash of everything stage 1 depends on (world, models, stage-1 budgets)."""
+        return _hash({"world": self.world.model_dump(), "models": self.models.model_dump(),
+                      "stage1": self.stage1.model_dump()})
+
+    def eval_key(self) -> str:
+        """Hash of everything the held-out references depend on."""
+        return _hash({"stage1": self.stage1_key(), "eval": self.eval.model_dump(
+            include={"num_prompts", "samples_per_prompt"})})
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        return Path(self.output_dir).resolve().parent / ".kdlab-cache"
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        if e["type"] == "string_type" and isinstance(e.get("input"), dict):
+            continue  # the other arm of an `ArchConfig | str` union; its own error is the useful one
+        field = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "ArchConfig", "str")))
+        value = e.get("input")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `kdlab run --help` lists every field)"
+        ctx = e.get("ctx") or {}
+        if "expected" in ctx:
+            msg = f"must be one of {ctx['expected']}"
+        shown = value if not isinstance(value, dict) else "{...}"
+        lines.append(f"  {field or '<top level>'} = {shown!r}: {msg}")
+    return "invalid config:\n" + "\n".join(dict.fromkeys(lines))
+
+
+def parse_value(text: str) -> Any:
+    """Parse the value of a `--set key=value` override with YAML rules (1e-3, true, null, [a, b])."""
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_override(data: dict, dotted: str, value: Any) -> None:
+    """Set `data[a][b][c] = value` for `dotted = "a.b.c"`, creating sections as needed."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def build_config(data: dict | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Validate a config dict with `key=value` overrides applied; raises ConfigError on any problem."""
+    data = json.loads(json.dumps(data or {}))  # deep copy, also rejects non-JSON types early
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, _, raw = item.partition("=")
+        apply_override(data, key.strip(), parse_value(raw))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config file (or the defaults if `path` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return build_config(data, overrides)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """One line per leaf field: `dotted.name (type, default): description`, for --help."""
+    lines = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        annotation = field.annotation
+        sub = _section_type(annotation)
+        if sub is not None and not _is_union_with_str(annotation):
+            lines.append(f"{dotted}: {field.description}")
+            lines.extend(describe_fields(sub, dotted + "."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            default = "{...}"
+        if get_origin(annotation) is Literal:
+            type_name = "one of " + "|".join(str(a) for a in get_args(annotation))
+        else:
+            type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        lines.append(f"{dotted} ({type_name}, default {default!r}): {field.description}")
+        if sub is not None:
+            lines.extend(describe_fields(sub, dotted + "."))
+    return lines
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _is_union_with_str(annotation: Any) -> bool:
+    return str in (getattr(annotation, "__args__", ()) or ())

@@ -1,0 +1,153 @@
+"""Offline distillation data: `num_prompts × generations_per_prompt` teacher samples, made once.
+
+Stored as a Hugging Face `datasets` dataset on disk together with the teacher's per-position
+targets, so training from it skips the teacher forward entirely:
+- `full`: log-probs over the whole vocabulary at every response position (exact: softmax of
+  log-probs / τ equals softmax of logits / τ, so full cached targets serve any temperature);
+- `topk`: the k largest log-probs and their indices (a `SparseTarget`; the losses put the
+  remaining mass in an explicit tail bucket);
+- `auto`: full when `sequences × R × V × 4 bytes` fits the memory budget, else top-k.
+The dataset is written to a temporary directory and renamed into place, with a `kdlab.json`
+marker written last: a directory without the marker is an interrupted build and is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdlab.losses import SparseTarget
+from kdlab.models import LM
+from kdlab.models.sampling import sample
+
+MARKER = "kdlab.json"
+
+
+@dataclass
+class OfflineData:
+    """The whole offline dataset as tensors (it is small enough to hold in memory by design)."""
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    target_logprobs: Tensor | None = None  # N×R×V (full)
+    target_indices: Tensor | None = None  # N×R×k (top-k)
+    target_topk_logprobs: Tensor | None = None  # N×R×k
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def has_targets(self) -> bool:
+        return self.target_logprobs is not None or self.target_indices is not None
+
+    def target(self, idx: Tensor) -> Tensor | SparseTarget | None:
+        if self.target_logprobs is not None:
+            return self.target_logprobs[idx]
+        if self.target_indices is not None:
+            return SparseTarget(self.target_indices[idx], self.target_topk_logprobs[idx])
+        return None
+
+
+def choose_target_kind(kind: str, n_seq: int, response_length: int, vocab_size: int, budget_mb: float) -> str:
+    if kind != "auto":
+        return kind
+    return "full" if n_seq * response_length * vocab_size * 4 <= budget_mb * 2**20 else "topk"
+
+
+@torch.no_grad()
+def build_offline_dataset(
+    teacher: LM,
+    prompt_ids_NxP: Tensor,
+    prompt_mask_NxP: Tensor,
+    *,
+    generations_per_prompt: int,
+    max_new_tokens: int,
+    generator: torch.Generator,
+    out_dir: Path,
+    targets: str = "auto",
+    topk: int = 64,
+    target_memory_mb: float = 1024.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    batch_size: int = 256,
+) -> Path:
+    """Sample the teacher on each prompt `generations_per_prompt` times, compute its targets, save."""
+    import datasets
+
+    ids = prompt_ids_NxP.repeat_interleave(generations_per_prompt, 0)
+    mask = prompt_mask_NxP.repeat_interleave(generations_per_prompt, 0)
+    kind = choose_target_kind(targets, len(ids), max_new_tokens, teacher.vocab_size, target_memory_mb)
+    columns: dict[str, list[np.ndarray]] = {k: [] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")}
+    dev = teacher.device
+    for i in range(0, len(ids), batch_size):
+        p_ids, p_mask = ids[i:i + batch_size].to(dev), mask[i:i + batch_size].to(dev)
+        s = sample(teacher, p_ids, p_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator)
+        columns["prompt_ids"].append(p_ids.cpu().numpy())
+        columns["prompt_mask"].append(p_mask.cpu().numpy())
+        columns["response_ids"].append(s.response_ids.cpu().numpy())
+        columns["response_mask"].append(s.response_mask.cpu().numpy())
+        if kind != "none":
+            logp = torch.log_softmax(teacher.response_logits(p_ids, p_mask, s.response_ids, s.response_mask), -1)
+            if kind == "full":
+                columns.setdefault("target_logprobs", []).append(logp.cpu().numpy().astype(np.float32))
+            else:
+                top = logp.topk(min(topk, logp.shape[-1]), dim=-1)
+                columns.setdefault("target_indices", []).append(top.indices.cpu().numpy().astype(np.int32))
+                columns.setdefault("target_topk_logprobs", []).append(top.values.cpu().numpy().astype(np.float32))
+    data = {k: np.concatenate(v) for k, v in columns.items()}
+    ds = datasets.Dataset.from_dict({k: list(v) for k, v in data.items()})
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
+    ds.save_to_disk(str(tmp / "data"))
+    (tmp / MARKER).write_text(json.dumps({"sequences": len(ids), "targets": kind, "topk": topk,
+                                          "generations_per_prompt": generations_per_prompt}))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def offline_dataset_ready(path: Path) -> bool:
+    return (Path(path) / MARKER).exists()
+
+
+def load_offline_dataset(path: Path) -> OfflineData:
+    """Load a dataset written by `build_offline_dataset` into tensors; a clear error if it is damaged."""
+    import datasets
+
+    path = Path(path)
+    if not offline_dataset_ready(path):
+        raise FileNotFoundError(
+            f"offline dataset {path} is missing or was interrupted while being written; "
+            "delete the directory and run again (it is rebuilt from the teacher)."
+        )
+    try:
+        ds = datasets.load_from_disk(str(path / "data")).with_format("numpy")
+        cols = {name: torch.from_numpy(np.stack(ds[name])) for name in ds.column_names}
+    except Exception as err:  # arrow/IO errors of every kind on a damaged file
+        raise RuntimeError(
+            f"offline dataset {path} is unreadable ({type(err).__name__}: {err}); it may be truncated. "
+            "Delete the directory and run again to rebuild it from the teacher."
+        ) from None
+    return OfflineData(
+        prompt_ids=cols["prompt_ids"].long(), prompt_mask=cols["prompt_mask"].bool(),
+        response_ids=cols["response_ids"].long(), response_mask=cols["response_mask"].bool(),
+        target_logprobs=cols.get("target_logprobs"),
+        target_indices=cols["target_indices"].long() if "target_indices" in cols else None,
+        target_topk_logprobs=cols.get("target_topk_logprobs"),
+    )

@@ -1,0 +1,265 @@
+"""Stage 2: distil the student from the teacher under a data regime. One loop, written out in full.
+
+setup  : world (stage 1, cached) -> student init -> data source -> optimizer -> evaluator
+train  : for each step: batch -> teacher target (cached, or a live teacher forward) -> student
+         forward -> loss (sum over response tokens / tokens in the batch) -> backward -> clip -> step;
+         evaluate at log-spaced steps; checkpoint every `checkpoint_every` steps and at the end
+cleanup: final summary, report
+A killed run resumes from its last checkpoint and continues the same trajectory (every random draw
+is derived from (seed, step), see kdlab.seeding).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kdlab import losses
+from kdlab.config import RunConfig, dump_config
+from kdlab.data.offline import build_offline_dataset, load_offline_dataset, offline_dataset_ready
+from kdlab.data.regimes import (Batch, MixedSource, OfflineSource, OnlineStudentSource, OnlineTeacherSource,
+                                SamplingParams)
+from kdlab.models import LM, check_vocab_compatible
+from kdlab.pipeline.evaluate import Evaluator, eval_steps
+from kdlab.pipeline.rundir import (JsonlLogger, atomic_write_json, atomic_write_text, latest_checkpoint,
+                                   load_checkpoint, read_metrics, save_checkpoint, truncate_metrics)
+from kdlab.pipeline.world import World, build_world
+from kdlab.seeding import generator_for
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept on disk."""
+
+
+class RunDirectoryInUse(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_loss(cfg: RunConfig):
+    c = cfg.loss
+    params = {"generalized_jsd": {"beta": c.beta}, "skew_kl": {"alpha": c.alpha},
+              "skew_reverse_kl": {"alpha": c.alpha}}.get(c.name, {})
+    return losses.get(c.name, **params)
+
+
+def make_taid_schedule(cfg: RunConfig):
+    if cfg.loss.name != "taid":
+        return None
+    c = cfg.loss
+    return losses.TAIDSchedule(cfg.stage2.steps, t_start=c.taid_t_start, t_end=c.taid_t_end,
+                               alpha=c.taid_step_size, beta=c.taid_momentum)
+
+
+def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | None = None):
+    """The stage-2 batch source of the configured regime, and the prompts it trains on."""
+    s2 = cfg.stage2
+    regime = regime or s2.regime
+    pool_ids, pool_mask = world.prompts["stage2"]
+    params = SamplingParams(max_new_tokens=cfg.world.response_length, temperature=s2.sampling.temperature,
+                            top_k=s2.sampling.top_k, top_p=s2.sampling.top_p)
+    if regime == "offline":
+        o = s2.offline
+        # The run seed chooses which prompts of the pool form the dataset (the seed varies the data).
+        perm = torch.randperm(len(pool_ids), generator=generator_for(cfg.seed, "offline-prompts"))[:o.num_prompts]
+        ids, mask = pool_ids[perm], pool_mask[perm]
+        path = run_dir / "offline_data"
+        if not offline_dataset_ready(path):
+            log(f"[stage 2] offline dataset: {o.num_prompts} prompts x {o.generations_per_prompt} teacher samples")
+            build_offline_dataset(
+                world.teacher, ids, mask, generations_per_prompt=o.generations_per_prompt,
+                max_new_tokens=cfg.world.response_length, generator=generator_for(cfg.seed, "offline-samples"),
+                out_dir=path, targets=o.targets, topk=o.topk, target_memory_mb=o.target_memory_mb,
+                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+        return OfflineSource(load_offline_dataset(path), s2.batch_size, cfg.seed), (ids, mask)
+    if regime == "online_teacher":
+        return OnlineTeacherSource(world.teacher, pool_ids, pool_mask, s2.batch_size, cfg.seed, params), (pool_ids, pool_mask)
+    if regime == "online_student":
+        return OnlineStudentSource(pool_ids, pool_mask, s2.batch_size, cfg.seed, params), (pool_ids, pool_mask)
+    if regime == "mixed":
+        other, prompts = make_source(cfg, world, run_dir, log, regime=s2.mixed.other)
+        on_policy = OnlineStudentSource(pool_ids, pool_mask, s2.batch_size, cfg.seed, params)
+        return MixedSource(on_policy, other, s2.mixed.lmbda, cfg.seed), prompts
+    raise ValueError(f"unknown regime {regime!r}")
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    warm = cfg.stage2.warmup_steps
+    return cfg.stage2.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
+
+
+def loss_on_batch(student: LM, teacher: LM, batch: Batch, loss_fn, cfg: RunConfig, taid_t: float | None,
+                  device) -> tuple[torch.Tensor, int]:
+    """Sum of per-token losses over the batch's response tokens, and the number of those tokens.
+
+    The caller divides by the token count (globally, across accumulation steps or ranks), so that the
+    result equals one big batch's mean whatever the split.
+    """
+    p_ids, p_mask = batch.prompt_ids.to(device), batch.prompt_mask.to(device)
+    r_ids, r_mask = batch.response_ids.to(device), batch.response_mask.to(device)
+    target = batch.teacher_target
+    if target is None:
+        with torch.no_grad():
+            target = teacher.response_logits(p_ids, p_mask, r_ids, r_mask)
+    elif isinstance(target, torch.Tensor):
+        target = target.to(device)
+    else:
+        target = type(target)(*(t.to(device) for t in target))
+    extra = {"t": taid_t} if taid_t is not None else {}
+    T = cfg.loss.temperature
+    if cfg.loss.lean:
+        hidden = student.response_hidden(p_ids, p_mask, r_ids, r_mask)
+        total = losses.lean_loss(loss_fn, hidden, student.lm_head_weight, target, r_mask,
+                                 chunk_size=cfg.loss.chunk_size, reduction="sum", temperature=T, **extra)
+    else:
+        logits = student.response_logits(p_ids, p_mask, r_ids, r_mask)
+        total = loss_fn(logits, target, r_mask, reduction="sum", temperature=T, **extra)
+    return total, int(r_mask.sum())
+
+
+def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, on_step=None) -> Path:
+    """Run (or resume) one experiment into `cfg.output_dir`. Returns the run directory.
+
+    `on_step(step, total)`, when given, is called after every optimizer step (the demo uses it to
+    report the progress of runs in worker processes)."""
+    # ---------------------------------------------------------------------------------- setup
+    run_dir = Path(cfg.output_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    metrics_path = run_dir / "metrics.jsonl"
+    if run_dir.exists() and (run_dir / "config.yaml").exists() and not resume:
+        if (run_dir / "summary.json").exists() or metrics_path.exists():
+            raise RunDirectoryInUse(
+                f"{run_dir} already holds a run; pass --resume to continue it or choose another output_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and (run_dir / "config.yaml").exists():
+        saved = (run_dir / "config.yaml").read_text()
+        if saved != dump_config(cfg):
+            raise ValueError(f"{run_dir}/config.yaml differs from the config given: resume with the same config")
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+
+    world = build_world(cfg, device=device, log=log)
+    student = world.load_student_init(device=device)
+    check_vocab_compatible(world.teacher, student, ("teacher", "student"))
+    source, train_prompts = make_source(cfg, world, run_dir, log)
+    evaluator = Evaluator(cfg, world, train_prompts, run_dir)
+    loss_fn = make_loss(cfg)
+    taid = make_taid_schedule(cfg)
+    student.hf.train()
+    optimizer = torch.optim.AdamW(student.hf.parameters(), lr=cfg.stage2.lr, weight_decay=cfg.stage2.weight_decay)
+    logger = JsonlLogger(metrics_path)
+
+    step, tokens, loss_sum, loss_count = 0, 0, 0.0, 0
+    ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, student.hf, optimizer)
+        step, tokens = state["step"], state["tokens"]
+        loss_sum, loss_count = state["loss_sum"], state["loss_count"]
+        if taid is not None:
+            taid.load_state_dict(state["taid"])
+        truncate_metrics(metrics_path, step)
+        log(f"[stage 2] resumed {run_dir} at step {step}")
+    else:
+        metrics_path.unlink(missing_ok=True)
+
+    total = cfg.stage2.steps
+    evals = set(eval_steps(total, cfg.eval.num_points))
+    done = {r["step"] for r in read_metrics(metrics_path)}
+    epochs_per_step = source.epochs(1) if isinstance(source, OfflineSource) else None
+    regime = cfg.stage2.regime
+    latest: dict = {}
+
+    def evaluate() -> None:
+        nonlocal loss_sum, loss_count, latest
+        student.hf.eval()
+        row = {"step": step, "tokens": tokens, "regime": regime, "condition": cfg.name, "seed": cfg.seed,
+               "train_loss": loss_sum / loss_count if loss_count else None,
+               "epochs": step * epochs_per_step if epochs_per_step is not None else None}
+        row.update(evaluator(student, step))
+        if taid is not None:
+            row["taid_t"] = taid.t
+        logger.log(row)
+        latest = row
+        loss_sum, loss_count = 0.0, 0
+        student.hf.train()
+
+    def checkpoint() -> None:
+        save_checkpoint(run_dir / "checkpoints", step, student.hf, optimizer, {
+            "tokens": tokens, "loss_sum": loss_sum, "loss_count": loss_count,
+            "taid": taid.state_dict() if taid is not None else None})
+
+    # ---------------------------------------------------------------------------------- train
+    if step == 0 and 0 not in done:
+        evaluate()
+    bar = tqdm(total=total, initial=step, desc=f"stage 2: {cfg.name} (seed {cfg.seed})", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    t0 = time.time()
+    while step < total:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        student.hf.eval()  # sampling mode for on-policy batches (no dropout in kdlab's models either way)
+        batch = source.batch(step, student)
+        student.hf.train()
+        loss_total, n_tokens = loss_on_batch(student, world.teacher, batch, loss_fn, cfg,
+                                             taid.t if taid is not None else None, device)
+        loss = loss_total / max(n_tokens, 1)
+        if not torch.isfinite(loss):
+            last = latest_checkpoint(run_dir / "checkpoints")
+            raise TrainingDiverged(
+                f"the {cfg.loss.name} loss became {float(loss)} at step {step + 1} of {cfg.name!r}. "
+                f"The last good checkpoint is {last or 'none (no checkpoint written yet)'}; "
+                f"lower stage2.lr (now {cfg.stage2.lr}), set stage2.grad_clip, or check the teacher targets, "
+                "then rerun (with --resume to continue from that checkpoint).")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.stage2.grad_clip:
+            torch.nn.utils.clip_grad_norm_(student.hf.parameters(), cfg.stage2.grad_clip)
+        optimizer.step()
+        if taid is not None:
+            taid.update(float(loss))
+        step += 1
+        tokens += n_tokens
+        loss_sum += float(loss)
+        loss_count += 1
+        if step in evals:
+            evaluate()
+            bar.set_postfix(loss=f"{latest['train_loss']:.3f}", proxy=_fmt(latest.get("proxy_fkl")),
+                            golden=_fmt(latest.get("golden_fkl")))
+        if step % cfg.stage2.checkpoint_every == 0 or step == total:
+            checkpoint()
+        bar.update(1)
+        if on_step is not None:
+            on_step(step, total)
+    bar.close()
+
+    # ---------------------------------------------------------------------------------- cleanup
+    rows = read_metrics(metrics_path)
+    final = rows[-1] if rows else {}
+    atomic_write_json(run_dir / "world.json", {**world.info, **evaluator.teacher_golden})
+    atomic_write_json(run_dir / "done.json", {"steps": total, "seconds_this_session": round(time.time() - t0, 1)})
+    log(f"[done] {cfg.name} seed {cfg.seed}: {total} steps, proxy {_fmt(final.get('proxy_fkl'))}, "
+        f"golden {_fmt(final.get('golden_fkl'))} nats/response -> {run_dir}")
+    return run_dir
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (Path(run_dir) / "done.json").exists()
+
+
+def read_done(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "done.json").read_text())

@@ -1,0 +1,157 @@
+"""Run directory: atomic writes, metrics log, checkpoints (safetensors) and resume.
+
+Layout (DESIGN.md): config.yaml, metrics.jsonl, summary.json, checkpoints/, report.html, plots/.
+Every file is written to a temporary name and renamed into place, so a run killed at any moment
+(kill -9 during a checkpoint write included) leaves either the old or the new file, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics logging behind a small interface (STYLE 8): JSONL in the run directory is the source of truth.
+
+
+class MetricLogger(Protocol):
+    def log(self, row: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class JsonlLogger:
+    """Appends one JSON object per evaluation to metrics.jsonl (the source of truth)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def log(self, row: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def close(self) -> None:
+        pass
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Complete rows of metrics.jsonl; a half-written last line (a kill mid-append) is dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # torn final append: the evaluation is redone on resume
+            raise ValueError(f"{path}:{i + 1}: not valid JSON; the metrics file is corrupt") from None
+    return rows
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only rows with step <= last_step (the evaluations a resumed run will not redo)."""
+    rows = [r for r in read_metrics(path) if r["step"] <= last_step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors (safetensors) and plain JSON (the rest)."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain_state: dict[str, dict] = {}
+    for pid, state in sd["state"].items():
+        plain_state[str(pid)] = {}
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain_state[str(pid)][key] = value
+    return tensors, {"param_groups": sd["param_groups"], "plain_state": plain_state}
+
+
+def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {int(pid): dict(v) for pid, v in meta["plain_state"].items()}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoints/step-N atomically (temp dir + rename), then point `latest` at it."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".tmp-"))
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    opt_tensors, opt_meta = _optimizer_to_tensors(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    atomic_write_json(tmp / "state.json", {"step": step, "optimizer": opt_meta, **state})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(ckpt_root / "latest", final.name + "\n")
+    for old in sorted(p for p in ckpt_root.glob("step-*") if p != final)[:-max(keep - 1, 0) or None]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    pointer = ckpt_root / "latest"
+    if not pointer.exists():
+        return None
+    path = ckpt_root / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model and optimizer in place; returns the JSON state (step, schedule, ...)."""
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+        opt_tensors = load_file(str(path / "optimizer.safetensors"))
+        state = json.loads((path / "state.json").read_text())
+    except (SafetensorError, OSError, json.JSONDecodeError) as err:
+        raise RuntimeError(
+            f"checkpoint {path} is unreadable ({err}). It may be truncated: delete that directory "
+            f"(and fix {path.parent / 'latest'} to name an older step-* directory) and resume again."
+        ) from None
+    model.load_state_dict(weights)
+    _optimizer_from_tensors(optimizer, opt_tensors, state.pop("optimizer"))
+    return state

@@ -1,0 +1,109 @@
+"""A study: many stage-2 runs of one world (conditions × seeds) run in parallel worker processes.
+
+Stage 1 and the shared evaluation references are built once in the parent process before any worker
+starts, so workers only read the caches. Each worker uses one torch thread (runs of tiny models
+scale better across processes than across threads) and reports its step through a queue, so the
+parent shows one progress bar with the condition, the step and an ETA for the whole study.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from kdlab.config import RunConfig, build_config, load_config
+from kdlab.pipeline.distill import is_finished, run
+from kdlab.pipeline.evaluate import Evaluator
+from kdlab.pipeline.world import build_world
+
+
+@dataclass
+class Condition:
+    """One experimental condition: a name, the group of comparisons it belongs to, its overrides."""
+
+    name: str
+    group: str
+    overrides: list[str] = field(default_factory=list)
+
+
+def study_configs(base: RunConfig, conditions: list[Condition], seeds: list[int], out: Path) -> list[RunConfig]:
+    data = base.model_dump(mode="json")
+    cache = str(out / ".kdlab-cache")
+    configs = []
+    for cond in conditions:
+        for seed in seeds:
+            configs.append(build_config(data, [*cond.overrides, f"name={cond.name}", f"seed={seed}",
+                                               f"output_dir={out / cond.name / f'seed-{seed}'}",
+                                               f"cache_dir={cache}", "threads=1"]))
+    return configs
+
+
+def _worker(cfg_json: str, resume: bool, progress_queue) -> str:
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = RunConfig.model_validate_json(cfg_json)
+    key = f"{cfg.name}/seed-{cfg.seed}"
+    last = [0.0]
+
+    def on_step(step: int, total: int) -> None:
+        now = time.time()
+        if now - last[0] > 0.5 or step == total:
+            last[0] = now
+            progress_queue.put((key, step))
+
+    run(cfg, resume=resume, log=lambda m: None, progress=False, on_step=on_step)
+    return key
+
+
+def run_study(configs: list[RunConfig], jobs: int = 2, log=print) -> list[Path]:
+    """Run every config (skipping finished runs, resuming interrupted ones); returns the run dirs."""
+    if not configs:
+        return []
+    # Stage 1 and the shared eval references, once, before the workers (they only read them).
+    t0 = time.time()
+    world = build_world(configs[0], log=log)
+    Evaluator(configs[0], world, None, Path(configs[0].output_dir))
+    log(f"[study] world ready in {time.time() - t0:.0f} s; {len(configs)} runs on {jobs} worker(s)")
+
+    todo = [c for c in configs if not is_finished(Path(c.output_dir))]
+    total_steps = sum(c.stage2.steps for c in todo)
+    done_steps: dict[str, int] = {}
+    bar = tqdm(total=total_steps, desc="study", unit="step", dynamic_ncols=True, disable=None)
+    failures = []
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        q = manager.Queue()
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(_worker, c.model_dump_json(), (Path(c.output_dir) / "config.yaml").exists(), q): c
+                       for c in todo}
+            pending = set(futures)
+            while pending:
+                try:
+                    while True:
+                        key, step = q.get(timeout=0.2)
+                        bar.update(step - done_steps.get(key, 0))
+                        done_steps[key] = step
+                        bar.set_postfix_str(f"{key} step {step}")
+                except queue.Empty:
+                    pass
+                for fut in [f for f in pending if f.done()]:
+                    pending.discard(fut)
+                    cfg = futures[fut]
+                    try:
+                        fut.result()
+                    except Exception as err:  # a failed run must not hide the others' results
+                        failures.append((cfg.name, cfg.seed, err))
+                        log(f"[study] {cfg.name} seed {cfg.seed} failed: {err}")
+                        log("".join(traceback.format_exception(err))[-2000:])
+    bar.close()
+    if failures:
+        raise RuntimeError(f"{len(failures)} run(s) failed: " + ", ".join(f"{n}/seed-{s}" for n, s, _ in failures))
+    return [Path(c.output_dir) for c in configs]

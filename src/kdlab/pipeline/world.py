@@ -1,0 +1,203 @@
+"""The world (oracle + disjoint prompt pools) and stage 1 (teacher SFT, student-init SFT).
+
+Stage 1 is cached by a hash of everything it depends on (`RunConfig.stage1_key`): every stage-2 run
+of a sweep loads the same oracle, teacher and student init instead of training them again. The cache
+entry is built in a temporary directory and renamed into place, so a killed build leaves nothing that
+looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from kdlab.config import ArchConfig, RunConfig, SFTConfig
+from kdlab.models import LM, check_vocab_compatible, make_synthetic_oracle, tiny_llama_config
+from kdlab.models.sampling import sample
+from kdlab.seeding import generator_for
+
+POOLS = ("stage1", "stage2", "eval")
+
+
+@dataclass
+class World:
+    """Everything stage 2 needs from stage 1. Prompts are left-padded `ids`/`mask` pairs per pool."""
+
+    directory: Path
+    oracle: LM | None
+    teacher: LM
+    prompts: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    info: dict
+
+    def load_student_init(self, device: str | torch.device = "cpu") -> LM:
+        return LM.load(self.directory / "student_init", device=device)
+
+
+def _hf_path(spec: str) -> str:
+    return spec[len("hf:"):]
+
+
+def _new_model(spec: ArchConfig | str, vocab_size: int, max_len: int, seed: int, device) -> LM:
+    """A fresh model from an architecture (seeded init) or a pretrained one ('hf:<name or path>')."""
+    if isinstance(spec, str):
+        return LM.load(_hf_path(spec), device=device)
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama_config(
+        vocab_size=vocab_size, hidden_size=spec.hidden_size, num_layers=spec.num_layers,
+        num_heads=spec.num_heads, intermediate_size=spec.intermediate_size or 4 * spec.hidden_size,
+        max_position_embeddings=max(64, max_len),
+    )
+    torch.manual_seed(seed)
+    return LM(LlamaForCausalLM(config).to(device))
+
+
+def _make_prompts(cfg: RunConfig, oracle: LM, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Disjoint prompt pools drawn from the world's prompt distribution (duplicates removed across pools)."""
+    w = cfg.world
+    sizes = {"stage1": w.pools.stage1, "stage2": w.pools.stage2, "eval": w.pools.eval}
+    total = sum(sizes.values())
+    gen = generator_for(w.seed, "prompts")
+    seen: set[tuple[int, ...]] = set()
+    rows: list[torch.Tensor] = []
+    attempts = 0
+    while len(rows) < total:
+        attempts += 1
+        if attempts > 50:
+            raise ValueError(
+                f"cannot draw {total} distinct prompts of length {w.prompt_length} from this world; "
+                "lower world.pools.* or raise world.prompt_length / world.vocab_size"
+            )
+        n = (total - len(rows)) * 2 + 16
+        if w.prompt_source == "uniform":
+            batch = torch.randint(0, oracle.vocab_size, (n, w.prompt_length), generator=gen)
+        else:  # oracle: continue a fixed start token (0) with oracle samples
+            start = torch.zeros(n, 1, dtype=torch.long)
+            out = sample(oracle, start.to(device), None, max_new_tokens=w.prompt_length - 1, generator=gen)
+            batch = torch.cat([start, out.response_ids.cpu()], 1)
+        for row in batch:
+            key = tuple(row.tolist())
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+                if len(rows) == total:
+                    break
+    ids = torch.stack(rows)
+    pools, start = {}, 0
+    for name in POOLS:
+        chunk = ids[start:start + sizes[name]]
+        pools[name] = (chunk, torch.ones_like(chunk, dtype=torch.bool))
+        start += sizes[name]
+    return pools
+
+
+def _oracle_samples(oracle: LM, ids, mask, max_new_tokens: int, seed: int, batch_size: int = 512):
+    gen = generator_for(seed, "stage1-oracle-samples")
+    out_ids, out_mask = [], []
+    for i in range(0, len(ids), batch_size):
+        s = sample(oracle, ids[i:i + batch_size].to(oracle.device), mask[i:i + batch_size].to(oracle.device),
+                   max_new_tokens=max_new_tokens, generator=gen)
+        out_ids.append(s.response_ids.cpu())
+        out_mask.append(s.response_mask.cpu())
+    return torch.cat(out_ids), torch.cat(out_mask)
+
+
+def sft(lm: LM, prompt_ids, prompt_mask, response_ids, response_mask, budget: SFTConfig, seed: int,
+        desc: str) -> list[float]:
+    """Stage-1 SFT: cross-entropy on response tokens, Adam, minibatches drawn with a seeded generator.
+
+    Returns the per-step training losses (nats per token)."""
+    n = len(prompt_ids)
+    gen = generator_for(seed, f"sft-{desc}")
+    params = [p for p in lm.hf.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=budget.lr)
+    losses = []
+    lm.hf.train()
+    for _ in tqdm(range(budget.steps), desc=f"stage 1: {desc}", leave=False, disable=None):
+        idx = torch.randint(0, n, (min(budget.batch_size, n),), generator=gen)
+        dev = lm.device
+        logp_BxR = lm.response_logprobs(prompt_ids[idx].to(dev), prompt_mask[idx].to(dev),
+                                        response_ids[idx].to(dev), response_mask[idx].to(dev))
+        loss = -logp_BxR.sum() / response_mask[idx].sum().clamp_min(1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    lm.hf.eval()
+    return losses
+
+
+def build_world(cfg: RunConfig, device="cpu", log=print) -> World:
+    """Load stage 1 from the cache, or build it (oracle, pools, teacher SFT, student-init SFT) once."""
+    root = cfg.resolved_cache_dir() / f"stage1-{cfg.stage1_key()}"
+    if not (root / "world.json").exists():
+        _build_stage1(cfg, root, device, log)
+    info = json.loads((root / "world.json").read_text())
+    pools_t = load_file(str(root / "prompts.safetensors"))
+    prompts = {name: (pools_t[f"{name}.ids"], pools_t[f"{name}.mask"].bool()) for name in POOLS}
+    oracle = LM.load(root / "oracle", device=device) if (root / "oracle").exists() else LM.load(
+        _hf_path(cfg.world.oracle), device=device)
+    teacher = LM.load(root / "teacher", device=device)
+    check_vocab_compatible(oracle, teacher, ("oracle", "teacher"))
+    return World(directory=root, oracle=oracle, teacher=teacher, prompts=prompts, info=info)
+
+
+def _build_stage1(cfg: RunConfig, root: Path, device, log) -> None:
+    t0 = time.time()
+    w = cfg.world
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-stage1-"))
+    try:
+        log(f"[stage 1] building the world ({root.name})")
+        if w.oracle == "synthetic":
+            s = w.synthetic
+            oracle = make_synthetic_oracle(
+                vocab_size=w.vocab_size, hidden_size=s.hidden_size, num_layers=s.num_layers,
+                num_heads=s.num_heads, intermediate_size=s.intermediate_size or 4 * s.hidden_size,
+                seed=w.seed, logit_scale=s.logit_scale, init_std=s.init_std,
+                max_position_embeddings=max(64, w.prompt_length + w.response_length),
+            )
+            oracle.hf.to(device)
+            oracle.save(tmp / "oracle")
+        else:
+            oracle = LM.load(_hf_path(w.oracle), device=device)
+        prompts = _make_prompts(cfg, oracle, device)
+        save_file({f"{k}.{part}": t.contiguous() if part == "ids" else t.to(torch.uint8).contiguous()
+                   for k, (ids, mask) in prompts.items() for part, t in (("ids", ids), ("mask", mask))},
+                  str(tmp / "prompts.safetensors"))
+        ids, mask = prompts["stage1"]
+        n = max(cfg.stage1.teacher.num_samples, cfg.stage1.student.num_samples)
+        r_ids, r_mask = _oracle_samples(oracle, ids[:n], mask[:n], w.response_length, w.seed)
+        max_len = w.prompt_length + w.response_length
+        info: dict = {"stage1_key": cfg.stage1_key()}
+        for who, arch, budget, seed_offset in (
+            ("teacher", cfg.models.teacher, cfg.stage1.teacher, 1),
+            ("student_init", cfg.models.student, cfg.stage1.student, 2),
+        ):
+            lm = _new_model(arch, oracle.vocab_size, max_len, w.seed + seed_offset, device)
+            check_vocab_compatible(oracle, lm, ("oracle", who))
+            k = budget.num_samples
+            losses = sft(lm, ids[:k], mask[:k], r_ids[:k], r_mask[:k], budget, w.seed, who)
+            lm.save(tmp / who)
+            info[who] = {"sft_final_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1) if losses else None,
+                         "num_parameters": sum(p.numel() for p in lm.hf.parameters())}
+            log(f"[stage 1] {who}: {budget.steps} SFT steps on {k} oracle samples, "
+                f"final loss {info[who]['sft_final_loss'] or float('nan'):.3f} nats/token")
+        info["seconds"] = round(time.time() - t0, 1)
+        (tmp / "world.json").write_text(json.dumps(info, indent=2))
+        if root.exists():  # a concurrent builder finished first: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
