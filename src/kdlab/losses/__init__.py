@@ -19,7 +19,7 @@ from kdlab.losses.lean import lean_loss
 from kdlab.losses.reduction import REDUCTIONS, reduce_tokens, token_count
 from kdlab.losses.registry import LOSSES, get
 from kdlab.losses.sparse import SparseTarget
-from kdlab.losses.taid import TAIDSchedule
+from kdlab.losses.schedule import TAIDSchedule
 
 __all__ = [
     "LOSSES",

@@ -279,7 +279,7 @@ def taid(student_logits_BxTxV, teacher, mask_BxT=None, *, reduction="mean", temp
 
     a forward KL towards a target interpolated between the (stop-gradient) student and the
     teacher logits. t = 1 is forward KL exactly; t = 0 gives 0. ``t`` comes from a
-    :class:`~kdlab.losses.taid.TAIDSchedule`, kept outside this pure function.
+    :class:`~kdlab.losses.schedule.TAIDSchedule`, kept outside this pure function.
     """
     t = check_unit_interval("t", t)
 
