@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from kdlab.losses.divergences import check_unit_interval
 
 
@@ -73,7 +75,7 @@ class TAIDSchedule:
         data-parallel ranks, pass the same (all-reduced) value on each so every rank keeps the same t.
         Returns the new t.
         """
-        value = float(loss)
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         if not math.isfinite(value):
             raise ValueError(f"loss={value!r} is out of range; allowed: a finite number")
         self.step += 1

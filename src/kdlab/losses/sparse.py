@@ -16,7 +16,9 @@ For the f-divergences (forward/reverse KL, JSD, skew KL, TVD) merging atoms can 
 value (data processing), so k < V gives a lower bound of the full-vocabulary loss. TAID builds its
 interpolated target on the same atoms, which is not the bucketed full-vocabulary target, so for
 TAID only k = V is exact. The teacher atoms are renormalised (a no-op unless rounding made the
-cached top-k sum above 1).
+cached top-k sum above 1). The teacher's tail mass is only known as 1 − Σ p_i, so it carries an
+absolute rounding error of about one ulp of 1: a tiny tail loses relative precision, which
+reverse-type losses (Q(rest)·log(Q(rest)/P(rest))) feel most.
 
 Temperature: the cached log-probs are taken to be the teacher's distribution *at the temperature
 in use* (make them with ``SparseTarget.from_logits(logits, k, temperature=τ)``); the loss's
