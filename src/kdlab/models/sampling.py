@@ -1,0 +1,165 @@
+"""Batched ancestral sampling from an :class:`~kdlab.models.LM`.
+
+Each step t draws y_t ~ q_t(·) with
+
+    q_t = softmax(filter(z_t / T)),    z_t = logits of p(· | x, y<t),
+
+where ``filter`` keeps the ``top_k`` largest entries and/or the smallest set of most-probable tokens
+whose mass reaches ``top_p`` (nucleus sampling, Holtzman et al. 2020), and returns log q_t(y_t).
+With T = 1 and no filters q_t = p, so the returned log-probs equal ``LM.response_logprobs``.
+
+Implementation: a wrapper over ``model.generate`` (KV cache, left padding, EOS handling, any HF
+causal LM). A hand-written loop with a ``DynamicCache`` was measured against it on the bench
+workload (bench/sampling.py): about 1.35-1.45x faster, because the model's own forward dominates
+each step of a small model and both paths pay it. That is below the 1.5x that would justify keeping
+a second decoding loop, so ``generate`` stays (numbers and the loop in bench/RESULTS.md and
+bench/sampling.py). What the wrapper adds:
+
+- every generation option that could change the sampled distribution is set explicitly, because
+  ``generate`` fills unset options from the checkpoint's ``generation_config.json`` (a hub model's
+  ``repetition_penalty`` or ``top_k=50`` would otherwise silently change q_t);
+- a ``torch.Generator`` drives it: ``generate`` only uses the global RNG, so a seed drawn from the
+  generator seeds a forked global RNG (the caller's global RNG state is left untouched);
+- log q_t(y_t) from the processed scores (after temperature / top-k / top-p), and a right-padded,
+  ``max_new_tokens``-wide response with a mask that is False after the first EOS.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from kdlab.models.lm import LM, left_pad
+
+__all__ = ["Samples", "sample"]
+
+# Options of transformers' GenerationConfig that alter the next-token distribution or the length,
+# pinned to their neutral values (an explicit kwarg overrides the checkpoint's generation_config).
+_NEUTRAL_GENERATION = dict(
+    min_p=None,
+    top_h=None,
+    typical_p=1.0,
+    epsilon_cutoff=0.0,
+    eta_cutoff=0.0,
+    repetition_penalty=1.0,
+    encoder_repetition_penalty=1.0,
+    no_repeat_ngram_size=0,
+    encoder_no_repeat_ngram_size=0,
+    bad_words_ids=None,
+    sequence_bias=None,
+    min_length=0,
+    min_new_tokens=None,
+    forced_bos_token_id=None,
+    forced_eos_token_id=None,
+    suppress_tokens=None,
+    begin_suppress_tokens=None,
+    exponential_decay_length_penalty=None,
+    guidance_scale=None,
+    renormalize_logits=False,
+    remove_invalid_values=False,
+    watermarking_config=None,
+    stop_strings=None,
+    num_beams=1,
+    num_return_sequences=1,
+    max_length=None,
+)
+
+
+class Samples(NamedTuple):
+    """Responses, right-padded to ``max_new_tokens``.
+
+    response_ids_BxR: sampled tokens; after EOS the slots hold ``eos_token_id`` and are masked.
+    response_mask_BxR: True for generated tokens up to and including the first EOS.
+    logprobs_BxR: log q_t(y_t) of the distribution sampled from (after temperature / top-k / top-p),
+        float32, 0 where masked (and 0 everywhere for greedy decoding, a point mass).
+    """
+
+    response_ids_BxR: Tensor
+    response_mask_BxR: Tensor
+    logprobs_BxR: Tensor
+
+
+def sample(
+    lm: LM,
+    prompt_ids_BxP: Tensor,
+    prompt_mask_BxP: Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Samples:
+    """Sample ``max_new_tokens`` continuations of left-padded prompts.
+
+    ``temperature=0`` is greedy decoding. Rows stop at their first ``eos_token_id`` (None: no EOS,
+    every row runs ``max_new_tokens``). The result is always ``max_new_tokens`` wide so batches
+    concatenate. With a ``generator`` the same generator state gives the same samples (on the same
+    device and library versions); without one, the global RNG is used and advanced.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+    dev = lm.device
+    ids_BxP = prompt_ids_BxP.to(dev)
+    B, P = ids_BxP.shape
+    if prompt_mask_BxP is None:
+        mask_BxP = torch.ones_like(ids_BxP)
+    else:  # generate needs left padding; accept any padding like LM does
+        ids_BxP, mask_BxP = left_pad(ids_BxP, prompt_mask_BxP.to(dev))
+        mask_BxP = mask_BxP.long()
+    pad = eos_token_id if eos_token_id is not None else 0
+    greedy = temperature == 0
+    kwargs = dict(
+        _NEUTRAL_GENERATION,
+        input_ids=ids_BxP,
+        attention_mask=mask_BxP,
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy else temperature,
+        top_k=None if greedy else top_k,
+        top_p=None if greedy else top_p,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad,
+        output_scores=not greedy,
+        return_dict_in_generate=True,
+        use_cache=True,
+    )
+    if generator is None:
+        with torch.no_grad():
+            out = lm.hf.generate(**kwargs)
+    else:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        fork_devices = [dev.index if dev.index is not None else torch.accelerator.current_device_index()] \
+            if dev.type != "cpu" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=fork_devices, device_type=dev.type):
+            torch.manual_seed(seed)
+            out = lm.hf.generate(**kwargs)
+
+    ids_BxRp = out.sequences[:, P:]
+    Rp = ids_BxRp.shape[1]  # generate stops early when every row has hit EOS
+    ids_BxR = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
+    ids_BxR[:, :Rp] = ids_BxRp
+    if eos_token_id is None:
+        mask_BxR = torch.ones(B, max_new_tokens, dtype=torch.bool, device=dev)
+    else:
+        # True up to and including the first EOS: no EOS strictly before t.
+        is_eos = (ids_BxR == eos_token_id).long()
+        mask_BxR = (is_eos.cumsum(-1) - is_eos) == 0
+    logp_BxR = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)
+    if not greedy:
+        # One (B, V) step at a time: stacking all scores would materialise B×R×V.
+        for t, scores_BxV in enumerate(out.scores):
+            logq_BxV = scores_BxV.float().log_softmax(-1)
+            logp_BxR[:, t] = logq_BxV.gather(-1, ids_BxR[:, t : t + 1]).squeeze(-1)
+        logp_BxR = logp_BxR.masked_fill(~mask_BxR, 0.0)
+    return Samples(ids_BxR, mask_BxR, logp_BxR)
