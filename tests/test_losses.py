@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kdlab.losses as L
-from test_losses_reference import CASES, case_id, logits, loss_fn, ragged_mask, reference_dense
+from test_losses_reference import CASES, case_id, logits, loss_fn, ragged_mask, reference_dense, one_torch_thread  # noqa: F401 (autouse fixture)
 
 ALL_NAMES = sorted(L.LOSSES)
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdlab.losses as L
-from test_losses_reference import CASES, case_id, logits, loss_fn, ragged_mask
+from test_losses_reference import CASES, case_id, logits, loss_fn, ragged_mask, one_torch_thread  # noqa: F401 (autouse fixture)
 
 B, T, H, V = 3, 7, 6, 11
 

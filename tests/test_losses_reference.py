@@ -28,6 +28,16 @@ REFERENCE_CASES = CASES + [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors run fastest on one thread: with two, OpenMP barriers on a busy 2-core machine
+    cost ~10 ms per softmax (measured), which made gradcheck take seconds. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def case_id(case):
     name, params = case
     return name + "".join(f"-{k}{v}" for k, v in params.items())

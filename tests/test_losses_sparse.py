@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kdlab.losses as L
-from test_losses_reference import CASES, case_id, logits, loss_fn, ragged_mask
+from test_losses_reference import CASES, case_id, logits, loss_fn, ragged_mask, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 def permuted_full_target(z_t, temperature=1.0, seed=0):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kdlab.losses as L
+from test_losses_reference import one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 def reference_ts(losses, total, t_start=0.4, t_end=1.0, alpha=5e-4, beta=0.99, eps=1e-15):
