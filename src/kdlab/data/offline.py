@@ -97,10 +97,10 @@ def build_offline_dataset(
                    top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator)
         columns["prompt_ids"].append(p_ids.cpu().numpy())
         columns["prompt_mask"].append(p_mask.cpu().numpy())
-        columns["response_ids"].append(s.response_ids.cpu().numpy())
-        columns["response_mask"].append(s.response_mask.cpu().numpy())
+        columns["response_ids"].append(s.response_ids_BxR.cpu().numpy())
+        columns["response_mask"].append(s.response_mask_BxR.cpu().numpy())
         if kind != "none":
-            logp = torch.log_softmax(teacher.response_logits(p_ids, p_mask, s.response_ids, s.response_mask), -1)
+            logp = torch.log_softmax(teacher.response_logits(p_ids, p_mask, s.response_ids_BxR, s.response_mask_BxR), -1)
             if kind == "full":
                 columns.setdefault("target_logprobs", []).append(logp.cpu().numpy().astype(np.float32))
             else:

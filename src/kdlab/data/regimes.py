@@ -86,7 +86,7 @@ class _OnlineSource:
             s = sample(model, ids.to(model.device), mask.to(model.device), max_new_tokens=p.max_new_tokens,
                        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, eos_token_id=p.eos_token_id,
                        generator=gen)
-        return Batch(ids, mask, s.response_ids.cpu(), s.response_mask.cpu(), on_policy=on_policy)
+        return Batch(ids, mask, s.response_ids_BxR.cpu(), s.response_mask_BxR.cpu(), on_policy=on_policy)
 
 
 class OnlineTeacherSource(_OnlineSource):

@@ -83,7 +83,7 @@ def _make_prompts(cfg: RunConfig, oracle: LM, device) -> dict[str, tuple[torch.T
         else:  # oracle: continue a fixed start token (0) with oracle samples
             start = torch.zeros(n, 1, dtype=torch.long)
             out = sample(oracle, start.to(device), None, max_new_tokens=w.prompt_length - 1, generator=gen)
-            batch = torch.cat([start, out.response_ids.cpu()], 1)
+            batch = torch.cat([start, out.response_ids_BxR.cpu()], 1)
         for row in batch:
             key = tuple(row.tolist())
             if key not in seen:
@@ -106,8 +106,8 @@ def _oracle_samples(oracle: LM, ids, mask, max_new_tokens: int, seed: int, batch
     for i in range(0, len(ids), batch_size):
         s = sample(oracle, ids[i:i + batch_size].to(oracle.device), mask[i:i + batch_size].to(oracle.device),
                    max_new_tokens=max_new_tokens, generator=gen)
-        out_ids.append(s.response_ids.cpu())
-        out_mask.append(s.response_mask.cpu())
+        out_ids.append(s.response_ids_BxR.cpu())
+        out_mask.append(s.response_mask_BxR.cpu())
     return torch.cat(out_ids), torch.cat(out_mask)
 
 
