@@ -1,1 +1,104 @@
-"""kdlab.report"""
+"""kdlab.report: summary.json, PNG figures and a self-contained report.html for runs and sweeps.
+
+Reads run directories only (metrics.jsonl, config.yaml) through `kdlab.analysis`; never imports
+training code, so a report can be written on a laptop from directories copied off a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from kdlab.analysis.runs import analyse, find_runs, is_run_dir, sweep_summary
+
+__all__ = ["write_report"]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Temp file + rename, so a reader never sees half a summary (DESIGN: writes are atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
+
+
+def _plot_names(runs) -> dict[str, str]:
+    """A unique, readable file stem per run: its name, or its path below the common root when two
+    runs (e.g. seed0 of two sweeps) share a name."""
+    names = [r.name for r in runs]
+    if len(set(names)) == len(names):
+        return {str(r.path): _slug(r.name) for r in runs}
+    root = Path(os.path.commonpath([str(r.path) for r in runs]))
+    return {str(r.path): _slug("__".join(r.path.relative_to(root).parts) or r.name) for r in runs}
+
+
+def write_report(dirs, out_dir: str | Path | None = None, *, proxy_col: str = "proxy_fkl",
+                 golden_col: str = "golden_fkl", golden_config=None, proxy_config=None) -> Path:
+    """Analyse run or sweep directories and write `summary.json`, `report.html` and `plots/*.png`.
+
+    dirs: one path or a list; each a run directory (has metrics.jsonl) or a sweep directory (run
+        directories below it).
+    out_dir: where to write. None: into the single directory given (a run directory gets its own
+        report; a sweep directory gets the sweep's, and each of its runs a `summary.json`). With
+        several directories `out_dir` is required.
+    summary.json holds one run's verdicts when a single run directory is reported, otherwise the
+    sweep summary (`kdlab.analysis.analyse_sweep`'s format). Returns the path of report.html.
+    Raises FileNotFoundError / MetricsError (a ValueError) on bad input.
+    """
+    from kdlab.report import html, plots
+
+    dirs = [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
+    if not dirs:
+        raise ValueError("no directories to report")
+    if out_dir is None and len(dirs) > 1:
+        raise ValueError("several directories given: pass out_dir (--out) to say where the report goes")
+    in_place = out_dir is None
+    out = Path(out_dir) if out_dir is not None else dirs[0]
+    single_run = len(dirs) == 1 and is_run_dir(dirs[0])
+    kwargs = dict(proxy_col=proxy_col, golden_col=golden_col, golden_config=golden_config, proxy_config=proxy_config)
+    runs = [analyse(d, **kwargs) for d in find_runs(dirs)]
+    summary = sweep_summary(runs, golden_config, proxy_config)
+
+    plot_dir = out / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    stems = _plot_names(runs)
+    run_plots = {str(r.path): plots.plot_run(r, plot_dir / f"{stems[str(r.path)]}.png") for r in runs}
+    sweep_plot = None
+    if len(runs) > 1:
+        sweep_plot = plots.plot_sweep({label: members for label, members in _groups(runs).items()},
+                                      plot_dir / "sweep_conditions.png")
+
+    if single_run:
+        run_summary = runs[0].summary()
+        run_summary["thresholds"] = summary["thresholds"]
+        _atomic_write(out / "summary.json", json.dumps(run_summary, indent=2))
+        title = f"kdlab report — {runs[0].name}"
+    else:
+        _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+        title = f"kdlab report — {dirs[0].name if len(dirs) == 1 else f'{len(runs)} runs'}"
+        if in_place:
+            for run, run_summary in zip(runs, summary["runs"]):
+                _atomic_write(run.path / "summary.json", json.dumps(dict(run_summary, thresholds=summary["thresholds"]), indent=2))
+    page = html.render(summary, runs, run_plots, sweep_plot, title)
+    report = out / "report.html"
+    _atomic_write(report, page)
+    return report
+
+
+def _groups(runs):
+    groups: dict[str, list] = {}
+    for r in runs:
+        groups.setdefault(r.condition, []).append(r)
+    return groups

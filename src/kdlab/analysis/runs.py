@@ -1,0 +1,391 @@
+"""Verdicts for run directories and sweeps, grouped into conditions with seeds aggregated.
+
+A run directory holds `metrics.jsonl` and (normally) `config.yaml`; a sweep directory holds run
+directories. This module reads them and nothing else — it never imports training code.
+
+Conditions. Runs that differ only by their seed form one condition. The grouping key is, in order:
+1. an explicit `condition` (a field of the metrics rows, or a top-level key of config.yaml);
+2. the config with seed-like, name-like and path-like keys removed (`_IGNORED_KEYS`);
+3. the directory name with a `seed…` / `_s<N>` suffix removed (no config at all).
+The label shown is the explicit condition, else "<regime> <num_prompts>×<generations_per_prompt>"
+for offline runs and "<regime>" otherwise (from config `stage2.*` or the metrics' `regime`), with
+the differing config values appended when two groups would share a label.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kdlab.analysis.detectors import (
+    GoldenConfig,
+    GoldenVerdict,
+    ProxyDeviationConfig,
+    ProxyVerdict,
+    _jsonable,
+    detect_golden,
+    detect_proxy_deviation,
+)
+from kdlab.analysis.loading import Metrics, MetricsError, load_metrics
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+
+# Config keys (last dotted component) that do not define the condition: seeds vary across the
+# runs of one condition; names and output paths are per run by construction.
+_IGNORED_KEYS = re.compile(r"(seed|^name$|^condition$|^run_name$|^resume$|dir$|^path$|^output|^out$|^root$|^tag)", re.I)
+_SEED_SUFFIX = re.compile(r"([-_.]?seed[-_]?\d+|[-_]s\d+)$", re.I)
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / METRICS_FILE).is_file()
+
+
+def find_runs(dirs) -> list[Path]:
+    """Run directories among `dirs`: each is a run directory itself, or a sweep directory whose
+    run directories are found below it (any depth), sorted by path. Raises FileNotFoundError."""
+    found: list[Path] = []
+    for d in [Path(x) for x in ([dirs] if isinstance(dirs, (str, Path)) else dirs)]:
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: not a directory")
+        if is_run_dir(d):
+            found.append(d)
+            continue
+        below = sorted(p.parent for p in d.rglob(METRICS_FILE))
+        if not below:
+            raise FileNotFoundError(f"{d}: no {METRICS_FILE} in it or below it (not a run or sweep directory)")
+        found.extend(below)
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    return unique
+
+
+def load_config(run_dir: str | Path) -> dict:
+    """The run's config.yaml as a dict ({} when absent). A malformed file raises MetricsError."""
+    import yaml
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise MetricsError(f"{path}{where}: not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise MetricsError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _get(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _fmt_step(v) -> str:
+    return "–" if v is None else f"{int(v):,}"
+
+
+@dataclass
+class RunAnalysis:
+    """Everything known about one run: its data, config, and the detectors' verdicts."""
+
+    path: Path
+    name: str
+    metrics: Metrics
+    config: dict
+    condition: str
+    group_key: str
+    seed: str | None
+    regime: str | None
+    golden: GoldenVerdict | None
+    proxy: ProxyVerdict
+    train_proxy: ProxyVerdict | None
+    notes: list[str] = field(default_factory=list)
+
+    def verdict_text(self) -> str:
+        parts = []
+        if self.golden is None:
+            parts.append("golden: no oracle")
+        elif self.golden.kind == "none":
+            parts.append("golden: no hacking")
+        else:
+            parts.append(f"golden: {self.golden.kind} from step {_fmt_step(self.golden.onset_step)}")
+        parts.append(
+            f"proxy-only: departure from step {_fmt_step(self.proxy.onset_step)}"
+            if self.proxy.detected
+            else "proxy-only: on its law"
+        )
+        return "; ".join(parts)
+
+    def summary(self) -> dict:
+        """The JSON verdict of one run (what `analyse_run` returns and summary.json holds)."""
+        m = self.metrics
+        steps = m.steps
+
+        def last(col):
+            if not m.has(col):
+                return None
+            values = m.column(col)
+            ok = np.isfinite(values)
+            return float(values[ok][-1]) if ok.any() else None
+
+        return _jsonable(
+            {
+                "run": self.name,
+                "path": str(self.path),
+                "condition": self.condition,
+                "seed": self.seed,
+                "regime": self.regime,
+                "n_evals": len(steps),
+                "last_step": int(steps[-1]),
+                "proxy_col": m.proxy_col,
+                "golden_col": m.golden_col if self.golden is not None else None,
+                "final": {"proxy": last(m.proxy_col), "golden": last(m.golden_col), "train_loss": last("train_loss")},
+                "verdict": self.verdict_text(),
+                "golden": self.golden.to_dict() if self.golden is not None else None,
+                "proxy_deviation": self.proxy.to_dict(),
+                "train_proxy_deviation": self.train_proxy.to_dict() if self.train_proxy is not None else None,
+                "notes": self.notes,
+            }
+        )
+
+
+def _condition(run_dir: Path, config: dict, metrics: Metrics) -> tuple[str, str, str | None]:
+    """(label, grouping key, regime) of a run; see the module docstring."""
+    regime = _get(config, "stage2.regime") or config.get("regime") or metrics.first("regime")
+    explicit = metrics.first("condition") or config.get("condition")
+    if explicit is not None:
+        return str(explicit), f"condition={explicit}", regime
+    if config:
+        kept = {k: v for k, v in _flatten(config).items() if not _IGNORED_KEYS.search(k.rsplit(".", 1)[-1])}
+        key = json.dumps(kept, sort_keys=True, default=str)
+        if regime is not None:
+            label = str(regime)
+            prompts = _get(config, "stage2.offline.num_prompts")
+            gens = _get(config, "stage2.offline.generations_per_prompt")
+            if str(regime).startswith("offline") and prompts is not None and gens is not None:
+                label = f"{regime} {prompts}×{gens}"
+        elif config.get("name"):
+            label = _SEED_SUFFIX.sub("", str(config["name"])) or str(config["name"])
+        else:
+            label = _SEED_SUFFIX.sub("", run_dir.name) or run_dir.name
+        return label, key, regime
+    label = _SEED_SUFFIX.sub("", run_dir.name) or run_dir.name
+    return label, f"dir={label}", regime
+
+
+def _seed(run_dir: Path, config: dict) -> str | None:
+    seeds = {k: v for k, v in _flatten(config).items() if "seed" in k.rsplit(".", 1)[-1].lower()}
+    if "seed" in seeds:
+        return str(seeds["seed"])
+    if seeds:
+        return ",".join(f"{v}" for _, v in sorted(seeds.items()))
+    match = re.search(r"seed[-_]?(\d+)$|[-_]s(\d+)$", run_dir.name, re.I)
+    return next(g for g in match.groups() if g is not None) if match else None
+
+
+def analyse(
+    run_dir: str | Path,
+    *,
+    proxy_col: str = "proxy_fkl",
+    golden_col: str = "golden_fkl",
+    golden_config: GoldenConfig | None = None,
+    proxy_config: ProxyDeviationConfig | None = None,
+) -> RunAnalysis:
+    """Load one run directory and run both detectors (and the proxy detector on the training-prompt
+    proxy `train_<proxy_col>` when it is logged). Raises MetricsError / FileNotFoundError."""
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE} (not a run directory)")
+    metrics = load_metrics(path, proxy_col=proxy_col, golden_col=golden_col)
+    config = load_config(run_dir)
+    label, key, regime = _condition(run_dir, config, metrics)
+    steps = metrics.steps
+    notes = []
+    if metrics.duplicates_dropped:
+        notes.append(f"{metrics.duplicates_dropped} duplicated step(s) in {METRICS_FILE}: the last row of each was kept")
+    golden = None
+    if metrics.golden is not None:
+        golden = detect_golden(
+            steps, metrics.golden, metrics.golden_se, metrics.proxy, metrics.proxy_se, config=golden_config
+        )
+    proxy = detect_proxy_deviation(steps, metrics.proxy, metrics.proxy_se, config=proxy_config)
+    train_proxy = None
+    train_col = "train_" + proxy_col
+    if metrics.has(train_col):
+        train_proxy = detect_proxy_deviation(
+            steps, metrics.column(train_col), metrics.optional(train_col + "_se"), config=proxy_config
+        )
+        if proxy.detected and train_proxy.detected:
+            notes.append(
+                "the proxy on training prompts departs from its law too: a plateau of both (capacity floor) "
+                "is as likely as hacking; the golden metric, if any, decides"
+            )
+        elif proxy.detected:
+            notes.append("held-out proxy departs while the training-prompt proxy stays on its law (a generalisation gap)")
+    return RunAnalysis(
+        path=run_dir,
+        name=run_dir.name,
+        metrics=metrics,
+        config=config,
+        condition=label,
+        group_key=key,
+        seed=_seed(run_dir, config),
+        regime=str(regime) if regime is not None else None,
+        golden=golden,
+        proxy=proxy,
+        train_proxy=train_proxy,
+        notes=notes,
+    )
+
+
+def analyse_run(run_dir: str | Path, **kwargs) -> dict:
+    """Verdicts of one run directory as a JSON-ready dict (see `RunAnalysis.summary`)."""
+    return analyse(run_dir, **kwargs).summary()
+
+
+def _disambiguate(runs: list[RunAnalysis]) -> None:
+    """Give groups that share a label but not a key a label naming the config values that differ."""
+    by_label: dict[str, dict[str, RunAnalysis]] = {}
+    for r in runs:
+        by_label.setdefault(r.condition, {}).setdefault(r.group_key, r)
+    for label, groups in by_label.items():
+        if len(groups) < 2:
+            continue
+        flats = {k: {kk: vv for kk, vv in _flatten(r.config).items() if not _IGNORED_KEYS.search(kk.rsplit(".", 1)[-1])}
+                 for k, r in groups.items()}
+        keys = sorted(set().union(*flats.values()))
+        differing = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats.values()}) > 1]
+        for group_key in groups:
+            extra = ", ".join(f"{k.rsplit('.', 1)[-1]}={flats[group_key].get(k)}" for k in differing[:3])
+            new_label = f"{label} ({extra})" if extra else f"{label} [{list(groups).index(group_key) + 1}]"
+            for r in runs:
+                if r.group_key == group_key:
+                    r.condition = new_label
+
+
+def _median(values):
+    return statistics.median(values) if values else None
+
+
+def _aggregate(runs: list[RunAnalysis]) -> dict:
+    """Seeds of one condition (or regime) summarised: counts of verdicts and the onsets' spread."""
+    with_golden = [r for r in runs if r.golden is not None]
+    kinds: dict[str, int] = {}
+    for r in with_golden:
+        kinds[r.golden.kind] = kinds.get(r.golden.kind, 0) + 1
+    g_onsets = [r.golden.onset_step for r in with_golden if r.golden.detected]
+    g_rises = [r.golden.rise for r in with_golden if r.golden.detected]
+    p_hits = [r for r in runs if r.proxy.detected]
+    p_onsets = [r.proxy.onset_step for r in p_hits]
+    n = len(runs)
+    golden = None
+    if with_golden:
+        golden = {
+            "n": len(with_golden),
+            "detected": len(g_onsets),
+            "kinds": kinds,
+            "onset_steps": g_onsets,
+            "onset_median": _median(g_onsets),
+            "rise_median": _median(g_rises),
+        }
+    proxy = {
+        "n": n,
+        "detected": len(p_hits),
+        "onset_steps": p_onsets,
+        "onset_median": _median(p_onsets),
+        "residual_end_median": _median([r.proxy.residual_at_end for r in runs if r.proxy.residual_at_end is not None]),
+    }
+    unit = "seed" if n == 1 else "seeds"
+    text = []
+    if golden is None:
+        text.append("golden: no oracle")
+    else:
+        part = f"golden: hacking in {golden['detected']}/{golden['n']} {unit}"
+        if g_onsets:
+            part += f", onset median {_fmt_step(golden['onset_median'])}"
+            if len(g_onsets) > 1:
+                part += f" ({_fmt_step(min(g_onsets))}–{_fmt_step(max(g_onsets))})"
+        if kinds.get("overfitting"):
+            part += f"; over-fitting in {kinds['overfitting']}"
+        text.append(part)
+    part = f"proxy-only: departure in {proxy['detected']}/{n} {unit}"
+    if p_onsets:
+        part += f", onset median {_fmt_step(proxy['onset_median'])}"
+        if len(p_onsets) > 1:
+            part += f" ({_fmt_step(min(p_onsets))}–{_fmt_step(max(p_onsets))})"
+    text.append(part)
+    return {"golden": golden, "proxy_deviation": proxy, "verdict": "; ".join(text)}
+
+
+def group_conditions(runs: list[RunAnalysis]) -> dict[str, list[RunAnalysis]]:
+    """Runs by condition label, conditions in order of first appearance."""
+    _disambiguate(runs)
+    groups: dict[str, list[RunAnalysis]] = {}
+    for r in runs:
+        groups.setdefault(r.condition, []).append(r)
+    return groups
+
+
+def sweep_summary(runs: list[RunAnalysis], golden_config=None, proxy_config=None) -> dict:
+    """The sweep's JSON summary from already analysed runs (see `analyse_sweep`)."""
+    groups = group_conditions(runs)
+    conditions = []
+    for label, members in groups.items():
+        regimes = sorted({r.regime for r in members if r.regime is not None})
+        conditions.append(
+            {
+                "condition": label,
+                "regime": regimes[0] if len(regimes) == 1 else (regimes or None),
+                "runs": [r.name for r in members],
+                "seeds": [r.seed for r in members],
+                **_aggregate(members),
+            }
+        )
+    regimes = {}
+    for regime in sorted({r.regime for r in runs if r.regime is not None}):
+        regimes[regime] = _aggregate([r for r in runs if r.regime == regime])
+    return _jsonable(
+        {
+            "n_runs": len(runs),
+            "runs": [r.summary() for r in runs],
+            "conditions": conditions,
+            "regimes": regimes,
+            "thresholds": {
+                "golden": vars(golden_config or GoldenConfig()),
+                "proxy_deviation": vars(proxy_config or ProxyDeviationConfig()),
+            },
+        }
+    )
+
+
+def analyse_sweep(dirs, **kwargs) -> dict:
+    """Verdicts for every run found in `dirs` (run or sweep directories), per run, per condition
+    (seeds aggregated: "hacking in 3/3 seeds, onset median …") and per regime. Keyword arguments go
+    to `analyse` (columns, detector configs)."""
+    runs = [analyse(d, **kwargs) for d in find_runs(dirs)]
+    return sweep_summary(runs, kwargs.get("golden_config"), kwargs.get("proxy_config"))

@@ -1,0 +1,181 @@
+"""Synthetic evaluation curves with known ground truth, for testing and calibrating the detectors.
+
+Every curve is evaluated at log-spaced steps (step 0 first, as kdlab does before training) and
+observed with multiplicative noise: y_obs = y · exp(σ ε), ε ~ N(0, 1), with the reported standard
+error se = σ · y_obs. Families:
+
+* clean "power":     y = A (s + s0)^(−α), s0 ∈ [0, 20] (s0 > 0: a slow start, an early transient)
+* clean "floor":     y = c + A s^(−α), the plateau c reached at a step inside the early fit window
+* clean "transient": y = A s^(−α) (1 + b e^(−s/τ)), a bump or dip over the first ~10–50 steps
+* "hacking":   golden falls to a minimum at s_h then rises by `rise` (relative); the proxy follows
+               its power law until s_h, then flattens to end `departure` above its line (log units)
+* "overfitting": as hacking, but the proxy rises from s_h as much (in nats) as golden does.
+
+`write_run` turns curves into a kdlab run directory (config.yaml + metrics.jsonl) so the report and
+the CLI can be tested without the training pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Curve:
+    """Noisy observations at `steps` (step 0 included) with their SEs and the truth behind them."""
+
+    steps: np.ndarray
+    values: np.ndarray
+    se: np.ndarray
+    truth: np.ndarray
+    family: str
+    params: dict
+
+
+def log_steps(last: int, n: int) -> np.ndarray:
+    """0 followed by about `n` distinct integer steps geometrically spaced from 1 to `last`."""
+    return np.concatenate([[0], np.unique(np.round(np.geomspace(1, last, n)).astype(int))])
+
+
+def _observe(rng: np.random.Generator, truth: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    values = truth * np.exp(sigma * rng.standard_normal(len(truth)))
+    return values, sigma * values
+
+
+def _random_grid(rng: np.random.Generator) -> np.ndarray:
+    return log_steps(int(rng.integers(1000, 10001)), int(rng.integers(20, 41)))
+
+
+def clean_curve(rng: np.random.Generator, family: str = "power", steps: np.ndarray | None = None) -> Curve:
+    """A healthy curve of the given family with random parameters and noise σ ∈ [1 %, 3 %]."""
+    s = _random_grid(rng) if steps is None else np.asarray(steps)
+    x = np.maximum(s, 1).astype(float)  # step 0 gets the step-1 value (student init ≈ after 1 step)
+    amp, alpha = rng.uniform(2, 50), rng.uniform(0.2, 1.0)
+    sigma = rng.uniform(0.01, 0.03)
+    params = dict(amp=amp, alpha=alpha, sigma=sigma)
+    if family == "power":
+        s0 = rng.uniform(0, 20)
+        truth = amp * (x + s0) ** (-alpha)
+        params["s0"] = s0
+    elif family == "floor":
+        # The power part equals the floor at s_p, log-uniform over the first 10–50 % of log steps.
+        s_p = np.exp(rng.uniform(0.1, 0.5) * np.log(x[-1]))
+        c = amp * s_p ** (-alpha)
+        truth = c + amp * x ** (-alpha)
+        params.update(c=c, plateau_step=s_p)
+    elif family == "transient":
+        b, tau = rng.uniform(-0.5, 1.0), rng.uniform(2, 10)
+        truth = amp * x ** (-alpha) * (1 + b * np.exp(-x / tau))
+        params.update(b=b, tau=tau)
+    else:
+        raise ValueError(f"unknown clean family {family!r}")
+    values, se = _observe(rng, truth, sigma)
+    return Curve(s, values, se, truth, family, params)
+
+
+@dataclass
+class RunCurves:
+    """Golden and proxy curves of one synthetic run; `onset_index` is the golden minimum's index."""
+
+    steps: np.ndarray
+    golden: Curve
+    proxy: Curve
+    onset_index: int | None
+    kind: str
+
+
+def hacking_run(
+    rng: np.random.Generator,
+    *,
+    kind: str = "hacking",
+    steps: np.ndarray | None = None,
+    rise: float | None = None,
+    departure: float | None = None,
+    onset_frac: float | None = None,
+    sigma: float | None = None,
+) -> RunCurves:
+    """Golden V-shape with a proxy that leaves its power law upwards ("hacking") or rises as much
+    as golden ("overfitting").
+
+    golden(s) = g_min (s/s_h)^(−α_g) for s ≤ s_h, then g_min (s/s_h)^β with β set so that golden at
+    the last step is (1 + rise) · g_min (rise ∈ [8 %, 20 %] by default; WORLD-NOTES measured 5–15 %).
+    s_h is the evaluation step nearest to `onset_frac` of the log-step range (default: random in
+    [0.7, 0.85], after the proxy fit window; w0's golden minima lay at 0.69–0.87).
+    proxy(s) = P s^(−α_p) up to s_h, with P set so proxy(s_h) ∈ [0.2, 1] · g_min (the teacher is closer
+    to the student than the oracle is). Hacking: after s_h the log-log slope changes so that the
+    proxy ends `departure` above its line in log units (default ∈ [0.15, 0.5], WORLD-NOTES measured
+    +0.18 to +0.43); a large departure makes the proxy rise slightly, as held-out proxies did in w0.
+    Over-fitting: after s_h the proxy rises by the same amount (in nats) as golden.
+    """
+    s = _random_grid(rng) if steps is None else np.asarray(steps)
+    x = np.maximum(s, 1).astype(float)
+    frac = rng.uniform(0.7, 0.85) if onset_frac is None else onset_frac
+    k = int(np.argmin(np.abs(np.log(x) - frac * np.log(x[-1]))))
+    s_h = x[k]
+    rise = rng.uniform(0.08, 0.2) if rise is None else rise
+    departure = rng.uniform(0.15, 0.5) if departure is None else departure
+    sigma = rng.uniform(0.01, 0.03) if sigma is None else sigma
+    g_min, alpha_g = rng.uniform(2, 6), rng.uniform(0.2, 0.6)
+    beta = np.log1p(rise) / np.log(x[-1] / s_h)
+    golden = np.where(x <= s_h, g_min * (x / s_h) ** (-alpha_g), g_min * (x / s_h) ** beta)
+    alpha_p = rng.uniform(0.3, 1.0)
+    p_h = rng.uniform(0.2, 1.0) * g_min
+    line = p_h * (x / s_h) ** (-alpha_p)
+    if kind == "hacking":
+        slope_after = -alpha_p + departure / np.log(x[-1] / s_h)
+        proxy = np.where(x <= s_h, line, p_h * (x / s_h) ** slope_after)
+    elif kind == "overfitting":
+        proxy = np.where(x <= s_h, line, p_h + (golden - g_min))
+    else:
+        raise ValueError(f"unknown run kind {kind!r}")
+    gv, gse = _observe(rng, golden, sigma)
+    pv, pse = _observe(rng, proxy, sigma)
+    params = dict(s_h=s_h, rise=rise, departure=departure if kind == "hacking" else None, sigma=sigma, alpha_p=alpha_p)
+    return RunCurves(s, Curve(s, gv, gse, golden, kind, params), Curve(s, pv, pse, proxy, kind, params), k, kind)
+
+
+def write_run(run_dir: str | Path, rows: list[dict], config: dict | None = None) -> Path:
+    """Write a run directory in kdlab's format: `metrics.jsonl` (one object per row) and
+    `config.yaml` (when `config` is given)."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    if config is not None:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return run_dir
+
+
+def run_rows(run: RunCurves, *, regime: str = "offline", train_loss_scale: float = 0.8, golden: bool = True) -> list[dict]:
+    """metrics.jsonl rows for a synthetic run. The training loss (per token, 16 tokens per
+    response) tracks the proxy's running minimum: training keeps improving on its own data."""
+    train_loss = train_loss_scale * np.minimum.accumulate(run.proxy.truth) / 16
+    rows = []
+    for i, step in enumerate(run.steps):
+        row = {
+            "step": int(step),
+            "tokens": int(step) * 1024,
+            "regime": regime,
+            "train_loss": float(train_loss[i]),
+            "proxy_fkl": float(run.proxy.values[i]),
+            "proxy_fkl_se": float(run.proxy.se[i]),
+            "golden_fkl": float(run.golden.values[i]) if golden else None,
+            "golden_fkl_se": float(run.golden.se[i]) if golden else None,
+        }
+        rows.append(row)
+    return rows
+
+
+def healthy_run(rng: np.random.Generator, steps: np.ndarray | None = None) -> RunCurves:
+    """A run where both curves keep falling (golden towards a plateau above the proxy's)."""
+    s = _random_grid(rng) if steps is None else np.asarray(steps)
+    golden = clean_curve(rng, "floor", s)
+    proxy = clean_curve(rng, "power", s)
+    return RunCurves(s, golden, proxy, None, "none")

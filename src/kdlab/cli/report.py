@@ -1,0 +1,39 @@
+"""`kdlab report DIR...`: summary.json and a self-contained report.html for runs or sweeps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def command(
+    dirs: Annotated[list[Path], typer.Argument(help="Run directories (with metrics.jsonl) and/or sweep directories (runs below them).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory. Default: the single directory given (required for several).")] = None,
+    proxy: Annotated[str, typer.Option("--proxy", help="Proxy column.")] = "proxy_fkl",
+    golden: Annotated[str, typer.Option("--golden", help="Golden column (ignored where absent).")] = "golden_fkl",
+) -> None:
+    """Write summary.json and report.html for run or sweep directories.
+
+    The report shows proxy and golden against the step (log-log) with the fitted early law and the
+    detected onsets, golden against proxy, the training loss, a verdict table per run and per
+    condition (seeds aggregated) and each run's config. PNG figures go to plots/ and are embedded in
+    the HTML. Exit code 0 on success, 2 for bad input (message on stderr).
+    """
+    import json
+
+    from kdlab.analysis import MetricsError
+    from kdlab.report import write_report
+
+    try:
+        report = write_report(dirs, out, proxy_col=proxy, golden_col=golden)
+    except (MetricsError, ValueError, FileNotFoundError) as err:
+        typer.echo(f"kdlab report: {err}", err=True)
+        raise typer.Exit(2) from None
+    summary = json.loads((report.parent / "summary.json").read_text(encoding="utf-8"))
+    for condition in summary.get("conditions", []):
+        typer.echo(f"{condition['condition']}: {condition['verdict']}")
+    if "conditions" not in summary:
+        typer.echo(f"{summary['run']}: {summary['verdict']}")
+    typer.echo(f"wrote {report}")

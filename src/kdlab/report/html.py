@@ -1,0 +1,126 @@
+"""The self-contained HTML page: verdict tables, figures embedded as base64 PNG, run configs."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from kdlab.analysis.runs import RunAnalysis
+
+_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 24px auto; max-width: 1500px;
+       padding: 0 16px; color: #222; }
+table { border-collapse: collapse; margin: 8px 0 20px; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f0f0f0; }
+td.hacking { background: #fde0dc; font-weight: 600; }
+td.overfitting { background: #fff1c9; }
+td.departs { background: #fde0dc; }
+td.none { color: #555; }
+img { max-width: 100%; border: 1px solid #ddd; }
+pre { background: #f7f7f7; padding: 8px; overflow-x: auto; font-size: 12px; }
+.muted { color: #666; font-size: 13px; }
+"""
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(Path(path).name)}" src="data:image/png;base64,{data}">'
+
+
+def _e(value) -> str:
+    return html.escape("–" if value is None else str(value))
+
+
+def _num(value, fmt="{:.3g}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def _step(value) -> str:
+    return "–" if value is None else f"{int(value):,}"
+
+
+def _run_row(run: RunAnalysis) -> str:
+    g, p = run.golden, run.proxy
+    if g is None:
+        g_cells = '<td class="none">no oracle</td><td>–</td><td>–</td><td>–</td>'
+    else:
+        rise = "–" if g.rise is None else f"{g.rise:+.3g} ± {g.rise_se:.2g} (z = {g.rise_z:.1f})"
+        change = "–" if g.proxy_change is None else f"{g.proxy_change:+.3g} ± {g.proxy_change_se:.2g} ({g.proxy_trend})"
+        g_cells = (f'<td class="{g.kind}">{_e(g.kind)}</td><td>{_step(g.onset_step)}</td>'
+                   f"<td>{_e(rise)}</td><td>{_e(change)}</td>")
+    p_class = "departs" if p.detected else "none"
+    p_cells = (f'<td class="{p_class}">{"departs" if p.detected else "on its law"}</td>'
+               f"<td>{_step(p.onset_step)}</td><td>{_num(p.residual_at_end, '{:+.3f}')}</td>")
+    return (f"<tr><td>{_e(run.name)}</td><td>{_e(run.condition)}</td><td>{_e(run.seed)}</td>"
+            f"<td>{_e(run.regime)}</td><td>{_step(run.metrics.steps[-1])}</td>{g_cells}{p_cells}"
+            f"<td>{_e('; '.join(run.notes) or '')}</td></tr>")
+
+
+def _condition_table(summary: dict) -> str:
+    rows = []
+    for c in summary["conditions"]:
+        g = c["golden"]
+        golden = "no oracle" if g is None else f"{g['detected']}/{g['n']}"
+        g_onset = "–" if g is None else _step(g["onset_median"])
+        p = c["proxy_deviation"]
+        cls = "hacking" if g is not None and g["detected"] else "none"
+        rows.append(
+            f"<tr><td>{_e(c['condition'])}</td><td>{_e(c['regime'])}</td><td>{len(c['runs'])}</td>"
+            f'<td class="{cls}">{_e(golden)}</td><td>{g_onset}</td>'
+            f"<td>{p['detected']}/{p['n']}</td><td>{_step(p['onset_median'])}</td><td>{_e(c['verdict'])}</td></tr>"
+        )
+    return (
+        "<table><tr><th>condition</th><th>regime</th><th>runs</th><th>golden: hacking</th>"
+        "<th>golden onset (median)</th><th>proxy-only: departs</th><th>proxy onset (median)</th>"
+        "<th>verdict</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+def render(summary: dict, runs: list[RunAnalysis], run_plots: dict[str, Path], sweep_plot: Path | None,
+           title: str) -> str:
+    """The HTML page as a string. `run_plots` maps run path (str) → its PNG."""
+    import yaml
+
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f"<p class='muted'>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by kdlab report from "
+        f"{len(runs)} run(s). Divergences are sequence-level, in {_e('nats per response')}; ± is one standard error.</p>",
+        "<h2>Verdicts by condition</h2>",
+        _condition_table(summary),
+        "<h2>Verdicts by run</h2>",
+        "<table><tr><th>run</th><th>condition</th><th>seed</th><th>regime</th><th>last step</th>"
+        "<th>golden verdict</th><th>golden onset (minimum)</th><th>golden rise</th><th>proxy change over the rise</th>"
+        "<th>proxy-only</th><th>proxy onset</th><th>log residual at end</th><th>notes</th></tr>",
+        "".join(_run_row(r) for r in runs),
+        "</table>",
+        "<p class='muted'><b>Golden detector</b>: golden (KL to the oracle) rises from its minimum by more than "
+        "its noise while the proxy (KL to the teacher) keeps falling or stays flat → teacher hacking; when the "
+        "held-out proxy rises about as much, it is over-fitting. <b>Proxy-only detector</b> (no oracle needed): "
+        "the proxy leaves its early power law <i>upwards</i> for good (a healthy run stays on or below the line).</p>",
+    ]
+    if sweep_plot is not None:
+        parts += ["<h2>All runs, by condition</h2>", _img(sweep_plot)]
+    parts.append("<h2>Runs</h2>")
+    for run in runs:
+        parts.append(f"<h3 id='{_e(run.name)}'>{_e(run.name)} <span class='muted'>({_e(run.path)})</span></h3>")
+        parts.append(f"<p>{_e(run.verdict_text())}.</p>")
+        reasons = []
+        if run.golden is not None:
+            reasons.append(f"golden: {run.golden.reason}")
+        reasons.append(f"proxy-only: {run.proxy.reason}")
+        parts.append("<ul>" + "".join(f"<li>{_e(r)}</li>" for r in reasons) + "</ul>")
+        plot = run_plots.get(str(run.path))
+        if plot is not None:
+            parts.append(_img(plot))
+        config_text = yaml.safe_dump(run.config, sort_keys=False) if run.config else "(no config.yaml)"
+        parts.append(f"<details><summary>config of {_e(run.name)}</summary><pre>{_e(config_text)}</pre></details>")
+    parts.append("<h2>Detector thresholds</h2>")
+    parts.append(f"<pre>{_e(json.dumps(summary.get('thresholds', {}), indent=2))}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

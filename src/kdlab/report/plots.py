@@ -1,0 +1,244 @@
+"""Figures of a run or a sweep (matplotlib, Agg backend: no display needed, safe in workers).
+
+Per run, three panels: (1) proxy, golden (and the proxy on training prompts) against the step on
+log-log axes, with the proxy's early law (solid over the fit window, dashed where extrapolated), the
+proxy detector's threshold, and both detectors' onsets; (2) golden against proxy, coloured by step
+with arrows along the trajectory — a hacking run draws a U (or a J): the proxy keeps decreasing
+(leftwards) while golden turns back up; (3) the training loss.
+Per sweep, the same quantities with every run overlaid: one colour per condition, seeds of a
+condition in that colour, onsets marked on the curves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: report generation must work without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+
+from kdlab.analysis.runs import RunAnalysis  # noqa: E402
+
+UNITS = "nats per response"
+PROXY_COLOR, GOLDEN_COLOR, TRAIN_COLOR = "tab:blue", "tab:red", "tab:green"
+
+
+def metric_label(column: str, role: str) -> str:
+    """Axis / legend text for a metric column: the divergence, its direction and the reference."""
+    reference = {"proxy": "teacher", "golden": "oracle"}.get(role, role)
+    if column.endswith("fkl"):
+        return f"{role}: KL({reference} ‖ student)"
+    if column.endswith("rkl"):
+        return f"{role}: KL(student ‖ {reference})"
+    return f"{role}: {column}"
+
+
+def _plain_log_ticks(ax, axis: str = "both") -> None:
+    """Tick labels as plain numbers (0.3, 2, 1,000) instead of 3×10⁻¹: easier to read off."""
+    fmt = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:g}")
+    for name in ("x", "y") if axis == "both" else (axis,):
+        ax_axis = getattr(ax, f"{name}axis")
+        if getattr(ax, f"get_{name}scale")() == "log":
+            ax_axis.set_major_formatter(fmt)
+            ax_axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+
+
+def _positive(steps, values, se=None):
+    """Points drawable on log axes: step > 0 and a finite positive value."""
+    steps = np.asarray(steps, dtype=float)
+    values = np.asarray(values, dtype=float)
+    ok = (steps > 0) & np.isfinite(values) & (values > 0)
+    return steps[ok], values[ok], (None if se is None else np.nan_to_num(np.asarray(se, dtype=float)[ok]))
+
+
+def _value_at(steps, values, step):
+    idx = np.flatnonzero(np.asarray(steps) == step)
+    return float(values[idx[0]]) if len(idx) else None
+
+
+def _curves_panel(ax, run: RunAnalysis) -> None:
+    m = run.metrics
+    steps = m.steps
+    s, y, se = _positive(steps, m.proxy, m.proxy_se)
+    ax.errorbar(s, y, yerr=se, fmt="o-", ms=3, lw=1.2, capsize=0, color=PROXY_COLOR,
+                label=metric_label(m.proxy_col, "proxy") + " (held-out)")
+    train_col = "train_" + m.proxy_col
+    if m.has(train_col):
+        ts, ty, tse = _positive(steps, m.column(train_col), m.optional(train_col + "_se"))
+        ax.errorbar(ts, ty, yerr=tse, fmt="s-", ms=2.5, lw=1, capsize=0, color=TRAIN_COLOR, alpha=0.8,
+                    label="proxy on training prompts")
+    if m.golden is not None:
+        gs, gy, gse = _positive(steps, m.golden, m.golden_se)
+        ax.errorbar(gs, gy, yerr=gse, fmt="o-", ms=3, lw=1.2, capsize=0, color=GOLDEN_COLOR,
+                    label=metric_label(m.golden_col, "golden"))
+
+    verdict = run.proxy
+    if verdict.fit is not None:
+        lo, hi = verdict.fit_window
+        ax.axvspan(lo, hi, color="0.85", alpha=0.6, lw=0, label=f"proxy fit window (steps {lo:,}–{hi:,})")
+        grid_in = np.geomspace(lo, hi, 50)
+        grid_out = np.geomspace(hi, s[-1], 80)
+        law = "c + e^a s^−α" if verdict.law == "floor" else "e^a s^−α"
+        ax.plot(grid_in, verdict.fit.predict(grid_in), "k-", lw=1.6,
+                label=f"early law {law}, α = {verdict.fit.alpha:.2f}")
+        ax.plot(grid_out, verdict.fit.predict(grid_out), "k--", lw=1.2, label="law extrapolated")
+        if verdict.test_steps is not None:
+            upper = verdict.fit.predict(verdict.test_steps) * np.exp(verdict.thresholds)
+            ax.plot(verdict.test_steps, upper, ":", color="0.35", lw=1.2, label="departure threshold")
+    if verdict.detected:
+        ax.axvline(verdict.onset_step, color=PROXY_COLOR, ls="-.", lw=1.5,
+                   label=f"proxy departs from step {verdict.onset_step:,}")
+    if run.golden is not None and run.golden.onset_step is not None:
+        style = "hacking" if run.golden.detected else run.golden.kind
+        ax.axvline(run.golden.onset_step, color=GOLDEN_COLOR, ls=":", lw=1.8,
+                   label=f"golden minimum ({style} onset) step {run.golden.onset_step:,}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step (log scale; step 0 not shown)")
+    ax.set_ylabel(f"sequence KL ({UNITS})")
+    ax.set_title("Proxy and golden vs step")
+    ax.grid(True, which="major", alpha=0.3)
+    _plain_log_ticks(ax)
+    # Below the axes: inside, the legend would hide the late part of the curves, where onsets are.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+
+
+def _arrow_path(ax, x, y, color, every: int | None = None) -> None:
+    """Arrows along a trajectory so the direction of time reads off the plot."""
+    n = len(x)
+    if n < 2:
+        return
+    every = every or max(1, n // 8)
+    for i in range(0, n - 1, every):
+        ax.annotate("", xy=(x[i + 1], y[i + 1]), xytext=(x[i], y[i]),
+                    arrowprops=dict(arrowstyle="-|>", color=color, lw=1.0, mutation_scale=11))
+
+
+def _u_panel(ax, run: RunAnalysis, fig) -> None:
+    m = run.metrics
+    if m.golden is None:
+        ax.text(0.5, 0.5, "no golden metric\n(run without an oracle)", ha="center", va="center",
+                transform=ax.transAxes, fontsize=11, color="0.4")
+        ax.set_axis_off()
+        return
+    ok = np.isfinite(m.proxy) & np.isfinite(m.golden) & (m.proxy > 0) & (m.golden > 0)
+    steps, x, y = m.steps[ok], m.proxy[ok], m.golden[ok]
+    ax.plot(x, y, "-", color="0.6", lw=1, zorder=1)
+    _arrow_path(ax, x, y, "0.35")
+    sc = ax.scatter(x, y, c=np.maximum(steps, 1), cmap="viridis", norm=LogNorm(), s=22, zorder=3, edgecolors="none")
+    fig.colorbar(sc, ax=ax, label="training step")
+    ax.annotate(f"start (step {int(steps[0]):,})", (x[0], y[0]), textcoords="offset points", xytext=(-8, -4),
+                fontsize=8, ha="right", va="top")
+    ax.annotate(f"end (step {int(steps[-1]):,})", (x[-1], y[-1]), textcoords="offset points", xytext=(5, 8),
+                fontsize=8)
+    if run.golden is not None and run.golden.onset_step is not None:
+        gx, gy = _value_at(steps, x, run.golden.onset_step), _value_at(steps, y, run.golden.onset_step)
+        if gx is not None:
+            ax.plot([gx], [gy], marker="*", ms=14, color=GOLDEN_COLOR, mec="k", zorder=4, ls="none",
+                    label=f"golden minimum, step {run.golden.onset_step:,}")
+            ax.legend(fontsize=8, loc="best")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"{metric_label(m.proxy_col, 'proxy')} ({UNITS})")
+    ax.set_ylabel(f"{metric_label(m.golden_col, 'golden')} ({UNITS})")
+    ax.set_title("Golden vs proxy (arrows: time)")
+    ax.grid(True, which="both", alpha=0.2)
+    ax.margins(0.08)
+    _plain_log_ticks(ax)
+
+
+def _loss_panel(ax, run: RunAnalysis) -> None:
+    m = run.metrics
+    if not m.has("train_loss"):
+        ax.text(0.5, 0.5, "no train_loss logged", ha="center", va="center", transform=ax.transAxes, color="0.4")
+        ax.set_axis_off()
+        return
+    s, y, _ = _positive(m.steps, m.column("train_loss"))
+    ax.plot(s, y, "o-", ms=3, color="0.25", lw=1.2)
+    ax.set_xscale("log")
+    if len(y) and np.all(y > 0):
+        ax.set_yscale("log")
+    ax.set_xlabel("training step (log scale)")
+    ax.set_ylabel("training loss (per token, as logged)")
+    ax.set_title("Training loss")
+    ax.grid(True, which="major", alpha=0.3)
+    _plain_log_ticks(ax)
+
+
+def plot_run(run: RunAnalysis, path: str | Path) -> Path:
+    """One PNG with the three panels of a run; returns its path."""
+    fig, axes = plt.subplots(1, 3, figsize=(18, 6.6), gridspec_kw={"width_ratios": [1.25, 1.1, 0.8]})
+    _curves_panel(axes[0], run)
+    _u_panel(axes[1], run, fig)
+    _loss_panel(axes[2], run)
+    fig.suptitle(f"{run.name} — {run.condition}" + (f", seed {run.seed}" if run.seed is not None else "")
+                 + f"\n{run.verdict_text()}", fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(groups: dict[str, list[RunAnalysis]], path: str | Path) -> Path:
+    """All runs overlaid, one colour per condition: proxy vs step, golden vs step, golden vs proxy.
+    Onsets are marked on the curves (▲ proxy departure, ★ golden minimum of a detected rise)."""
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.6))
+    cmap = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    any_golden = False
+    for ci, (label, runs) in enumerate(groups.items()):
+        color = cmap(ci % cmap.N)
+        for k, run in enumerate(runs):
+            m = run.metrics
+            tag = label if k == 0 else None  # one legend entry per condition
+            s, y, _ = _positive(m.steps, m.proxy)
+            axes[0].plot(s, y, "-", color=color, lw=1.2, alpha=0.85, label=tag)
+            if run.proxy.detected:
+                v = _value_at(s, y, run.proxy.onset_step)
+                axes[0].plot([run.proxy.onset_step], [v], "^", color=color, mec="k", ms=9, zorder=4)
+            if m.golden is None:
+                continue
+            any_golden = True
+            gs, gy, _ = _positive(m.steps, m.golden)
+            axes[1].plot(gs, gy, "-", color=color, lw=1.2, alpha=0.85, label=tag)
+            ok = np.isfinite(m.proxy) & np.isfinite(m.golden) & (m.proxy > 0) & (m.golden > 0)
+            axes[2].plot(m.proxy[ok], m.golden[ok], "-", color=color, lw=1.1, alpha=0.85, label=tag)
+            _arrow_path(axes[2], m.proxy[ok], m.golden[ok], color, every=max(1, ok.sum() // 4))
+            if run.golden is not None and run.golden.onset_step is not None:
+                v = _value_at(gs, gy, run.golden.onset_step)
+                marker = "*" if run.golden.detected else "X"
+                axes[1].plot([run.golden.onset_step], [v], marker, color=color, mec="k", ms=12, zorder=4)
+                px = _value_at(m.steps[ok], m.proxy[ok], run.golden.onset_step)
+                if px is not None:
+                    axes[2].plot([px], [v], marker, color=color, mec="k", ms=12, zorder=4)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.grid(True, which="major", alpha=0.3)
+        _plain_log_ticks(ax)
+    axes[0].set_title("Proxy vs step (▲ proxy-only departure onset)")
+    axes[0].set_xlabel("training step (log scale)")
+    axes[0].set_ylabel(f"proxy: KL(teacher ‖ student) ({UNITS})")
+    axes[1].set_title("Golden vs step (★ golden minimum of a hacking run, ✖ over-fitting)")
+    axes[1].set_xlabel("training step (log scale)")
+    axes[1].set_ylabel(f"golden: KL(oracle ‖ student) ({UNITS})")
+    axes[2].set_title("Golden vs proxy (arrows: time)")
+    axes[2].set_xlabel(f"proxy ({UNITS})")
+    axes[2].set_ylabel(f"golden ({UNITS})")
+    if not any_golden:
+        for ax in axes[1:]:
+            ax.cla()
+            ax.text(0.5, 0.5, "no golden metric in these runs", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9, frameon=False,
+               title="condition (all seeds of a condition share its colour)", title_fontsize=9)
+    fig.tight_layout(rect=(0, 0.1 + 0.04 * ((len(labels) - 1) // 6), 1, 1))
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
