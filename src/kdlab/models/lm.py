@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["LM", "CheckpointError", "check_vocab_compatible", "left_pad"]
+__all__ = ["LM", "CheckpointError", "check_safetensors", "check_vocab_compatible", "left_pad"]
 
 
 class CheckpointError(RuntimeError):
@@ -200,7 +200,7 @@ class LM:
 
         path = Path(dir_or_name)
         if path.is_dir():
-            _check_safetensors(path)
+            check_safetensors(sorted(path.glob("*.safetensors")))
         hf = AutoModelForCausalLM.from_pretrained(
             str(dir_or_name), dtype=dtype if dtype is not None else "auto", trust_remote_code=trust_remote_code
         )
@@ -217,15 +217,16 @@ class LM:
         return cls(hf, tokenizer)
 
 
-def _check_safetensors(directory: Path) -> None:
-    """Open every ``*.safetensors`` in ``directory`` and check its header against its size.
+def check_safetensors(files, advice: str = "re-save the model, re-copy the file, or resume from an earlier checkpoint") -> None:
+    """Open each ``*.safetensors`` file and check its header against its size; raise
+    :class:`CheckpointError` naming the first bad file, the cause, and ``advice``.
 
     ``from_pretrained`` reports a truncated file as a bare deserialisation error without the path;
-    a partially copied or interrupted save is the usual cause, so say which file and what to do.
+    an interrupted save or copy is the usual cause, so say which file and what to do.
     """
     from safetensors import safe_open
 
-    for f in sorted(directory.glob("*.safetensors")):
+    for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
                 for k in st.keys():
@@ -233,17 +234,18 @@ def _check_safetensors(directory: Path) -> None:
         except Exception as e:
             raise CheckpointError(
                 f"checkpoint file {f} is truncated or corrupt ({type(e).__name__}: {e}). "
-                "It was probably written by an interrupted save or copy: re-save the model, re-copy the file, "
-                "or resume from an earlier checkpoint."
+                f"It was probably written by an interrupted save or copy: {advice}."
             ) from e
 
 
-def check_vocab_compatible(a: LM, b: LM, names: tuple[str, str] = ("teacher", "student")) -> None:
+def check_vocab_compatible(a: "LM | int", b: "LM | int", names: tuple[str, str] = ("teacher", "student")) -> None:
     """Raise ``ValueError`` unless ``a`` and ``b`` have the same output vocabulary width.
 
     Token-level divergences compare distributions over the same token ids, so the widths must match.
+    Either side may be an ``LM`` or a vocabulary size (e.g. a cache's ``vocab_size``).
     """
-    va, vb = a.vocab_size, b.vocab_size
+    va = a if isinstance(a, int) else a.vocab_size
+    vb = b if isinstance(b, int) else b.vocab_size
     if va != vb:
         raise ValueError(
             f"vocabulary sizes differ: {names[0]} has {va} tokens, {names[1]} has {vb}. "

@@ -1,0 +1,285 @@
+"""`ReferenceCache`: the reference model's samples and per-position distributions, computed once.
+
+During stage 2 the reference A (teacher for proxy, oracle for golden) never changes, so neither do
+its samples y ~ A(·|x) on the eval prompts nor its next-token distributions A(·|x, y<t) along them.
+The cache holds both, so each evaluation of
+
+    fkl = E_x E_{y~A} Σ_t KL(A_t ‖ S_t)
+
+costs one student forward pass instead of reference sampling + reference forward + student forward.
+The distributions are stored as float32 log-probs (M×R×V) when that fits ``memory_budget_bytes``,
+else as the top-k log-probs (a ``SparseTarget``; ``kdlab.losses`` puts the remaining mass in one
+bucket, so top-k KL is a slight underestimate), else not at all (then pass the reference model to
+:func:`sequence_fkl` for a live forward pass; the samples are still reused).
+
+Layout: N prompts, m = ``samples_per_prompt``, M = N·m sequences; row ``i*m + j`` is sample j of
+prompt i. On disk: ``reference_cache.safetensors`` (tensors) + ``reference_cache.json`` (metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from kdlab.losses import SparseTarget
+from kdlab.metrics.divergence import DivergenceEstimate, sequence_kl_sums
+from kdlab.models import LM, check_vocab_compatible
+from kdlab.models.lm import CheckpointError, check_safetensors
+
+__all__ = ["ReferenceCache", "sequence_fkl"]
+
+TENSORS_FILE = "reference_cache.safetensors"
+META_FILE = "reference_cache.json"
+FORMAT = "kdlab.reference_cache/1"
+STORAGES = ("auto", "full", "topk", "none")
+
+
+def _storage_for(M: int, R: int, V: int, budget: int, topk: int | None) -> str:
+    """Full float32 log-probs if they fit the budget, else top-k (int32 index + float32 value), else none."""
+    if M * R * V * 4 <= budget:
+        return "full"
+    if topk is not None and M * R * min(topk, V) * 8 <= budget:
+        return "topk"
+    return "none"
+
+
+@dataclass
+class ReferenceCache:
+    """Reference samples on eval prompts and, budget permitting, the reference's log-probs along them.
+
+    prompt_ids_NxP, prompt_mask_NxP: the eval prompts (left-padded), once each.
+    response_ids_MxR, response_mask_MxR: reference samples, M = N * samples_per_prompt.
+    targets: None, float32 log-probs (M, R, V), or a SparseTarget (indices int32 in storage, (M, R, K)).
+    vocab_size: the reference's V (checked against the student).
+    meta: how the samples were drawn (max_new_tokens, temperature, eos_token_id, topk, ...), saved as JSON.
+    """
+
+    prompt_ids_NxP: Tensor
+    prompt_mask_NxP: Tensor
+    response_ids_MxR: Tensor
+    response_mask_MxR: Tensor
+    samples_per_prompt: int
+    vocab_size: int
+    targets: Tensor | SparseTarget | None = None
+    meta: dict = field(default_factory=dict)
+
+    # -------------------------------------------------------------------------------- properties
+    @property
+    def storage(self) -> str:
+        """'full', 'topk' or 'none': what ``targets`` holds."""
+        if self.targets is None:
+            return "none"
+        return "topk" if isinstance(self.targets, SparseTarget) else "full"
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.response_ids_MxR.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.prompt_ids_NxP, self.prompt_mask_NxP, self.response_ids_MxR, self.response_mask_MxR]
+        if isinstance(self.targets, SparseTarget):
+            ts += list(self.targets)
+        elif self.targets is not None:
+            ts.append(self.targets)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def prompts_for_sequences(self) -> tuple[Tensor, Tensor]:
+        """Prompt ids and mask repeated to one row per sequence (M, P)."""
+        m = self.samples_per_prompt
+        return self.prompt_ids_NxP.repeat_interleave(m, 0), self.prompt_mask_NxP.repeat_interleave(m, 0)
+
+    # ------------------------------------------------------------------------------------- build
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        reference_lm: LM,
+        prompt_ids_NxP: Tensor,
+        prompt_mask_NxP: Tensor | None = None,
+        *,
+        samples_per_prompt: int = 1,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        batch_size: int = 64,
+        memory_budget_bytes: int = 1 << 30,
+        topk: int | None = 256,
+        storage: str = "auto",
+    ) -> "ReferenceCache":
+        """Sample ``samples_per_prompt`` responses per prompt from the reference and cache its log-probs.
+
+        ``temperature`` changes how y is drawn (T = 1 is the fkl of the contract); the stored
+        log-probs are always the reference's own T = 1 distributions. ``storage="auto"`` picks by
+        ``memory_budget_bytes`` (full, else top-``topk``, else none); 'full' / 'topk' / 'none' force it.
+        """
+        from kdlab.models.sampling import sample
+
+        m = samples_per_prompt
+        if m < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {m}")
+        if prompt_mask_NxP is None:
+            prompt_mask_NxP = torch.ones_like(prompt_ids_NxP, dtype=torch.bool)
+        ids = prompt_ids_NxP.repeat_interleave(m, 0)
+        mask = prompt_mask_NxP.repeat_interleave(m, 0)
+        responses, masks = [], []
+        for start in range(0, ids.shape[0], batch_size):
+            sl = slice(start, start + batch_size)
+            y = sample(reference_lm, ids[sl], mask[sl], max_new_tokens=max_new_tokens, temperature=temperature,
+                       eos_token_id=eos_token_id, generator=generator)
+            responses.append(y.response_ids_BxR.cpu())
+            masks.append(y.response_mask_BxR.cpu())
+        meta = dict(max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=eos_token_id)
+        return cls.from_samples(
+            reference_lm, prompt_ids_NxP, prompt_mask_NxP, torch.cat(responses), torch.cat(masks),
+            samples_per_prompt=m, batch_size=batch_size, memory_budget_bytes=memory_budget_bytes, topk=topk,
+            storage=storage, meta=meta,
+        )
+
+    @classmethod
+    @torch.no_grad()
+    def from_samples(
+        cls,
+        reference_lm: LM,
+        prompt_ids_NxP: Tensor,
+        prompt_mask_NxP: Tensor | None,
+        response_ids_MxR: Tensor,
+        response_mask_MxR: Tensor | None = None,
+        *,
+        samples_per_prompt: int = 1,
+        batch_size: int = 64,
+        memory_budget_bytes: int = 1 << 30,
+        topk: int | None = 256,
+        storage: str = "auto",
+        meta: dict | None = None,
+    ) -> "ReferenceCache":
+        """A cache around reference samples that already exist (e.g. an offline dataset's)."""
+        if storage not in STORAGES:
+            raise ValueError(f"storage={storage!r}; allowed: {STORAGES}")
+        N, m = prompt_ids_NxP.shape[0], samples_per_prompt
+        M, R = response_ids_MxR.shape
+        if M != N * m:
+            raise ValueError(f"{M} responses for {N} prompts x samples_per_prompt={m}; expected {N * m}")
+        V = reference_lm.vocab_size
+        if prompt_mask_NxP is None:
+            prompt_mask_NxP = torch.ones_like(prompt_ids_NxP, dtype=torch.bool)
+        if response_mask_MxR is None:
+            response_mask_MxR = torch.ones(M, R, dtype=torch.bool)
+        if storage == "auto":
+            storage = _storage_for(M, R, V, memory_budget_bytes, topk)
+        if storage == "topk" and topk is None:
+            raise ValueError("storage='topk' needs topk (an int >= 1)")
+        cache = cls(
+            prompt_ids_NxP.cpu(), prompt_mask_NxP.cpu().bool(), response_ids_MxR.cpu().long(),
+            response_mask_MxR.cpu().bool(), m, V, None,
+            dict(meta or {}, storage=storage, topk=topk if storage == "topk" else None),
+        )
+        if storage == "none":
+            return cache
+        ids, mask = cache.prompts_for_sequences()
+        chunks = []
+        training = reference_lm.hf.training
+        reference_lm.hf.eval()
+        try:
+            for start in range(0, M, batch_size):
+                sl = slice(start, start + batch_size)
+                logits = reference_lm.response_logits(ids[sl], mask[sl], cache.response_ids_MxR[sl],
+                                                      cache.response_mask_MxR[sl])
+                if storage == "full":
+                    chunks.append(logits.log_softmax(-1).cpu())
+                else:
+                    t = SparseTarget.from_logits(logits, min(topk, V))
+                    chunks.append(SparseTarget(t.indices.to(torch.int32).cpu(), t.logprobs.float().cpu()))
+        finally:
+            reference_lm.hf.train(training)
+        if storage == "full":
+            cache.targets = torch.cat(chunks)
+        else:
+            cache.targets = SparseTarget(torch.cat([c.indices for c in chunks]), torch.cat([c.logprobs for c in chunks]))
+        return cache
+
+    # --------------------------------------------------------------------------------- save/load
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the tensors (safetensors) and the metadata (JSON), each atomically (temp + rename)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "prompt_ids": self.prompt_ids_NxP,
+            "prompt_mask": self.prompt_mask_NxP,
+            "response_ids": self.response_ids_MxR,
+            "response_mask": self.response_mask_MxR,
+        }
+        if isinstance(self.targets, SparseTarget):
+            tensors["topk_indices"], tensors["topk_logprobs"] = self.targets.indices, self.targets.logprobs
+        elif self.targets is not None:
+            tensors["logprobs"] = self.targets
+        meta = dict(self.meta, format=FORMAT, samples_per_prompt=self.samples_per_prompt,
+                    vocab_size=self.vocab_size, storage=self.storage)
+        tmp = directory / (TENSORS_FILE + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, directory / TENSORS_FILE)
+        tmp = directory / (META_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        os.replace(tmp, directory / META_FILE)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ReferenceCache":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        advice = "rebuild it with ReferenceCache.build(...).save(dir)"
+        meta_path, tensors_path = directory / META_FILE, directory / TENSORS_FILE
+        for f in (meta_path, tensors_path):
+            if not f.exists():
+                raise FileNotFoundError(f"reference cache file {f} is missing; {advice}")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"reference cache metadata {meta_path} is not valid JSON ({e}); {advice}") from e
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}; {advice}")
+        check_safetensors([tensors_path], advice=advice)
+        t = load_file(str(tensors_path))
+        if "logprobs" in t:
+            targets = t["logprobs"]
+        elif "topk_indices" in t:
+            targets = SparseTarget(t["topk_indices"], t["topk_logprobs"])
+        else:
+            targets = None
+        m, V = int(meta.pop("samples_per_prompt")), int(meta.pop("vocab_size"))
+        meta.pop("format")
+        cache = cls(t["prompt_ids"], t["prompt_mask"], t["response_ids"], t["response_mask"], m, V, targets, meta)
+        if cache.storage != meta.get("storage"):
+            raise CheckpointError(f"{tensors_path} holds '{cache.storage}' targets but {meta_path} says "
+                                  f"'{meta.get('storage')}'; {advice}")
+        return cache
+
+
+def sequence_fkl(
+    student: LM, cache: ReferenceCache, *, reference_lm: LM | None = None, batch_size: int = 64
+) -> DivergenceEstimate:
+    """fkl = E_x E_{y~A} Σ_t KL(A_t ‖ S_t) on the cached reference samples.
+
+    Uses the cached reference log-probs when the cache holds them (one student forward pass);
+    otherwise ``reference_lm`` must be given and is run live on the cached samples.
+    """
+    check_vocab_compatible(cache.vocab_size, student, names=("reference", "student"))
+    reference = cache.targets if cache.targets is not None else reference_lm
+    if reference is None:
+        raise ValueError(
+            "this ReferenceCache stores no reference log-probs (storage='none', over its memory budget); "
+            "pass reference_lm= to run the reference live, or rebuild with a larger memory_budget_bytes / topk"
+        )
+    ids, mask = cache.prompts_for_sequences()
+    sums, counts = sequence_kl_sums(student, reference, ids, mask, cache.response_ids_MxR, cache.response_mask_MxR,
+                                    direction="forward", batch_size=batch_size)
+    return DivergenceEstimate.from_sums(sums, counts, cache.samples_per_prompt)
