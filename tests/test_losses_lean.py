@@ -70,9 +70,20 @@ def test_gradcheck_lean(case):
     hidden, weight, bias, teacher = (x[:1, :3] if x.dim() == 3 else x for x in inputs(torch.float64))
     mask = torch.tensor([[True, False, True]])
     h, w, b = (x.clone().requires_grad_() for x in (hidden, weight, bias))
-    assert torch.autograd.gradcheck(
-        lambda h, w, b: L.lean_loss(fn, h, w, teacher, mask, chunk_size=1, lm_head_bias_V=b), (h, w, b)
-    )
+    for reduction in ("mean", "none"):  # gradients computed in forward / recomputed in backward
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: L.lean_loss(fn, h, w, teacher, mask, chunk_size=1, lm_head_bias_V=b, reduction=reduction),
+            (h, w, b),
+        )
+
+
+def test_lean_without_grad_gives_the_same_value():
+    hidden, weight, bias, teacher = inputs()
+    mask = ragged_mask(B, T, seed=75)
+    with_grad = L.lean_loss("tvd", hidden.requires_grad_(), weight, teacher, mask, chunk_size=5, lm_head_bias_V=bias)
+    with torch.no_grad():
+        without = L.lean_loss("tvd", hidden, weight, teacher, mask, chunk_size=5, lm_head_bias_V=bias)
+    assert without.grad_fn is None and torch.equal(with_grad.detach(), without)
 
 
 def test_lean_all_masked_gives_zero_with_zero_gradients():

@@ -45,10 +45,17 @@ def reduce_tokens(per_token_BxT: Tensor, mask_BxT: Tensor | None = None, reducti
         per_token_BxT = torch.where(mask_BxT, per_token_BxT, torch.zeros_like(per_token_BxT))
     if reduction == "none":
         return per_token_BxT
-    total = per_token_BxT.sum()
+    return per_token_BxT.sum() * reduction_weight(token_count(mask_BxT, per_token_BxT.shape), reduction)
+
+
+def reduction_weight(count: int, reduction: str) -> float:
+    """The factor a scalar reduction applies to the sum of the counted tokens' values:
+    1 / count for ``"mean"`` (1 when nothing counts, so the result is 0, not NaN), 1 for ``"sum"``."""
+    if reduction == "mean":
+        return 1.0 / max(count, 1)
     if reduction == "sum":
-        return total
-    return total / max(token_count(mask_BxT, per_token_BxT.shape), 1)
+        return 1.0
+    raise ValueError(f"reduction={reduction!r} has no scalar weight; allowed values: ('mean', 'sum')")
 
 
 def check_mask(mask_BxT: Tensor | None, shape_BxT: tuple[int, int]) -> None:

@@ -1,0 +1,180 @@
+"""Time and peak memory of distillation losses, forward + backward, on CPU.
+
+    .venv/bin/python bench/losses.py                  # print the table
+    .venv/bin/python bench/losses.py --write-results  # and replace the Losses section of bench/RESULTS.md
+
+Shapes: tokens = 8192, V = 32768, hidden = 512, float32, torch threads = 2. Paths:
+  dense — logits = hidden @ W.T materialised, then kdlab.losses.<loss>;
+  lean  — kdlab.losses.lean_loss (chunks of 1024 tokens; logits never materialised in full);
+  naive — a straightforward reference: probabilities, not log space, and F.kl_div.
+Each case runs in a fresh subprocess. Peak extra memory = the process's peak resident set during
+forward + backward minus its resident set just before (the peak is reset with
+/proc/self/clear_refs, so setup does not count); inputs (hidden, W, the 1 GiB teacher logits)
+are allocated before. Large tensors are mmap'd by the allocator and returned on free, so RSS
+tracks live tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TOKENS, VOCAB, HIDDEN, THREADS, CHUNK = 8192, 32768, 512, 2, 1024
+LOSSES = {"forward_kl": {}, "generalized_jsd": {"beta": 0.5}}
+PATHS = ("dense", "lean", "naive")
+DATE = "2026-11-23"
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADING = "## Losses (bench/losses.py)"
+
+
+def _status_mib(field: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _naive(name, logits, teacher):
+    import torch.nn.functional as F
+
+    # F.kl_div(input, target) = Σ target·(log target − input) = KL(target ‖ exp(input)):
+    # the *second* argument is the distribution the expectation is taken under.
+    p = F.softmax(teacher, dim=-1)
+    if name == "forward_kl":
+        return F.kl_div(F.log_softmax(logits, dim=-1), p, reduction="batchmean")
+    q = F.softmax(logits, dim=-1)
+    m = 0.5 * (p + q)  # mixture in probability space, then log: the naive way
+    log_m = m.log()
+    return 0.5 * F.kl_div(log_m, p, reduction="batchmean") + 0.5 * F.kl_div(log_m, q, reduction="batchmean")
+
+
+def run_case(path: str, name: str) -> dict:
+    import torch
+
+    import kdlab.losses as L
+
+    torch.set_num_threads(THREADS)
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(1, TOKENS, HIDDEN, generator=g)).requires_grad_()
+    weight = (torch.randn(VOCAB, HIDDEN, generator=g) / HIDDEN**0.5).requires_grad_()
+    teacher = 2.0 * torch.randn(1, TOKENS, VOCAB, generator=g)
+    params = LOSSES[name]
+
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    base = _status_mib("VmRSS")
+    start = time.perf_counter()
+    if path == "lean":
+        loss = L.lean_loss(name, hidden, weight, teacher, chunk_size=CHUNK, **params)
+    elif path == "dense":
+        loss = L.get(name, **params)(hidden @ weight.T, teacher)
+    else:
+        loss = _naive(name, hidden @ weight.T, teacher)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    peak = _status_mib("VmHWM")
+    return {
+        "path": path,
+        "loss": name,
+        "value": loss.item(),
+        "seconds": seconds,
+        "peak_extra_mib": peak - base,
+        "grad_w_norm": weight.grad.norm().item(),
+    }
+
+
+def machine() -> dict:
+    import torch
+
+    model = "unknown"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = re.search(r"Model name:\s*(.+)", out).group(1).strip()
+    except Exception:  # lscpu missing: keep "unknown"
+        pass
+    return {
+        "cpu": model,
+        "cores": __import__("os").cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", nargs=2, metavar=("PATH", "LOSS"), help="run one case here (internal)")
+    parser.add_argument("--write-results", action="store_true", help="replace the Losses section of RESULTS.md")
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(*args.case)))
+        return
+
+    rows = []
+    for name in LOSSES:
+        for path in PATHS:
+            out = subprocess.run(
+                [sys.executable, __file__, "--case", path, name], capture_output=True, text=True, check=True
+            )
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(
+                f"{name:16s} {path:6s} {row['seconds']:7.2f} s  peak extra {row['peak_extra_mib']:8.0f} MiB  "
+                f"loss {row['value']:.6f}",
+                flush=True,
+            )
+    lines = report(rows)
+    print("\n".join(lines))
+    if args.write_results:
+        write_results(lines)
+
+
+def report(rows: list[dict]) -> list[str]:
+    info = machine()
+    by = {(r["loss"], r["path"]): r for r in rows}
+    lines = [
+        HEADING,
+        "",
+        f"Date {DATE}. Machine: {info['cores']}-core CPU, {info['cpu']}; Python {info['python']}, "
+        f"torch {info['torch']}, {THREADS} torch threads. Command: `.venv/bin/python bench/losses.py --write-results`.",
+        f"Forward + backward, tokens = {TOKENS}, V = {VOCAB}, hidden = {HIDDEN}, float32; lean chunk = {CHUNK} "
+        "tokens. One run per case in a fresh process; peak extra = peak RSS − RSS after the inputs (the 1 GiB "
+        "teacher logits included in the inputs). The machine is shared with other jobs, so times are noisy.",
+        "",
+        "| loss | path | time (s) | peak extra memory (MiB) | loss value |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['loss']} | {r['path']} | {r['seconds']:.2f} | {r['peak_extra_mib']:.0f} | {r['value']:.6f} |"
+        )
+    lines.append("")
+    for name in LOSSES:
+        dense, lean, naive = (by[(name, p)] for p in PATHS)
+        lines.append(
+            f"- {name}: lean / dense peak memory = {lean['peak_extra_mib'] / dense['peak_extra_mib']:.3f}, "
+            f"lean / dense time = {lean['seconds'] / dense['seconds']:.2f}; naive / dense peak memory = "
+            f"{naive['peak_extra_mib'] / dense['peak_extra_mib']:.2f}, time = {naive['seconds'] / dense['seconds']:.2f}; "
+            f"|lean − dense| value = {abs(lean['value'] - dense['value']):.1e}"
+        )
+    return lines
+
+
+def write_results(lines: list[str]) -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    section = "\n".join(lines) + "\n"
+    pattern = re.compile(re.escape(HEADING) + r".*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
