@@ -227,10 +227,10 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
             torch.nn.utils.clip_grad_norm_(student.hf.parameters(), cfg.stage2.grad_clip)
         optimizer.step()
         if taid is not None:
-            taid.update(float(loss))
+            taid.update(loss.item())
         step += 1
         tokens += n_tokens
-        loss_sum += float(loss)
+        loss_sum += loss.item()
         loss_count += 1
         if step in evals:
             evaluate()

@@ -131,7 +131,7 @@ def sft(lm: LM, prompt_ids, prompt_mask, response_ids, response_mask, budget: SF
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     lm.hf.eval()
     return losses
 

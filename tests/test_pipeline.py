@@ -1,0 +1,176 @@
+"""End-to-end tests of the oracle -> teacher -> student pipeline on a tiny world (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdlab.config import load_config
+from kdlab.pipeline.distill import TrainingDiverged, loss_on_batch, make_loss, make_source, run
+from kdlab.pipeline.rundir import read_metrics
+from kdlab.pipeline.world import build_world
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def tiny(tmp_path: Path, name: str, *overrides: str):
+    return load_config(TINY, [f"output_dir={tmp_path / name}", f"cache_dir={tmp_path / 'cache'}", *overrides])
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One cache directory for the module: stage 1 is built once and reused (as in a sweep)."""
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.mark.parametrize("regime", ["offline", "online_teacher", "online_student", "mixed"])
+def test_every_regime_writes_a_complete_run_directory(shared, regime):
+    cfg = tiny(shared, f"run-{regime}", f"stage2.regime={regime}")
+    run_dir = run(cfg, log=lambda m: None, progress=False)
+    for name in ("config.yaml", "metrics.jsonl", "done.json", "world.json", "checkpoints/latest"):
+        assert (run_dir / name).exists(), name
+    rows = metrics(run_dir)
+    steps = [r["step"] for r in rows]
+    assert steps[0] == 0 and steps[-1] == cfg.stage2.steps
+    assert steps == sorted(set(steps)), "evaluation steps must be strictly increasing"
+    tokens = [r["tokens"] for r in rows]
+    assert tokens == [s * cfg.stage2.batch_size * cfg.world.response_length for s in steps]
+    for r in rows:
+        assert r["regime"] == regime
+        for key in ("proxy_fkl", "proxy_fkl_se", "golden_fkl", "golden_fkl_se", "train_proxy_fkl"):
+            assert r[key] is not None and r[key] >= 0, (key, r)
+    # Distillation must move the student towards the teacher on held-out prompts.
+    assert rows[-1]["proxy_fkl"] < rows[0]["proxy_fkl"] - 2 * rows[0]["proxy_fkl_se"]
+    ckpts = list((run_dir / "checkpoints").glob("step-*"))
+    assert ckpts and all((c / "model.safetensors").exists() for c in ckpts)
+
+
+def test_same_config_and_seed_give_identical_metrics(shared):
+    a = run(tiny(shared, "det-a", "stage2.regime=online_student"), log=lambda m: None, progress=False)
+    b = run(tiny(shared, "det-b", "stage2.regime=online_student"), log=lambda m: None, progress=False)
+    strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]  # noqa: E731
+    assert strip(metrics(a)) == strip(metrics(b))
+
+
+def test_cached_targets_give_the_live_teacher_loss(shared):
+    cfg = tiny(shared, "cached-vs-live", "stage2.regime=offline")
+    world = build_world(cfg, log=lambda m: None)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    source, _ = make_source(cfg, world, Path(cfg.output_dir), log=lambda m: None)
+    student = world.load_student_init()
+    loss_fn = make_loss(cfg)
+    batch = source.batch(5)
+    assert batch.teacher_target is not None, "the offline regime must serve cached targets by default"
+    cached, n1 = loss_on_batch(student, world.teacher, batch, loss_fn, cfg, None, "cpu")
+    batch.teacher_target = None  # forces a live teacher forward on the same batch
+    live, n2 = loss_on_batch(student, world.teacher, batch, loss_fn, cfg, None, "cpu")
+    assert n1 == n2
+    torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shared, monkeypatch):
+    """Inject a NaN loss at the 11th step (as a corrupt target or an overflow would produce)."""
+    import kdlab.pipeline.distill as distill
+
+    real_make_loss = distill.make_loss
+
+    def poisoned(cfg):
+        fn, calls = real_make_loss(cfg), [0]
+
+        def loss(*args, **kwargs):
+            calls[0] += 1
+            out = fn(*args, **kwargs)
+            return out * float("nan") if calls[0] == 11 else out
+
+        return loss
+
+    monkeypatch.setattr(distill, "make_loss", poisoned)
+    cfg = tiny(shared, "nan", "stage2.checkpoint_every=4")
+    with pytest.raises(TrainingDiverged, match=r"became nan at step 11 .*last good checkpoint is .*step-00000008"):
+        run(cfg, log=lambda m: None, progress=False)
+    ckpt_root = Path(cfg.output_dir) / "checkpoints"
+    assert (ckpt_root / "latest").read_text().strip() == "step-00000008"
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ckpt_root / "step-00000008" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (Path(cfg.output_dir) / "done.json").exists()
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdlab.cli", *args], capture_output=True, text=True, **kw)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("stage2.regime=offlien", "stage2.regime"),
+        ("stage2.lr=-1", "stage2.lr"),
+        ("stage2.batchsize=3", "stage2.batchsize"),
+        ("loss.name=kl", "loss.name"),
+        ("eval.num_prompts=999", "eval.num_prompts"),
+    ],
+)
+def test_config_errors_name_the_field_before_any_work(tmp_path, override, needle):
+    out = _cli("run", str(TINY), "--set", override, "--out", str(tmp_path / "r"))
+    assert out.returncode == 2
+    assert needle in out.stderr and "error" in out.stderr
+    assert not (tmp_path / "r").exists(), "no work may start on an invalid config"
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+    """kill -9 a run mid-way (after its first checkpoint), resume it, compare with a clean run."""
+    common = [f"cache_dir={tmp_path / 'cache'}", "stage2.regime=online_student", "stage2.steps=40",
+              "stage2.checkpoint_every=5"]
+    clean = run(load_config(TINY, [f"output_dir={tmp_path / 'clean'}", *common]), log=lambda m: None, progress=False)
+
+    killed_dir = tmp_path / "killed"
+    args = ["run", str(TINY), "--no-report", "--out", str(killed_dir)] + sum((["--set", c] for c in common), [])
+    proc = subprocess.Popen([sys.executable, "-m", "kdlab.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((killed_dir / "checkpoints").glob("step-*")):
+        time.sleep(0.02)
+    time.sleep(0.3)  # land somewhere inside the run, possibly mid-checkpoint
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "done.json").exists(), "the run finished before it could be killed"
+
+    resumed = _cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stderr
+    assert metrics(killed_dir) == [dict(r) for r in metrics(clean)]
+
+
+def test_sweep_skips_finished_runs_and_resumes(tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", str(TINY), "--no-report", "--out", str(out), "--set", "stage2.steps=8",
+            "--grid", "stage2.regime=offline,online_teacher", "--grid", "seed=0,1"]
+    first = _cli(*args)
+    assert first.returncode == 0, first.stderr
+    runs = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert runs == ["regime-offline_seed-0", "regime-offline_seed-1",
+                    "regime-online_teacher_seed-0", "regime-online_teacher_seed-1"]
+    # Seeds vary the data: the two offline seeds train on different datasets.
+    a, b = (metrics(out / f"regime-offline_seed-{s}")[-1]["proxy_fkl"] for s in (0, 1))
+    assert abs(a - b) > 1e-9
+    # Interrupt one: remove its completion marker; the second sweep must resume it and skip the rest.
+    (out / "regime-online_teacher_seed-1" / "done.json").unlink()
+    second = _cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert second.stderr.count("skipped") == 3
+    assert "regime-online_teacher_seed-1 (resuming)" in second.stderr
+    assert json.loads((out / "regime-online_teacher_seed-1" / "done.json").read_text())["steps"] == 8
