@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy import stats
+from scipy import special  # quantiles only (scipy.stats is slow to import)
 
 from kdlab.analysis.powerlaw import PowerLawFit, fit_power_law
 
@@ -48,7 +48,7 @@ def scatter_log_sigma(steps, values) -> float:
     w = (x[2:] - x[1:-1]) / (x[2:] - x[:-2])
     e = z[1:-1] - (w * z[:-2] + (1 - w) * z[2:])
     scale = np.sqrt(1 + w**2 + (1 - w) ** 2)
-    return float(np.median(np.abs(e) / scale) / stats.norm.ppf(0.75))
+    return float(np.median(np.abs(e) / scale) / special.ndtri(0.75))
 
 
 def _standard_errors(steps, values, se) -> tuple[np.ndarray, bool]:
@@ -106,9 +106,10 @@ class GoldenConfig:
     smooth: int = 3
     """The minimum is the lowest mean of `smooth` consecutive evaluations. The lowest single point
     of a noisy plateau sits ~2 SE below its level (selection bias), which alone would fake a rise."""
-    point_z: float = 1.0
-    """Persistence: each of the last `tail` points must itself lie above the minimum by this many
-    SEs, so a rise carried by a single outlier in the tail does not count."""
+    persist_z: float = 2.0
+    """Persistence: the rise must still exceed persist_z SEs when the highest of the last `tail`
+    points is left out, so a rise carried by one outlier does not count. (Requiring *every* tail
+    point to clear the minimum instead missed real rises that began just before the tail.)"""
     proxy_z: float = 2.0
     """The proxy is "flat" when its change over the same span is within proxy_z SEs of zero."""
     overfit_ratio: float = 0.5
@@ -169,7 +170,7 @@ def detect_golden(
 
         rise = T − m,   SE(rise) = √(SE(T)² + SE(m)²),   significant ⇔ rise / SE(rise) > z
 
-    and every tail point exceeds m by point_z · √(se_i² + SE(m)²) (persistence). Over the same span the
+    and the rise survives leaving out the highest tail point (> persist_z SEs: persistence). Over the same span the
     proxy change Δp = mean(proxy, last `tail`) − mean(proxy, minimum window) classifies the rise:
     Δp ≤ proxy_z·SE(Δp) → "hacking" (proxy falling or flat); Δp ≥ overfit_ratio·rise → "overfitting";
     in between (proxy rising significantly but much less than golden) → "hacking", trend "rising".
@@ -209,7 +210,10 @@ def detect_golden(
     rise_se = float(np.hypot(end_se, m_se))
     rise_z = rise / rise_se if rise_se > 0 else (np.inf if rise > 0 else 0.0)
     tail_idx = np.arange(n - cfg.tail, n)
-    persistent = bool(np.all(g[tail_idx] - m > cfg.point_z * np.sqrt(g_se[tail_idx] ** 2 + m_se**2)))
+    rest = np.delete(tail_idx, np.argmax(g[tail_idx]))  # the tail without its highest point
+    rest_rise = g[rest].mean() - m
+    rest_se = float(np.hypot(np.sqrt(np.sum(g_se[rest] ** 2)) / len(rest), m_se))
+    persistent = bool(rest_rise > cfg.persist_z * rest_se)
 
     pm, pm_se = _window_mean(p, p_se, j, cfg.smooth)
     pe, pe_se = _window_mean(p, p_se, n - cfg.tail, cfg.tail)
@@ -391,7 +395,7 @@ def detect_proxy_deviation(
     fit_args = dict(se=se[in_fit], n_boot=0)
     fit = fit_power_law(s[in_fit], y[in_fit], **fit_args)
     law = "power"
-    critical = stats.chi2.ppf(1 - cfg.floor_p, 1)
+    critical = special.chdtri(1, cfg.floor_p)  # χ²₁ quantile at 1 − floor_p
     if cfg.law == "floor":
         fit, law = fit_power_law(s[in_fit], y[in_fit], floor=True, **fit_args), "floor"
     elif cfg.law == "auto" and in_fit.sum() >= 5 and fit.chi2 > critical:

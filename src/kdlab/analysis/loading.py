@@ -149,8 +149,8 @@ def _read_csv(path: Path, text: str) -> tuple[list[dict], list[int]]:
 def load_metrics(path: str | Path, proxy_col: str = "proxy_fkl", golden_col: str = "golden_fkl") -> Metrics:
     """Read a metrics table (kdlab's `metrics.jsonl`, another JSONL file, or a CSV with a header).
 
-    The format is chosen by the extension (`.csv` → CSV, anything else → JSONL, with a CSV
-    fallback when the first non-blank character is not `{`). Rows are sorted by step; when a step
+    The format is chosen by the extension (`.jsonl` / `.json` / `.ndjson` → JSONL, `.csv` → CSV;
+    otherwise JSONL when the first non-blank character is `{`, else CSV). Rows are sorted by step; when a step
     appears twice (a run resumed after writing an evaluation but before its checkpoint) the last
     row wins, since it is the one the resumed trajectory continued from.
 
@@ -168,7 +168,11 @@ def load_metrics(path: str | Path, proxy_col: str = "proxy_fkl", golden_col: str
         raise MetricsError(f"{path}: not a UTF-8 text file") from None
     if not text.strip():
         raise MetricsError(f"{path}: empty file, no evaluations")
-    is_csv = path.suffix.lower() == ".csv" or not text.lstrip().startswith("{")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        is_csv = False
+    else:
+        is_csv = suffix == ".csv" or not text.lstrip().startswith("{")
     rows, lines = (_read_csv if is_csv else _read_jsonl)(path, text)
     if not rows:
         raise MetricsError(f"{path}: no evaluation rows")

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import special  # quantiles only: scipy.stats costs ~1 s of import time in every CLI call
 
 
 @dataclass
@@ -129,6 +129,8 @@ def _fit_floor(s: np.ndarray, z: np.ndarray, w: np.ndarray, start: np.ndarray | 
     (scipy `method="lm"`, several times faster than the bounded trust-region solver) applies; the
     detectors run this fit on every curve. Without `start`, several starting floors are tried
     because the c direction is often flat; the lowest cost wins."""
+    from scipy import optimize  # imported on first use: most callers never fit a floor
+
     x = np.log(s)
     sw = np.sqrt(w)
 
@@ -208,14 +210,14 @@ def fit_power_law(
         sigma = float(np.sqrt(np.sum(residuals**2) / dof))
         cov = base_cov * sigma**2
         chi2 = None
-        quantile = float(stats.t.ppf(0.5 + ci / 2, dof))
+        quantile = float(special.stdtrit(dof, 0.5 + ci / 2))
     else:
         chi2 = float(np.sum(w * residuals**2))
         birge = max(1.0, chi2 / dof)
         cov = base_cov * birge
         sigma = float(np.sqrt(np.sum(residuals**2) / dof))
         # The known noise needs no t correction; a Birge-inflated scale is itself estimated.
-        quantile = float(stats.t.ppf(0.5 + ci / 2, dof) if birge > 1.0 else stats.norm.ppf(0.5 + ci / 2))
+        quantile = float(special.stdtrit(dof, 0.5 + ci / 2) if birge > 1.0 else special.ndtri(0.5 + ci / 2))
     half = quantile * np.sqrt(np.diag(cov).clip(min=0.0))
 
     def interval(i):
@@ -274,6 +276,6 @@ def _bootstrap_alpha(s, z, w, theta, residuals, dof, floor, n_boot, ci, seed) ->
     # The replicates spread with the *estimated* residual scale as if it were exact; widening the
     # percentile interval about α̂ by t_dof / z restores the small-sample coverage (measured 0.93
     # → 0.95 over 2,000 curves of 29 points).
-    widen = stats.t.ppf(0.5 + ci / 2, dof) / stats.norm.ppf(0.5 + ci / 2)
+    widen = special.stdtrit(dof, 0.5 + ci / 2) / special.ndtri(0.5 + ci / 2)
     alpha = theta[1]
     return (float(alpha + (lo - alpha) * widen), float(alpha + (hi - alpha) * widen))

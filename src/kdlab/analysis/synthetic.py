@@ -179,3 +179,44 @@ def healthy_run(rng: np.random.Generator, steps: np.ndarray | None = None) -> Ru
     golden = clean_curve(rng, "floor", s)
     proxy = clean_curve(rng, "power", s)
     return RunCurves(s, golden, proxy, None, "none")
+
+
+def _reobserve(curve: Curve, rng: np.random.Generator) -> Curve:
+    """The same truth with fresh noise: another seed of the same condition."""
+    values, se = _observe(rng, curve.truth, curve.params["sigma"])
+    return Curve(curve.steps, values, se, curve.truth, curve.family, curve.params)
+
+
+# condition → (regime, offline shape or None, kind of run); the shapes echo WORLD-NOTES' w0 sweep.
+SWEEP_CONDITIONS = {
+    "offline 256×8": ("offline", (256, 8), "hacking"),
+    "offline 128×1": ("offline", (128, 1), "overfitting"),
+    "online_student": ("online_student", None, "none"),
+}
+
+
+def write_sweep(root: str | Path, *, seeds=(0, 1, 2), conditions=None, steps: np.ndarray | None = None,
+                golden: bool = True) -> list[Path]:
+    """A sweep directory of synthetic runs: one run directory per (condition, seed), with a
+    config.yaml shaped like kdlab's (`seed`, `stage2.regime`, `stage2.offline.*`). Seeds of a
+    condition share the curves' parameters and differ by their noise. Returns the run directories."""
+    root = Path(root)
+    steps = log_steps(8000, 30) if steps is None else steps
+    runs = []
+    for ci, name in enumerate(conditions or SWEEP_CONDITIONS):
+        regime, shape, kind = SWEEP_CONDITIONS[name]
+        base_rng = np.random.default_rng(1000 + ci)
+        if kind == "none":
+            base = healthy_run(base_rng, steps)
+        else:
+            base = hacking_run(base_rng, kind=kind, steps=steps, rise=0.15 if kind == "hacking" else 0.4,
+                               departure=0.35, onset_frac=0.75, sigma=0.015)
+        for seed in seeds:
+            rng = np.random.default_rng(seed)
+            run = RunCurves(steps, _reobserve(base.golden, rng), _reobserve(base.proxy, rng), base.onset_index, kind)
+            config = {"name": f"{name.replace(' ', '_').replace('×', 'x')}-seed{seed}", "seed": seed,
+                      "stage2": {"regime": regime, "steps": int(steps[-1]), "loss": "forward_kl"}}
+            if shape is not None:
+                config["stage2"]["offline"] = {"num_prompts": shape[0], "generations_per_prompt": shape[1]}
+            runs.append(write_run(root / config["name"], run_rows(run, regime=regime, golden=golden), config))
+    return runs

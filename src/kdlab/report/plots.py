@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # before pyplot: report generation must work without a di
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
 from kdlab.analysis.runs import RunAnalysis  # noqa: E402
 
@@ -38,13 +38,18 @@ def metric_label(column: str, role: str) -> str:
 
 
 def _plain_log_ticks(ax, axis: str = "both") -> None:
-    """Tick labels as plain numbers (0.3, 2, 1,000) instead of 3×10⁻¹: easier to read off."""
+    """Tick labels as plain numbers (0.3, 2, 1,000) instead of 3×10⁻¹: easier to read off. An axis
+    spanning less than two decades also gets labels at 2× and 5×, or it would show one number."""
     fmt = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:g}")
     for name in ("x", "y") if axis == "both" else (axis,):
         ax_axis = getattr(ax, f"{name}axis")
-        if getattr(ax, f"get_{name}scale")() == "log":
-            ax_axis.set_major_formatter(fmt)
-            ax_axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        if getattr(ax, f"get_{name}scale")() != "log":
+            continue
+        lo, hi = getattr(ax, f"get_{name}lim")()
+        if lo > 0 and np.log10(hi / lo) < 2:
+            ax_axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax_axis.set_major_formatter(fmt)
+        ax_axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 
 def _positive(steps, values, se=None):
@@ -171,13 +176,15 @@ def _loss_panel(ax, run: RunAnalysis) -> None:
 
 def plot_run(run: RunAnalysis, path: str | Path) -> Path:
     """One PNG with the three panels of a run; returns its path."""
-    fig, axes = plt.subplots(1, 3, figsize=(18, 6.6), gridspec_kw={"width_ratios": [1.25, 1.1, 0.8]})
+    fig, axes = plt.subplots(1, 3, figsize=(18, 6.2), gridspec_kw={"width_ratios": [1.25, 1.1, 0.8]})
     _curves_panel(axes[0], run)
     _u_panel(axes[1], run, fig)
     _loss_panel(axes[2], run)
     fig.suptitle(f"{run.name} — {run.condition}" + (f", seed {run.seed}" if run.seed is not None else "")
                  + f"\n{run.verdict_text()}", fontsize=11)
-    fig.tight_layout()
+    # Fixed margins instead of tight_layout, which renders the figure once more just to measure it
+    # (half the time of a report); the bottom margin holds the first panel's legend.
+    fig.subplots_adjust(left=0.045, right=0.985, top=0.85, bottom=0.27, wspace=0.28)
     path = Path(path)
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -237,7 +244,7 @@ def plot_sweep(groups: dict[str, list[RunAnalysis]], path: str | Path) -> Path:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9, frameon=False,
                title="condition (all seeds of a condition share its colour)", title_fontsize=9)
-    fig.tight_layout(rect=(0, 0.1 + 0.04 * ((len(labels) - 1) // 6), 1, 1))
+    fig.subplots_adjust(left=0.045, right=0.99, top=0.93, bottom=0.24 + 0.04 * ((len(labels) - 1) // 6), wspace=0.22)
     path = Path(path)
     fig.savefig(path, dpi=90)
     plt.close(fig)

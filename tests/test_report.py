@@ -1,0 +1,95 @@
+"""`kdlab report` and `write_report` on synthetic run and sweep directories."""
+
+import base64
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from kdlab.analysis import synthetic as syn
+from kdlab.report import write_report
+
+
+def kdlab(*args):
+    return subprocess.run([sys.executable, "-m", "kdlab.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def embedded_pngs(html_text):
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html_text)
+    return [base64.b64decode(data) for data in images]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    syn.write_sweep(root, seeds=(0, 1))
+    return root
+
+
+def test_report_on_a_sweep_via_cli(sweep):
+    out = kdlab("report", str(sweep))
+    assert out.returncode == 0, out.stderr
+    assert "offline 256×8: golden: hacking in 2/2 seeds" in out.stdout
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["n_runs"] == 6
+    conditions = {c["condition"]: c for c in summary["conditions"]}
+    assert conditions["offline 256×8"]["golden"]["detected"] == 2
+    assert conditions["online_student"]["golden"]["detected"] == 0
+    assert conditions["offline 128×1"]["golden"]["kinds"] == {"overfitting": 2}
+    # In-place sweep reports also leave each run its own summary.json (the run directory contract).
+    run_summary = json.loads((sweep / "offline_256x8-seed1" / "summary.json").read_text())
+    assert run_summary["golden"]["kind"] == "hacking" and "thresholds" in run_summary
+
+    page = (sweep / "report.html").read_text()
+    pngs = embedded_pngs(page)
+    assert len(pngs) == 7  # one per run + the overlay of all conditions
+    assert all(p.startswith(b"\x89PNG\r\n\x1a\n") and len(p) > 10_000 for p in pngs)
+    assert "Verdicts by condition" in page and "Verdicts by run" in page
+    assert page.count('<td class="hacking">') >= 2  # the verdict table marks the hacking runs
+    assert "stage2:" in page and "num_prompts: 256" in page  # each run's config
+    assert sorted(p.name for p in (sweep / "plots").iterdir()) == sorted(
+        [f"{r}.png" for r in summary and [x["run"] for x in summary["runs"]]] + ["sweep_conditions.png"]
+    )
+    assert "src=\"plots/" not in page  # self-contained: no links to files
+
+
+def test_single_run_report_with_out_dir(sweep, tmp_path):
+    run = sweep / "online_student-seed0"
+    report = write_report(run, tmp_path / "out")
+    assert report == tmp_path / "out" / "report.html"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["run"] == "online_student-seed0" and summary["golden"]["kind"] == "none"
+    assert summary["proxy_deviation"]["detected"] is False and "thresholds" in summary
+    assert len(embedded_pngs(report.read_text())) == 1
+    assert (tmp_path / "out" / "plots" / "online_student-seed0.png").is_file()
+
+
+def test_report_without_golden(tmp_path):
+    runs = syn.write_sweep(tmp_path / "sw", seeds=(0,), conditions=["offline 256×8"], golden=False)
+    report = write_report(runs[0])
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert summary["golden"] is None and summary["proxy_deviation"]["detected"] is True
+    assert "no oracle" in report.read_text()
+
+
+def test_report_errors(tmp_path, sweep):
+    broken = syn.write_run(tmp_path / "broken", [{"step": 0, "proxy_fkl": 1.0}], None)
+    (broken / "metrics.jsonl").write_text('{"step": 0, "proxy_fkl": 1.0}\n{"step": 1, "pro')
+    out = kdlab("report", str(broken))
+    assert out.returncode == 2 and "metrics.jsonl, line 2: not valid JSON" in out.stderr
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        write_report(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        write_report(tmp_path / "absent")
+    with pytest.raises(ValueError, match="out_dir"):
+        write_report([sweep / "online_student-seed0", sweep / "online_student-seed1"])
+
+
+def test_several_directories_into_one_report(sweep, tmp_path):
+    report = write_report([sweep / "online_student-seed0", sweep / "offline_256x8-seed0"], tmp_path / "both")
+    summary = json.loads((tmp_path / "both" / "summary.json").read_text())
+    assert [c["condition"] for c in summary["conditions"]] == ["online_student", "offline 256×8"]
+    assert len(embedded_pngs(report.read_text())) == 3
