@@ -134,7 +134,10 @@ def test_cached_equals_live_reference(pair):
     none = build_small(A, "none", eos=1)
     assert none.storage == "none" and none.targets is None
     assert torch.equal(full.response_ids_MxR, none.response_ids_MxR)  # same generator seed, same samples
+    S.hf.train()  # a student mid-training: evaluated in eval mode, left in train mode
     cached, live = sequence_fkl(S, full), sequence_fkl(S, none, reference_lm=A)
+    assert S.hf.training and not A.hf.training
+    S.hf.eval()
     assert cached.mean == pytest.approx(live.mean, rel=1e-6, abs=1e-9)
     assert cached.se == pytest.approx(live.se, rel=1e-5)
     with pytest.raises(ValueError, match="reference_lm"):

@@ -7,6 +7,6 @@
 """
 
 from kdlab.metrics.cache import ReferenceCache, sequence_fkl
-from kdlab.metrics.divergence import DivergenceEstimate, sequence_kl_sums, sequence_rkl
+from kdlab.metrics.divergence import DivergenceEstimate, sample_responses, sequence_kl_sums, sequence_rkl
 
-__all__ = ["DivergenceEstimate", "ReferenceCache", "sequence_fkl", "sequence_kl_sums", "sequence_rkl"]
+__all__ = ["DivergenceEstimate", "ReferenceCache", "sample_responses", "sequence_fkl", "sequence_kl_sums", "sequence_rkl"]

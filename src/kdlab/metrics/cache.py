@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from kdlab.losses import SparseTarget
-from kdlab.metrics.divergence import DivergenceEstimate, sequence_kl_sums
+from kdlab.metrics.divergence import DivergenceEstimate, eval_mode, sample_responses, sequence_kl_sums
 from kdlab.models import LM, check_vocab_compatible
 from kdlab.models.lm import CheckpointError, check_safetensors
 
@@ -119,27 +119,17 @@ class ReferenceCache:
         log-probs are always the reference's own T = 1 distributions. ``storage="auto"`` picks by
         ``memory_budget_bytes`` (full, else top-``topk``, else none); 'full' / 'topk' / 'none' force it.
         """
-        from kdlab.models.sampling import sample
-
-        m = samples_per_prompt
-        if m < 1:
-            raise ValueError(f"samples_per_prompt must be >= 1, got {m}")
-        if prompt_mask_NxP is None:
-            prompt_mask_NxP = torch.ones_like(prompt_ids_NxP, dtype=torch.bool)
-        ids = prompt_ids_NxP.repeat_interleave(m, 0)
-        mask = prompt_mask_NxP.repeat_interleave(m, 0)
-        responses, masks = [], []
-        for start in range(0, ids.shape[0], batch_size):
-            sl = slice(start, start + batch_size)
-            y = sample(reference_lm, ids[sl], mask[sl], max_new_tokens=max_new_tokens, temperature=temperature,
-                       eos_token_id=eos_token_id, generator=generator)
-            responses.append(y.response_ids_BxR.cpu())
-            masks.append(y.response_mask_BxR.cpu())
+        with eval_mode(reference_lm):
+            _, _, responses, masks = sample_responses(
+                reference_lm, prompt_ids_NxP, prompt_mask_NxP, samples_per_prompt=samples_per_prompt,
+                max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=eos_token_id,
+                generator=generator, batch_size=batch_size,
+            )
         meta = dict(max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=eos_token_id)
         return cls.from_samples(
-            reference_lm, prompt_ids_NxP, prompt_mask_NxP, torch.cat(responses), torch.cat(masks),
-            samples_per_prompt=m, batch_size=batch_size, memory_budget_bytes=memory_budget_bytes, topk=topk,
-            storage=storage, meta=meta,
+            reference_lm, prompt_ids_NxP, prompt_mask_NxP, responses, masks,
+            samples_per_prompt=samples_per_prompt, batch_size=batch_size, memory_budget_bytes=memory_budget_bytes,
+            topk=topk, storage=storage, meta=meta,
         )
 
     @classmethod
@@ -184,9 +174,7 @@ class ReferenceCache:
             return cache
         ids, mask = cache.prompts_for_sequences()
         chunks = []
-        training = reference_lm.hf.training
-        reference_lm.hf.eval()
-        try:
+        with eval_mode(reference_lm):
             for start in range(0, M, batch_size):
                 sl = slice(start, start + batch_size)
                 logits = reference_lm.response_logits(ids[sl], mask[sl], cache.response_ids_MxR[sl],
@@ -196,8 +184,6 @@ class ReferenceCache:
                 else:
                     t = SparseTarget.from_logits(logits, min(topk, V))
                     chunks.append(SparseTarget(t.indices.to(torch.int32).cpu(), t.logprobs.float().cpu()))
-        finally:
-            reference_lm.hf.train(training)
         if storage == "full":
             cache.targets = torch.cat(chunks)
         else:

@@ -21,6 +21,7 @@ single prompt it falls back to the SE over that prompt's samples (then it is con
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,7 +30,7 @@ from torch import Tensor
 from kdlab.losses import SparseTarget, forward_kl, reverse_kl
 from kdlab.models import LM, check_vocab_compatible
 
-__all__ = ["DivergenceEstimate", "sequence_kl_sums", "sequence_rkl"]
+__all__ = ["DivergenceEstimate", "sample_responses", "sequence_kl_sums", "sequence_rkl"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,19 @@ class DivergenceEstimate:
         return {prefix if k == "mean" else f"{prefix}_{k}": v for k, v in d.items()}
 
 
+@contextmanager
+def eval_mode(*lms):
+    """Evaluate in eval mode (dropout off in models that have it), then restore each model's mode."""
+    modes = [lm.hf.training for lm in lms]
+    for lm in lms:
+        lm.hf.eval()
+    try:
+        yield
+    finally:
+        for lm, was_training in zip(lms, modes):
+            lm.hf.train(was_training)
+
+
 def _rows(target, sl: slice):
     if isinstance(target, SparseTarget):
         return SparseTarget(target.indices[sl].long(), target.logprobs[sl])
@@ -126,13 +140,11 @@ def sequence_kl_sums(
     elif isinstance(reference, Tensor):  # a SparseTarget's width is K; the loss checks its indices
         check_vocab_compatible(reference.shape[-1], student, names=("reference", "student"))
     if response_mask_NxR is None:
-        response_mask_NxR = torch.ones(N, R, dtype=torch.bool)
+        response_mask_NxR = torch.ones(N, R, dtype=torch.bool, device=response_ids_NxR.device)
     if prompt_mask_NxP is None:
         prompt_mask_NxP = torch.ones_like(prompt_ids_NxP, dtype=torch.bool)
     sums, counts = [], []
-    training = student.hf.training
-    student.hf.eval()  # eval numbers must not depend on dropout in models that have it
-    try:
+    with eval_mode(student, *([reference] if isinstance(reference, LM) else [])):
         for start in range(0, N, batch_size):
             sl = slice(start, min(start + batch_size, N))
             args = (prompt_ids_NxP[sl], prompt_mask_NxP[sl], response_ids_NxR[sl], response_mask_NxR[sl])
@@ -146,9 +158,43 @@ def sequence_kl_sums(
             per_token_BxR = kl(z_s, target, mask, reduction="none")
             sums.append(per_token_BxR.double().sum(-1).cpu())
             counts.append(mask.sum(-1).cpu())
-    finally:
-        student.hf.train(training)
     return torch.cat(sums), torch.cat(counts)
+
+
+@torch.no_grad()
+def sample_responses(
+    lm: LM,
+    prompt_ids_NxP: Tensor,
+    prompt_mask_NxP: Tensor | None = None,
+    *,
+    samples_per_prompt: int = 1,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    batch_size: int = 64,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``samples_per_prompt`` responses per prompt, in batches of ``batch_size`` sequences.
+
+    Returns ``(prompt_ids_MxP, prompt_mask_MxP, response_ids_MxR, response_mask_MxR)`` with
+    M = N·m and row ``i*m + j`` = sample j of prompt i (the layout DivergenceEstimate clusters by).
+    """
+    from kdlab.models.sampling import sample
+
+    m = samples_per_prompt
+    if m < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {m}")
+    if prompt_mask_NxP is None:
+        prompt_mask_NxP = torch.ones_like(prompt_ids_NxP, dtype=torch.bool)
+    ids, mask = prompt_ids_NxP.repeat_interleave(m, 0), prompt_mask_NxP.repeat_interleave(m, 0)
+    responses, masks = [], []
+    for start in range(0, ids.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        y = sample(lm, ids[sl], mask[sl], max_new_tokens=max_new_tokens, temperature=temperature,
+                   eos_token_id=eos_token_id, generator=generator)
+        responses.append(y.response_ids_BxR)
+        masks.append(y.response_mask_BxR)
+    return ids, mask, torch.cat(responses), torch.cat(masks)
 
 
 def sequence_rkl(
@@ -166,30 +212,12 @@ def sequence_rkl(
 ) -> DivergenceEstimate:
     """rkl = E_x E_{y~S} Σ_t KL(S_t ‖ A_t) on fresh student samples (they change as S trains).
 
-    Costs one student sampling pass and one forward pass of each model per batch. ``temperature``
-    only changes how y is drawn; the KL is always between the models' own (T = 1) distributions.
+    Costs one student sampling pass and one forward pass of each model. ``temperature`` only
+    changes how y is drawn; the KL is always between the models' own (T = 1) distributions.
     """
-    from kdlab.models.sampling import sample
-
-    m = samples_per_prompt
-    if m < 1:
-        raise ValueError(f"samples_per_prompt must be >= 1, got {m}")
-    if prompt_mask_NxP is None:
-        prompt_mask_NxP = torch.ones_like(prompt_ids_NxP, dtype=torch.bool)
-    ids = prompt_ids_NxP.repeat_interleave(m, 0)
-    mask = prompt_mask_NxP.repeat_interleave(m, 0)
-    sums, counts = [], []
-    training = student.hf.training
-    student.hf.eval()
-    try:
-        for start in range(0, ids.shape[0], batch_size):
-            sl = slice(start, start + batch_size)
-            y = sample(student, ids[sl], mask[sl], max_new_tokens=max_new_tokens, temperature=temperature,
-                       eos_token_id=eos_token_id, generator=generator)
-            s, c = sequence_kl_sums(student, reference, ids[sl], mask[sl], y.response_ids_BxR, y.response_mask_BxR,
-                                    direction="reverse", batch_size=batch_size)
-            sums.append(s)
-            counts.append(c)
-    finally:
-        student.hf.train(training)
-    return DivergenceEstimate.from_sums(torch.cat(sums), torch.cat(counts), m)
+    with eval_mode(student, reference):
+        rows = sample_responses(student, prompt_ids_NxP, prompt_mask_NxP, samples_per_prompt=samples_per_prompt,
+                                max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=eos_token_id,
+                                generator=generator, batch_size=batch_size)
+        sums, counts = sequence_kl_sums(student, reference, *rows, direction="reverse", batch_size=batch_size)
+    return DivergenceEstimate.from_sums(sums, counts, samples_per_prompt)

@@ -117,8 +117,8 @@ class LM:
             prompt_ids_BxP, prompt_mask_BxP = left_pad(prompt_ids_BxP, prompt_mask_BxP)
         if response_mask_BxR is None:
             response_mask_BxR = torch.ones_like(response_ids_BxR, dtype=torch.bool)
-        ids = torch.cat([prompt_ids_BxP, response_ids_BxR[:, :-1]], 1).to(dev)
-        mask = torch.cat([prompt_mask_BxP.bool(), response_mask_BxR[:, :-1].bool()], 1).to(dev)
+        ids = torch.cat([prompt_ids_BxP.to(dev), response_ids_BxR[:, :-1].to(dev)], 1)
+        mask = torch.cat([prompt_mask_BxP.to(dev).bool(), response_mask_BxR[:, :-1].to(dev).bool()], 1)
         return ids, mask, _position_ids(mask), R
 
     def response_logits(
