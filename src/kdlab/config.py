@@ -246,6 +246,14 @@ class RunConfig(_Section):
                 f"stage2.offline.num_prompts={self.stage2.offline.num_prompts} exceeds "
                 f"world.pools.stage2={self.world.pools.stage2}"
             )
+        o = self.stage2.offline
+        uses_offline = self.stage2.regime == "offline" or (
+            self.stage2.regime == "mixed" and self.stage2.mixed.other == "offline")
+        if uses_offline and o.num_prompts * o.generations_per_prompt < self.stage2.batch_size:
+            raise ValueError(
+                f"stage2.batch_size={self.stage2.batch_size} exceeds the offline dataset "
+                f"(stage2.offline.num_prompts x generations_per_prompt = {o.num_prompts * o.generations_per_prompt})"
+            )
         for who in ("teacher", "student"):
             n = getattr(self.stage1, who).num_samples
             if n > self.world.pools.stage1:

@@ -1,0 +1,198 @@
+"""The paper's findings (Tiapkin et al. 2025, ../shared/PAPER.md) checked on a study's run directories.
+
+1. Offline data hacks: the golden detector fires ("hacking", not over-fitting) in every seed of the
+   offline condition.
+2. Online data does not: no golden detection in any seed of online_teacher / online_student.
+3. Diversity: at a fixed dataset size, the golden rise grows as prompts get fewer (N×1 < N/2×2 <
+   N/5×5); at fixed prompts, more generations shrink it (N/5×1 > N/5×2 > N/5×5).
+4. Detectable without an oracle: the proxy-only detector's verdicts agree with the golden ones.
+
+Each finding is evaluated at the full budget and at shorter budgets (the same curves truncated),
+because a finding can hold only inside a window of budgets (WORLD-NOTES: online runs of w0 also rose
+after ~2,500 steps). Reads run directories only.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+
+from kdlab.analysis.detectors import detect_golden, detect_proxy_deviation
+from kdlab.analysis.runs import RunAnalysis
+
+
+@dataclass
+class Finding:
+    key: str
+    title: str
+    holds: bool | None  # None: not enough data to decide
+    evidence: str
+    by_budget: dict[int, bool | None]
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "title": self.title, "holds": self.holds, "evidence": self.evidence,
+                "by_budget": {str(k): v for k, v in self.by_budget.items()}}
+
+
+def _truncate(run: RunAnalysis, budget: int):
+    """(golden verdict, proxy verdict) of a run's curves cut at `budget` steps."""
+    m = run.metrics
+    keep = m.steps <= budget
+    s = m.steps[keep]
+    sel = lambda a: None if a is None else a[keep]  # noqa: E731
+    golden = None
+    if m.golden is not None:
+        golden = detect_golden(s, sel(m.golden), sel(m.golden_se), sel(m.proxy), sel(m.proxy_se))
+    proxy = detect_proxy_deviation(s, sel(m.proxy), sel(m.proxy_se))
+    return golden, proxy
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    if len(values) == 1:
+        return values[0], math.nan
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _fmt(mean: float, se: float) -> str:
+    return f"{mean:+.2f}" + ("" if math.isnan(se) else f" ± {se:.2f}")
+
+
+def check_findings(groups: dict[str, list[RunAnalysis]], *, offline: str, online: list[str],
+                   diversity: list[str], generations: list[str], budgets: list[int]) -> list[Finding]:
+    """Evaluate the four findings. `diversity` lists conditions in the order the paper predicts an
+    increasing golden rise; `generations` likewise (fewest-generation condition last)."""
+    verdicts = {b: {name: [_truncate(r, b) for r in runs] for name, runs in groups.items()} for b in budgets}
+    full = max(budgets)
+
+    def rises(name: str, budget: int) -> list[float]:
+        return [g.rise for g, _ in verdicts[budget].get(name, []) if g is not None and g.rise is not None]
+
+    def hacked(name: str, budget: int) -> list[bool]:
+        return [bool(g is not None and g.detected) for g, _ in verdicts[budget].get(name, [])]
+
+    findings = []
+
+    # 1. offline hacks in every seed
+    def f1(b):
+        h = hacked(offline, b)
+        return (all(h) if h else None), h
+
+    holds, h = f1(full)
+    details = []
+    for r, (g, _) in zip(groups.get(offline, []), verdicts[full].get(offline, [])):
+        if g is not None and g.rise is not None:
+            details.append(f"seed {r.seed}: {g.kind}, rise {g.rise:+.2f} ± {g.rise_se:.2f} from step {g.onset_step}, "
+                           f"proxy change {g.proxy_change:+.2f}")
+    findings.append(Finding("offline_hacks", "Offline data hacks (golden rises while proxy falls, every seed)",
+                            holds, f"detected in {sum(h)}/{len(h)} seeds; " + "; ".join(details),
+                            {b: f1(b)[0] for b in budgets}))
+
+    # 2. online does not hack in any seed
+    def f2(b):
+        h = sum((hacked(name, b) for name in online), [])
+        return (not any(h) if h else None), h
+
+    holds, h = f2(full)
+    parts = []
+    for name in online:
+        rs = rises(name, full)
+        parts.append(f"{name}: detected in {sum(hacked(name, full))}/{len(hacked(name, full))} seeds, "
+                     f"rise {_fmt(*_mean_se(rs))}")
+    findings.append(Finding("online_no_hacking", "Online data does not hack (no golden detection in any seed)",
+                            holds, "; ".join(parts), {b: f2(b)[0] for b in budgets}))
+
+    # 3. orderings of the mean golden rise: the means must increase along the predicted order, and
+    # the two ends must differ by more than their noise (2 SE), so that an ordering of noise-level
+    # differences between runs that do not rise at all is not reported as the finding.
+    def ordering(names: list[str], b: int) -> bool | None:
+        stats = [_mean_se(rises(n, b)) for n in names]
+        if any(math.isnan(m) for m, _ in stats):
+            return None
+        increasing = all(a[0] < c[0] for a, c in zip(stats, stats[1:]))
+        (m0, s0), (m1, s1) = stats[0], stats[-1]
+        spread = math.sqrt((0 if math.isnan(s0) else s0) ** 2 + (0 if math.isnan(s1) else s1) ** 2)
+        return increasing and (m1 - m0) > 2 * spread and m1 > 0
+
+    for key, title, names in (
+        ("diversity", "Fewer prompts (more generations each) at a fixed dataset size hack more", diversity),
+        ("generations", "More generations per prompt at fixed prompts reduce hacking", generations),
+    ):
+        ev = "; ".join(f"{n}: rise {_fmt(*_mean_se(rises(n, full)))}" for n in names)
+        findings.append(Finding(key, title, ordering(names, full), ev + " (golden end − minimum, mean over seeds ± SE; predicted: increasing "
+                                "left to right, the ends apart by > 2 SE)",
+                                {b: ordering(names, b) for b in budgets}))
+
+    # 4. proxy-only agreement with golden
+    def f4(b):
+        pairs = [(g.detected, p.detected, g.onset_step, p.onset_step)
+                 for runs in verdicts[b].values() for g, p in runs if g is not None]
+        if not pairs:
+            return None, pairs
+        agree = sum(gd == pd for gd, pd, _, _ in pairs)
+        if not any(gd for gd, _, _, _ in pairs):
+            return None, pairs  # no run hacked: agreement on "nothing" says nothing about detection
+        return agree / len(pairs) >= 0.8, pairs
+
+    holds, pairs = f4(full)
+    if pairs:
+        agree = sum(gd == pd for gd, pd, _, _ in pairs)
+        lags = [po - go for gd, pd, go, po in pairs if gd and pd and go is not None and po is not None]
+        misses = sum(gd and not pd for gd, pd, _, _ in pairs)
+        false_alarms = sum(pd and not gd for gd, pd, _, _ in pairs)
+        ev = (f"verdicts agree on {agree}/{len(pairs)} runs ({agree / len(pairs):.0%}; holds at >= 80%); "
+              f"missed {misses}, false alarms {false_alarms}; onset lag (proxy − golden) "
+              + (f"median {statistics.median(lags):+.0f} steps (range {min(lags):+d}..{max(lags):+d})" if lags else "n/a"))
+    else:
+        ev = "no runs with an oracle"
+    findings.append(Finding("proxy_only_agrees", "Hacking is detectable without an oracle (proxy-only detector agrees)",
+                            holds, ev, {b: f4(b)[0] for b in budgets}))
+    return findings
+
+
+def condition_rows(groups: dict[str, list[RunAnalysis]]) -> list[dict]:
+    """Per condition: golden at start / minimum / end and proxy at start / end (mean over seeds ±
+    SE; a single seed shows its own evaluation SE), and both detectors' verdicts."""
+    rows = []
+    for name, runs in groups.items():
+        def stat(fn):
+            vals = [fn(r) for r in runs]
+            vals = [v for v in vals if v is not None and not math.isnan(v)]
+            mean, se = _mean_se(vals)
+            return {"mean": None if math.isnan(mean) else mean, "se": None if math.isnan(se) else se}
+
+        def first(col):
+            return lambda r: float(r.metrics.column(col)[0]) if r.metrics.has(col) else None
+
+        def last(col):
+            return lambda r: float(r.metrics.column(col)[-1]) if r.metrics.has(col) else None
+
+        g_runs = [r for r in runs if r.golden is not None]
+        rows.append({
+            "condition": name,
+            "seeds": len(runs),
+            "golden_start": stat(first("golden_fkl")),
+            "golden_min": stat(lambda r: float(np.nanmin(r.metrics.column("golden_fkl")))
+                               if r.metrics.has("golden_fkl") else None),
+            "golden_end": stat(last("golden_fkl")),
+            "proxy_start": stat(first("proxy_fkl")),
+            "proxy_end": stat(last("proxy_fkl")),
+            "golden_detected": sum(r.golden.detected for r in g_runs),
+            "golden_overfitting": sum(r.golden.kind == "overfitting" for r in g_runs),
+            "golden_onsets": [r.golden.onset_step for r in g_runs if r.golden.detected],
+            "proxy_detected": sum(r.proxy.detected for r in runs),
+            "proxy_onsets": [r.proxy.onset_step for r in runs if r.proxy.detected],
+        })
+    return rows
+
+
+def budgets_for(total_steps: int) -> list[int]:
+    """The budgets at which findings are re-checked: a quarter, half and all of the run."""
+    return sorted({max(1, total_steps // 4), max(1, total_steps // 2), total_steps})
+
+
+__all__ = ["Finding", "budgets_for", "check_findings", "condition_rows"]

@@ -1,0 +1,44 @@
+"""`kdlab demo --quick` end to end: artifacts, and the printed verdicts match summary.json."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "kdlab.cli", "demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    demo = summary["demo"]
+    assert (out / "report.html").exists() and list((out / "plots").glob("*.png"))
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html
+
+    # 7 conditions x 2 seeds, each a complete run directory.
+    conditions = {row["condition"] for row in demo["conditions"]}
+    assert conditions == {"offline", "online_teacher", "online_student", "offline-40x2", "offline-16x5",
+                          "offline-16x1", "offline-16x2"}
+    assert len(summary["runs"]) == 14
+    for run in summary["runs"]:
+        assert (Path(run["path"]) / "done.json").exists()
+
+    # Every finding printed with the status recorded in summary.json.
+    status = {True: "HOLDS", False: "DOES NOT HOLD", None: "UNDECIDED"}
+    printed = {title: s for s, title in re.findall(r"\[(HOLDS|DOES NOT HOLD|UNDECIDED)\] (.+)", proc.stdout)}
+    assert len(printed) == len(demo["findings"]) == 5
+    for f in demo["findings"]:
+        assert printed[f["title"]] == status[f["holds"]], f
+    # The table's detector counts are the summary's.
+    for row in demo["conditions"]:
+        line = next(l for l in proc.stdout.splitlines() if l.startswith(row["condition"] + " "))
+        assert f"{row['golden_detected']}/{row['seeds']}" in line
+        assert f"{row['proxy_detected']}/{row['seeds']}" in line
+    # Offline epochs are stated: steps x batch / dataset size.
+    b = demo["budget"]
+    assert demo["budget"]["epochs_by_condition"]["offline-16x5"] == round(b["steps"] * b["batch_size"] / 80, 1)
