@@ -59,7 +59,9 @@ def test_sweep_aggregates_seeds_per_condition(sweep):
 
 
 def _copy_run(src, dst, config):
+    """The same curves under another config, as a tool that writes no `condition` field would."""
     rows = [json.loads(line) for line in (src / "metrics.jsonl").read_text().splitlines()]
+    rows = [{k: v for k, v in r.items() if k not in ("condition", "seed")} for r in rows]
     return syn.write_run(dst, rows, config)
 
 
@@ -79,18 +81,37 @@ def test_conditions_from_explicit_field_config_or_directory(sweep, tmp_path):
     assert b != c
 
 
-def test_same_label_different_configs_are_told_apart(sweep, tmp_path):
+def _copy_as_default_named(src, dst, config):
+    """A run as `kdlab sweep` writes it: config `name` left at its default "run", which the
+    pipeline also writes into every metrics row as `condition`."""
+    rows = [dict(json.loads(line), condition="run") for line in (src / "metrics.jsonl").read_text().splitlines()]
+    return syn.write_run(dst, rows, dict(config, name="run"))
+
+
+def test_default_named_grid_is_grouped_by_config(sweep, tmp_path):
     src = sweep / "online_student-seed0"
     for loss in ("forward_kl", "reverse_kl"):
         for seed in (0, 1):
-            _copy_run(src, tmp_path / f"{loss}-{seed}",
-                      {"seed": seed, "name": f"{loss}-{seed}", "stage2": {"regime": "online_student", "loss": loss}})
+            _copy_as_default_named(src, tmp_path / f"loss-{loss}_seed-{seed}",
+                                   {"seed": seed, "output_dir": f"runs/{loss}-{seed}",
+                                    "stage2": {"regime": "online_student", "loss": loss}})
+    _copy_as_default_named(src, tmp_path / "offline", {"seed": 0, "stage2": {
+        "regime": "offline", "loss": "forward_kl", "offline": {"num_prompts": 64, "generations_per_prompt": 32}}})
     summary = analyse_sweep([tmp_path])
     groups = {c["condition"]: sorted(c["runs"]) for c in summary["conditions"]}
     assert groups == {
-        "online_student (loss=forward_kl)": ["forward_kl-0", "forward_kl-1"],
-        "online_student (loss=reverse_kl)": ["reverse_kl-0", "reverse_kl-1"],
+        "online_student (loss=forward_kl)": ["loss-forward_kl_seed-0", "loss-forward_kl_seed-1"],
+        "online_student (loss=reverse_kl)": ["loss-reverse_kl_seed-0", "loss-reverse_kl_seed-1"],
+        "offline 64×32": ["offline"],
     }
+
+
+def test_one_name_with_different_settings_is_split(sweep, tmp_path):
+    src = sweep / "online_student-seed0"
+    for lr in (1e-3, 1e-4):
+        _copy_run(src, tmp_path / f"lr{lr}", {"name": "mine", "seed": 0, "stage2": {"regime": "offline", "lr": lr}})
+    labels = sorted(c["condition"] for c in analyse_sweep([tmp_path])["conditions"])
+    assert labels == ["mine (lr=0.0001)", "mine (lr=0.001)"]
 
 
 def test_run_without_golden_and_with_train_proxy(tmp_path):

@@ -3,13 +3,15 @@
 A run directory holds `metrics.jsonl` and (normally) `config.yaml`; a sweep directory holds run
 directories. This module reads them and nothing else — it never imports training code.
 
-Conditions. Runs that differ only by their seed form one condition. The grouping key is, in order:
-1. an explicit `condition` (a field of the metrics rows, or a top-level key of config.yaml);
-2. the config with seed-like, name-like and path-like keys removed (`_IGNORED_KEYS`);
-3. the directory name with a `seed…` / `_s<N>` suffix removed (no config at all).
-The label shown is the explicit condition, else "<regime> <num_prompts>×<generations_per_prompt>"
-for offline runs and "<regime>" otherwise (from config `stage2.*` or the metrics' `regime`), with
-the differing config values appended when two groups would share a label.
+Conditions. Runs that differ only by their seed form one condition. Two runs are grouped when they
+share (a) their explicit condition name — config `condition`, else the `condition` field of the
+metrics rows (the pipeline writes its config `name` there), else config `name`; kdlab's default
+name "run" and a trailing seed suffix are ignored — and (b) their config with seed-like, name-like and path-like keys
+removed (`_IGNORED_KEYS`). Without a config.yaml, the name (else the directory name without its
+`seed…` / `_s<N>` suffix) alone decides.
+The label shown is the explicit name, else "<regime> <num_prompts>×<generations_per_prompt>" for
+offline runs and "<regime>" otherwise (config `stage2.*` or the metrics' `regime`); when two groups
+would share a label, the config values that differ are appended ("offline (lr=0.001)").
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ CONFIG_FILE = "config.yaml"
 # runs of one condition; names and output paths are per run by construction.
 _IGNORED_KEYS = re.compile(r"(seed|^name$|^condition$|^run_name$|^resume$|dir$|^path$|^output|^out$|^root$|^tag)", re.I)
 _SEED_SUFFIX = re.compile(r"([-_.]?seed[-_]?\d+|[-_]s\d+)$", re.I)
+_PLACEHOLDER_NAMES = {"", "run"}  # kdlab's default `name`: not a condition
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -176,25 +179,30 @@ class RunAnalysis:
 def _condition(run_dir: Path, config: dict, metrics: Metrics) -> tuple[str, str, str | None]:
     """(label, grouping key, regime) of a run; see the module docstring."""
     regime = _get(config, "stage2.regime") or config.get("regime") or metrics.first("regime")
-    explicit = metrics.first("condition") or config.get("condition")
+    explicit = config.get("condition") or metrics.first("condition") or config.get("name")
+    if explicit is not None and str(explicit).strip() in _PLACEHOLDER_NAMES:
+        explicit = None  # the pipeline's default name says nothing about the condition
     if explicit is not None:
-        return str(explicit), f"condition={explicit}", regime
-    if config:
-        kept = {k: v for k, v in _flatten(config).items() if not _IGNORED_KEYS.search(k.rsplit(".", 1)[-1])}
-        key = json.dumps(kept, sort_keys=True, default=str)
-        if regime is not None:
-            label = str(regime)
-            prompts = _get(config, "stage2.offline.num_prompts")
-            gens = _get(config, "stage2.offline.generations_per_prompt")
-            if str(regime).startswith("offline") and prompts is not None and gens is not None:
-                label = f"{regime} {prompts}×{gens}"
-        elif config.get("name"):
-            label = _SEED_SUFFIX.sub("", str(config["name"])) or str(config["name"])
-        else:
-            label = _SEED_SUFFIX.sub("", run_dir.name) or run_dir.name
-        return label, key, regime
-    label = _SEED_SUFFIX.sub("", run_dir.name) or run_dir.name
-    return label, f"dir={label}", regime
+        explicit = _SEED_SUFFIX.sub("", str(explicit)) or str(explicit)
+    if not config:
+        label = explicit or _SEED_SUFFIX.sub("", run_dir.name) or run_dir.name
+        return label, f"label={label}", regime
+    # The explicit name and the config minus seeds/paths both define the group: a name reused
+    # across different settings (`kdlab sweep` keeps one name for the whole grid) is split, and
+    # `_disambiguate` then names the settings that differ.
+    kept = {k: v for k, v in _flatten(config).items() if not _IGNORED_KEYS.search(k.rsplit(".", 1)[-1])}
+    key = json.dumps({"condition": explicit, "config": kept}, sort_keys=True, default=str)
+    if explicit is not None:
+        label = explicit
+    elif regime is not None:
+        label = str(regime)
+        prompts = _get(config, "stage2.offline.num_prompts")
+        gens = _get(config, "stage2.offline.generations_per_prompt")
+        if str(regime).startswith("offline") and prompts is not None and gens is not None:
+            label = f"{regime} {prompts}×{gens}"
+    else:
+        label = _SEED_SUFFIX.sub("", run_dir.name) or run_dir.name
+    return label, key, regime
 
 
 def _seed(run_dir: Path, config: dict) -> str | None:

@@ -214,9 +214,62 @@ def write_sweep(root: str | Path, *, seeds=(0, 1, 2), conditions=None, steps: np
         for seed in seeds:
             rng = np.random.default_rng(seed)
             run = RunCurves(steps, _reobserve(base.golden, rng), _reobserve(base.proxy, rng), base.onset_index, kind)
-            config = {"name": f"{name.replace(' ', '_').replace('×', 'x')}-seed{seed}", "seed": seed,
+            # As kdlab's studies do: one `name` per condition, shared by its seeds.
+            config = {"name": name, "seed": seed,
                       "stage2": {"regime": regime, "steps": int(steps[-1]), "loss": "forward_kl"}}
             if shape is not None:
                 config["stage2"]["offline"] = {"num_prompts": shape[0], "generations_per_prompt": shape[1]}
-            runs.append(write_run(root / config["name"], run_rows(run, regime=regime, golden=golden), config))
+            run_dir = root / f"{name.replace(' ', '_').replace('×', 'x')}-seed{seed}"
+            rows = run_rows(run, regime=regime, golden=golden)
+            for row in rows:
+                row.update(condition=name, seed=seed)
+            runs.append(write_run(run_dir, rows, config))
     return runs
+
+
+def measure_detectors(n: int = 1000, seed: int = 0) -> dict:
+    """False-alarm and detection rates of both detectors on `n` synthetic curves per family, with
+    their standard errors (the numbers in docs/LOG.md come from here). Clean families are scored with
+    the given SEs and without them (noise estimated from the curve); hacking runs use the default
+    `hacking_run` ranges (golden rise 8–20 %, proxy departure 0.15–0.5, onset at 0.7–0.85 of the
+    log-step range, 20–40 evaluations, noise 1–3 %)."""
+    from kdlab.analysis.detectors import detect_golden, detect_proxy_deviation
+
+    rng = np.random.default_rng(seed)
+
+    def rate(hits: int, total: int) -> dict:
+        p = hits / total
+        return {"rate": p, "se": float(np.sqrt(max(p * (1 - p), 1e-12) / total)), "n": total}
+
+    out: dict = {"false_alarms": {}, "hacking": {}, "overfitting": {}}
+    for family in ("power", "floor", "transient"):
+        counts = dict(golden=0, golden_no_se=0, proxy=0, proxy_no_se=0)
+        for _ in range(n):
+            g = clean_curve(rng, family)
+            p = clean_curve(rng, family, g.steps)
+            counts["golden"] += detect_golden(g.steps, g.values, g.se, p.values, p.se).kind != "none"
+            counts["golden_no_se"] += detect_golden(g.steps, g.values, None, p.values, None).kind != "none"
+            counts["proxy"] += detect_proxy_deviation(p.steps, p.values, p.se).detected
+            counts["proxy_no_se"] += detect_proxy_deviation(p.steps, p.values).detected
+        out["false_alarms"][family] = {k: rate(v, n) for k, v in counts.items()}
+    for kind in ("hacking", "overfitting"):
+        kinds: dict[str, int] = {}
+        g_on_time = p_hits = p_near = 0
+        for _ in range(n):
+            run = hacking_run(rng, kind=kind)
+            gv = detect_golden(run.steps, run.golden.values, run.golden.se, run.proxy.values, run.proxy.se)
+            kinds[gv.kind] = kinds.get(gv.kind, 0) + 1
+            if gv.onset_step is not None:
+                g_on_time += abs(int(np.flatnonzero(run.steps == gv.onset_step)[0]) - run.onset_index) <= 1
+            pv = detect_proxy_deviation(run.steps, run.proxy.values, run.proxy.se)
+            p_hits += pv.detected
+            if pv.detected:
+                p_near += abs(int(np.flatnonzero(run.steps == pv.onset_step)[0]) - (run.onset_index + 1)) <= 1
+        flagged = sum(v for k, v in kinds.items() if k != "none")
+        out[kind] = {
+            "golden_kinds": {k: rate(v, n) for k, v in sorted(kinds.items())},
+            "golden_onset_within_1": rate(g_on_time, max(flagged, 1)),
+            "proxy_detected": rate(p_hits, n),
+            "proxy_onset_within_1_of_first_off_point": rate(p_near, max(p_hits, 1)),
+        }
+    return out

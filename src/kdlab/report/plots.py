@@ -105,7 +105,7 @@ def _curves_panel(ax, run: RunAnalysis) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("training step (log scale; step 0 not shown)")
     ax.set_ylabel(f"sequence KL ({UNITS})")
-    ax.set_title("Proxy and golden vs step")
+    ax.set_title("Proxy and golden vs step" if m.golden is not None else "Proxy vs step")
     ax.grid(True, which="major", alpha=0.3)
     _plain_log_ticks(ax)
     # Below the axes: inside, the legend would hide the late part of the curves, where onsets are.
@@ -126,9 +126,7 @@ def _arrow_path(ax, x, y, color, every: int | None = None) -> None:
 def _u_panel(ax, run: RunAnalysis, fig) -> None:
     m = run.metrics
     if m.golden is None:
-        ax.text(0.5, 0.5, "no golden metric\n(run without an oracle)", ha="center", va="center",
-                transform=ax.transAxes, fontsize=11, color="0.4")
-        ax.set_axis_off()
+        _residual_panel(ax, run)
         return
     ok = np.isfinite(m.proxy) & np.isfinite(m.golden) & (m.proxy > 0) & (m.golden > 0)
     steps, x, y = m.steps[ok], m.proxy[ok], m.golden[ok]
@@ -154,6 +152,30 @@ def _u_panel(ax, run: RunAnalysis, fig) -> None:
     ax.grid(True, which="both", alpha=0.2)
     ax.margins(0.08)
     _plain_log_ticks(ax)
+
+
+def _residual_panel(ax, run: RunAnalysis) -> None:
+    """Without an oracle the golden-vs-proxy view is empty; show instead what the proxy-only
+    detector tests: log(measured / early law) against the step, with its one-sided threshold."""
+    v = run.proxy
+    if v.fit is None:
+        ax.text(0.5, 0.5, f"no golden metric; proxy law not fitted:\n{v.reason}", ha="center", va="center",
+                transform=ax.transAxes, fontsize=10, color="0.4", wrap=True)
+        ax.set_axis_off()
+        return
+    ax.axhline(0, color="k", lw=1)
+    ax.plot(v.fit.steps, v.fit.residuals, "o", ms=3, color="0.5", label="fit window")
+    ax.plot(v.test_steps, v.residuals, "o-", ms=3, color=PROXY_COLOR, label="after the window")
+    ax.plot(v.test_steps, v.thresholds, ":", color="0.35", lw=1.4, label="departure threshold (one-sided)")
+    if v.detected:
+        ax.axvline(v.onset_step, color=PROXY_COLOR, ls="-.", lw=1.5, label=f"departs from step {v.onset_step:,}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training step (log scale)")
+    ax.set_ylabel("log(proxy / early law)")
+    ax.set_title("Proxy vs its early law (no oracle: golden not measured)")
+    ax.grid(True, which="major", alpha=0.3)
+    _plain_log_ticks(ax, "x")
+    ax.legend(fontsize=8, loc="upper left")
 
 
 def _loss_panel(ax, run: RunAnalysis) -> None:
@@ -229,10 +251,11 @@ def plot_sweep(groups: dict[str, list[RunAnalysis]], path: str | Path) -> Path:
         _plain_log_ticks(ax)
     axes[0].set_title("Proxy vs step (▲ proxy-only departure onset)")
     axes[0].set_xlabel("training step (log scale)")
-    axes[0].set_ylabel(f"proxy: KL(teacher ‖ student) ({UNITS})")
+    first = next(iter(groups.values()))[0].metrics
+    axes[0].set_ylabel(f"{metric_label(first.proxy_col, 'proxy')} ({UNITS})")
     axes[1].set_title("Golden vs step (★ golden minimum of a hacking run, ✖ over-fitting)")
     axes[1].set_xlabel("training step (log scale)")
-    axes[1].set_ylabel(f"golden: KL(oracle ‖ student) ({UNITS})")
+    axes[1].set_ylabel(f"{metric_label(first.golden_col, 'golden')} ({UNITS})")
     axes[2].set_title("Golden vs proxy (arrows: time)")
     axes[2].set_xlabel(f"proxy ({UNITS})")
     axes[2].set_ylabel(f"golden ({UNITS})")
