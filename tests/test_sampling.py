@@ -175,9 +175,14 @@ def test_checkpoint_generation_config_does_not_change_the_distribution():
     lm.hf.generation_config.top_k = 2
     lm.hf.generation_config.repetition_penalty = 3.0
     lm.hf.generation_config.suppress_tokens = [0, 1]
+    lm.hf.generation_config.eos_token_id = 2  # eos_token_id=None below means: no EOS at all
+    lm.hf.generation_config.pad_token_id = 3
     x = torch.randint(0, V, (64, 3), generator=torch.Generator().manual_seed(0))
     s = sample(lm, x, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(s.logprobs_BxR, lm.response_logprobs(x, None, s.response_ids_BxR), atol=1e-5, rtol=1e-5)
+    ids = s.response_ids_BxR
+    assert s.response_mask_BxR.all()
+    assert bool(((ids[:, :-1] == 2) & (ids[:, 1:] != 2) & (ids[:, 1:] != 3)).any()), "stopped at the checkpoint's EOS"
 
 
 def test_argument_checks():
