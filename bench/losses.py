@@ -45,7 +45,9 @@ def _naive(name, logits, teacher):
     import torch.nn.functional as F
 
     # F.kl_div(input, target) = Σ target·(log target − input) = KL(target ‖ exp(input)):
-    # the *second* argument is the distribution the expectation is taken under.
+    # the *second* argument is the distribution the expectation is taken under. "batchmean"
+    # divides by the first dimension, so the tokens go there.
+    logits, teacher = logits.reshape(-1, logits.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
     p = F.softmax(teacher, dim=-1)
     if name == "forward_kl":
         return F.kl_div(F.log_softmax(logits, dim=-1), p, reduction="batchmean")
@@ -80,6 +82,7 @@ def run_case(path: str, name: str) -> dict:
     seconds = time.perf_counter() - start
     peak = _status_mib("VmHWM")
     return {
+        "load_before": __import__("os").getloadavg()[0],
         "path": path,
         "loss": name,
         "value": loss.item(),
@@ -146,12 +149,13 @@ def report(rows: list[dict]) -> list[str]:
         "tokens. One run per case in a fresh process; peak extra = peak RSS − RSS after the inputs (the 1 GiB "
         "teacher logits included in the inputs). The machine is shared with other jobs, so times are noisy.",
         "",
-        "| loss | path | time (s) | peak extra memory (MiB) | loss value |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| loss | path | time (s) | peak extra memory (MiB) | loss value | 1-min load before |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['loss']} | {r['path']} | {r['seconds']:.2f} | {r['peak_extra_mib']:.0f} | {r['value']:.6f} |"
+            f"| {r['loss']} | {r['path']} | {r['seconds']:.2f} | {r['peak_extra_mib']:.0f} | {r['value']:.6f} "
+            f"| {r['load_before']:.1f} |"
         )
     lines.append("")
     for name in LOSSES:

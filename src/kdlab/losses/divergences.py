@@ -42,10 +42,13 @@ RowKernel = Callable[[Tensor, Tensor], Tensor]
 def _kl_rows(log_a_NxA: Tensor, log_b_NxA: Tensor) -> Tensor:
     """KL(a ‖ b) = Σ_i a_i (log a_i − log b_i) per row, with 0·log(0/x) = 0.
 
-    The where() keeps atoms with a_i = 0 (log a_i = −inf) out of both the value and the gradient;
-    −inf − (−inf) would otherwise be NaN, and NaN·0 stays NaN in backward.
+    Atoms with a_i = 0 (log a_i = −inf) are zeroed before the product, so they stay out of the
+    value AND the gradient: −inf − (−inf) would otherwise be NaN, and NaN·0 stays NaN in backward.
+    (masked_fill_ in place on the fresh difference, rather than torch.where, saves one (N, A)
+    tensor; autograd allows it because subtraction saves nothing for backward.)
     """
-    diff = torch.where(log_a_NxA > NEG_INF, log_a_NxA - log_b_NxA, torch.zeros_like(log_a_NxA))
+    diff = log_a_NxA - log_b_NxA
+    diff.masked_fill_(log_a_NxA == NEG_INF, 0.0)
     return (log_a_NxA.exp() * diff).sum(dim=-1)
 
 
@@ -54,19 +57,20 @@ def _log_mixture(log_a_NxA: Tensor, log_b_NxA: Tensor, w: float) -> Tensor:
 
     Never mix log-probs linearly (w·log a + (1−w)·log b is the log of a geometric mean, a classic
     bug). The endpoints return an input unchanged, so skew KL at α = 0 is exactly KL. Atoms where
-    both inputs are −inf stay −inf with a zero (not NaN) gradient.
+    both inputs are −inf stay −inf with a zero (not NaN) gradient: logaddexp's gradient there is
+    exp(−inf − (−inf)) = NaN, so its inputs are made finite first and its output reset after.
     """
     if w == 1.0:
         return log_a_NxA
     if w == 0.0:
         return log_b_NxA
-    both = (log_a_NxA == NEG_INF) & (log_b_NxA == NEG_INF)
-    zeros = torch.zeros_like(log_a_NxA)
-    mixed = torch.logaddexp(
-        torch.where(both, zeros, log_a_NxA) + math.log(w),
-        torch.where(both, zeros, log_b_NxA) + math.log1p(-w),
-    )
-    return torch.where(both, torch.full_like(mixed, NEG_INF), mixed)
+    x_a = log_a_NxA + math.log(w)
+    x_b = log_b_NxA + math.log1p(-w)
+    both = (x_a == NEG_INF) & (x_b == NEG_INF)
+    # In place on fresh tensors (add saves nothing; logaddexp saves its inputs, not its output).
+    x_a.masked_fill_(both, 0.0)
+    x_b.masked_fill_(both, 0.0)
+    return torch.logaddexp(x_a, x_b).masked_fill_(both, NEG_INF)
 
 
 # --------------------------------------------------------------------------------------------

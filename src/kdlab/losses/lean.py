@@ -185,13 +185,15 @@ def lean_loss(
         )
 
     rows = counted_rows(mask_BxT)
-    if rows is None:
+    every_token = rows is None
+    if every_token:
         rows = torch.arange(B * T, device=hidden_BxTxH.device)
     hidden_NxH = hidden_BxTxH.reshape(B * T, H).index_select(0, rows)
 
     def chunk_loss(start: int, end: int, logits_cxV: Tensor) -> Tensor:
-        # Teacher rows are gathered per chunk: a full gather would copy the (tokens x V) teacher.
-        r = rows[start:end]
+        # Teacher rows are taken per chunk (a full gather would copy the tokens x V teacher), as a
+        # view when every token counts.
+        r = slice(start, end) if every_token else rows[start:end]
         if isinstance(flat_teacher, SparseTarget):
             target = SparseTarget(flat_teacher.indices[r][None], flat_teacher.logprobs[r][None])
         else:
