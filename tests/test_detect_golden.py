@@ -148,3 +148,9 @@ def test_detection_rate_on_constructed_hacking():
             on_time += abs(int(np.flatnonzero(run.steps == v.onset_step)[0]) - run.onset_index) <= 1
     assert hits / n >= 0.95
     assert on_time / hits >= 0.9
+
+
+def test_rise_without_proxy_is_not_called_hacking():
+    g = v_curve(STEPS, 20, rise=0.2)
+    v = detect_golden(STEPS, g, 0.005 * g)
+    assert v.kind == "rise" and not v.detected and v.onset_step is not None

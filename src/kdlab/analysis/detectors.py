@@ -123,7 +123,7 @@ class GoldenVerdict:
     """Outcome of `detect_golden`. `detected` is True only for kind == "hacking"."""
 
     detected: bool
-    kind: str  # "hacking" | "overfitting" | "none"
+    kind: str  # "hacking" | "overfitting" | "none" | "rise" (significant rise, no proxy given)
     onset_step: int | None  # the golden minimum (when hacking or over-fitting starts)
     min_step: int | None
     min_value: float | None
@@ -170,11 +170,14 @@ def detect_golden(
 
         rise = T − m,   SE(rise) = √(SE(T)² + SE(m)²),   significant ⇔ rise / SE(rise) > z
 
-    and the rise survives leaving out the highest tail point (> persist_z SEs: persistence). Over the same span the
-    proxy change Δp = mean(proxy, last `tail`) − mean(proxy, minimum window) classifies the rise:
+    and the rise survives leaving out the highest tail point (> persist_z SEs: persistence). Over
+    the same span the proxy change Δp = mean(proxy, last `tail`) − mean(proxy, minimum window)
+    classifies the rise:
     Δp ≤ proxy_z·SE(Δp) → "hacking" (proxy falling or flat); Δp ≥ overfit_ratio·rise → "overfitting";
     in between (proxy rising significantly but much less than golden) → "hacking", trend "rising".
-    The onset is the step of the lowest raw golden point inside the minimum window.
+    The onset is the step of the lowest raw golden point inside the minimum window. Without a proxy
+    a significant rise gets kind "rise" (it cannot be told from over-fitting).
+    A rise needs ≥ tail + 2 evaluations after the minimum to be seen (docs/LOG.md).
 
     Missing standard errors (None or NaN) are estimated from the curve's own scatter.
     Points where golden or proxy is missing (NaN) are dropped.
@@ -235,14 +238,16 @@ def detect_golden(
             + ("below the threshold" if rise_z <= cfg.z else "not persistent over the last points")
         )
     elif trend is None:
-        kind = "none"
-        why = "golden rises but there is no proxy to tell hacking from over-fitting"
+        kind = "rise"
+        why = f"golden rises {rise:+.4g} ± {rise_se:.2g}, but without a proxy hacking and over-fitting look alike"
     elif trend in ("falling", "flat") or dp < cfg.overfit_ratio * rise:
         kind = "hacking"
-        why = f"golden rises {rise:+.4g} ± {rise_se:.2g} (z = {rise_z:.1f}) from step {int(s[onset])} while proxy is {trend} ({dp:+.4g} ± {dp_se:.2g})"
+        why = (f"golden rises {rise:+.4g} ± {rise_se:.2g} (z = {rise_z:.1f}) from step {int(s[onset])} "
+               f"while proxy is {trend} ({dp:+.4g} ± {dp_se:.2g})")
     else:
         kind = "overfitting"
-        why = f"golden rises {rise:+.4g} and held-out proxy rises {dp:+.4g} (≥ {cfg.overfit_ratio:g} × golden): over-fitting, not hacking"
+        why = (f"golden rises {rise:+.4g} and held-out proxy rises {dp:+.4g} "
+               f"(≥ {cfg.overfit_ratio:g} × golden): over-fitting, not hacking")
 
     result = dict(
         empty,

@@ -36,11 +36,10 @@ def command(
 ) -> None:
     """Detect teacher hacking in a metrics file (JSONL or CSV).
 
-    Two verdicts: the golden detector (golden has a minimum and then rises beyond its noise while
-    the proxy keeps falling or stays flat; needs a golden column) and the proxy-only detector (the
-    proxy curve leaves its early power law upwards; needs no oracle). Exit code 0 whatever the
-    verdict; 2 for unreadable or malformed input, with the file and line on stderr.
-    """
+    Two verdicts: the golden detector (golden has a minimum and then rises beyond its noise while the proxy keeps falling or stays flat; needs a golden column) and the proxy-only detector (the proxy curve leaves its early power law upwards; needs no oracle).
+
+    Exit code 0 whatever the verdict; 2 for unreadable or malformed input, with the file and line on stderr.
+    """  # one line per paragraph: typer's help keeps a docstring's line breaks
     from kdlab.analysis import MetricsError, detect_golden, detect_proxy_deviation, load_metrics
 
     golden_col = golden or "golden_fkl"

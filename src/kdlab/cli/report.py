@@ -16,11 +16,10 @@ def command(
 ) -> None:
     """Write summary.json and report.html for run or sweep directories.
 
-    The report shows proxy and golden against the step (log-log) with the fitted early law and the
-    detected onsets, golden against proxy, the training loss, a verdict table per run and per
-    condition (seeds aggregated) and each run's config. PNG figures go to plots/ and are embedded in
-    the HTML. Exit code 0 on success, 2 for bad input (message on stderr).
-    """
+    The report shows proxy and golden against the step (log-log) with the fitted early law and the detected onsets, golden against proxy, the training loss, a verdict table per run and per condition (seeds aggregated) and each run's config. PNG figures go to plots/ and are embedded in the HTML.
+
+    Exit code 0 on success, 2 for bad input (message on stderr).
+    """  # one line per paragraph: typer's help keeps a docstring's line breaks
     import json
 
     from kdlab.analysis import MetricsError
