@@ -136,3 +136,17 @@ def test_bad_config_is_a_clear_error(sweep, tmp_path):
     (d / "config.yaml").write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(MetricsError, match="mapping"):
         analyse_run(d)
+
+
+def test_analysis_and_report_never_import_training_code():
+    """They read run directories only (DESIGN.md): importing them must not pull in torch or the
+    pipeline, so reports can be written where no training stack is installed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, kdlab.analysis, kdlab.report, kdlab.report.plots, kdlab.report.html; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('kdlab.pipeline', "
+            "'kdlab.models', 'kdlab.losses', 'transformers'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
