@@ -174,3 +174,57 @@ def test_sweep_skips_finished_runs_and_resumes(tmp_path):
     assert second.stderr.count("skipped") == 3
     assert "regime-online_teacher_seed-1 (resuming)" in second.stderr
     assert json.loads((out / "regime-online_teacher_seed-1" / "done.json").read_text())["steps"] == 8
+
+
+def _save_tiny_llama(path: Path, vocab: int, hidden: int, seed: int) -> str:
+    from transformers import LlamaForCausalLM
+
+    from kdlab.models import LM, tiny_llama_config
+
+    torch.manual_seed(seed)
+    LM(LlamaForCausalLM(tiny_llama_config(vocab, hidden, 1, 2, max_position_embeddings=64))).save(path)
+    return f"hf:{path}"
+
+
+def test_real_models_plug_in_by_path_and_golden_is_skipped_without_an_oracle(tmp_path):
+    """A user's own models (saved with save_pretrained) as oracle / teacher / student."""
+    oracle = _save_tiny_llama(tmp_path / "oracle", 16, 32, 0)
+    teacher = _save_tiny_llama(tmp_path / "teacher", 16, 32, 1)
+    student = _save_tiny_llama(tmp_path / "student", 16, 16, 2)
+    with_oracle = run(tiny(tmp_path, "hf-oracle", f"world.oracle={oracle}", "stage2.steps=6"),
+                      log=lambda m: None, progress=False)
+    assert metrics(with_oracle)[-1]["golden_fkl"] is not None
+
+    cfg = tiny(tmp_path, "no-oracle", "world.oracle=none", f"models.teacher={teacher}",
+               f"models.student={student}", "stage2.steps=6", "eval.reverse=true")
+    rows = metrics(run(cfg, log=lambda m: None, progress=False))
+    for r in rows:
+        assert "golden_fkl" not in r and "golden_rkl" not in r, "golden must be skipped, not faked"
+        assert r["proxy_fkl"] > 0 and r["proxy_rkl"] > 0
+    # The student started from the given weights (no SFT without an oracle).
+    from kdlab.models import LM
+
+    init = LM.load(Path(cfg.resolved_cache_dir()) / f"stage1-{cfg.stage1_key()}" / "student_init")
+    given = LM.load(str(tmp_path / "student"))
+    for a, b in zip(init.hf.parameters(), given.hf.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_no_oracle_requires_pretrained_models(tmp_path):
+    from kdlab.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"models.teacher = 'hf:<name or path>'"):
+        tiny(tmp_path, "x", "world.oracle=none")
+
+
+def test_stage1_is_built_once_per_world_and_reused(tmp_path):
+    messages: list[str] = []
+    run(tiny(tmp_path, "first", "stage2.steps=4"), log=messages.append, progress=False)
+    assert any("building the world" in m for m in messages)
+    messages.clear()
+    run(tiny(tmp_path, "second", "stage2.steps=4", "seed=1", "stage2.regime=online_teacher"),
+        log=messages.append, progress=False)
+    assert not any("building the world" in m for m in messages), "stage 1 must come from the cache"
+    messages.clear()
+    run(tiny(tmp_path, "third", "stage2.steps=4", "stage1.teacher.steps=31"), log=messages.append, progress=False)
+    assert any("building the world" in m for m in messages), "a different stage-1 budget is a different world"

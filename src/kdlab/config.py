@@ -69,8 +69,9 @@ class WorldConfig(_Section):
 
     oracle: str = Field(
         "synthetic",
-        description="'synthetic' (a seeded random Llama, see world.synthetic) or 'hf:<name or path>' "
-        "for a real causal LM used as ground truth.",
+        description="'synthetic' (a seeded random Llama, see world.synthetic), 'hf:<name or path>' "
+        "for a real causal LM used as ground truth, or 'none' (no oracle: teacher and student must be "
+        "'hf:' models, stage 1 is skipped, golden is not computed).",
     )
     seed: int = Field(0, ge=0, description="Seeds the oracle, the prompt pools and stage 1.")
     vocab_size: int = Field(32, ge=2, le=1_000_000, description="Synthetic world vocabulary size.")
@@ -87,8 +88,8 @@ class WorldConfig(_Section):
     @field_validator("oracle")
     @classmethod
     def _oracle_kind(cls, value: str) -> str:
-        if value != "synthetic" and not value.startswith("hf:"):
-            raise ValueError("must be 'synthetic' or 'hf:<name or path>'")
+        if value not in ("synthetic", "none") and not value.startswith("hf:"):
+            raise ValueError("must be 'synthetic', 'none' or 'hf:<name or path>'")
         return value
 
 
@@ -246,6 +247,12 @@ class RunConfig(_Section):
                 f"stage2.offline.num_prompts={self.stage2.offline.num_prompts} exceeds "
                 f"world.pools.stage2={self.world.pools.stage2}"
             )
+        if self.world.oracle == "none":
+            for who in ("teacher", "student"):
+                if not isinstance(getattr(self.models, who), str):
+                    raise ValueError(
+                        f"world.oracle='none' needs models.{who} = 'hf:<name or path>' (without an oracle "
+                        "there are no samples to train it from)")
         o = self.stage2.offline
         uses_offline = self.stage2.regime == "offline" or (
             self.stage2.regime == "mixed" and self.stage2.mixed.other == "offline")

@@ -61,7 +61,7 @@ def _new_model(spec: ArchConfig | str, vocab_size: int, max_len: int, seed: int,
     return LM(LlamaForCausalLM(config).to(device))
 
 
-def _make_prompts(cfg: RunConfig, oracle: LM, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _make_prompts(cfg: RunConfig, oracle: LM, device, vocab_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Disjoint prompt pools drawn from the world's prompt distribution (duplicates removed across pools)."""
     w = cfg.world
     sizes = {"stage1": w.pools.stage1, "stage2": w.pools.stage2, "eval": w.pools.eval}
@@ -79,7 +79,7 @@ def _make_prompts(cfg: RunConfig, oracle: LM, device) -> dict[str, tuple[torch.T
             )
         n = (total - len(rows)) * 2 + 16
         if w.prompt_source == "uniform":
-            batch = torch.randint(0, oracle.vocab_size, (n, w.prompt_length), generator=gen)
+            batch = torch.randint(0, vocab_size, (n, w.prompt_length), generator=gen)
         else:  # oracle: continue a fixed start token (0) with oracle samples
             start = torch.zeros(n, 1, dtype=torch.long)
             out = sample(oracle, start.to(device), None, max_new_tokens=w.prompt_length - 1, generator=gen)
@@ -144,10 +144,15 @@ def build_world(cfg: RunConfig, device="cpu", log=print) -> World:
     info = json.loads((root / "world.json").read_text())
     pools_t = load_file(str(root / "prompts.safetensors"))
     prompts = {name: (pools_t[f"{name}.ids"], pools_t[f"{name}.mask"].bool()) for name in POOLS}
-    oracle = LM.load(root / "oracle", device=device) if (root / "oracle").exists() else LM.load(
-        _hf_path(cfg.world.oracle), device=device)
+    if cfg.world.oracle == "none":
+        oracle = None  # golden is skipped, not faked
+    elif (root / "oracle").exists():
+        oracle = LM.load(root / "oracle", device=device)
+    else:
+        oracle = LM.load(_hf_path(cfg.world.oracle), device=device)
     teacher = LM.load(root / "teacher", device=device)
-    check_vocab_compatible(oracle, teacher, ("oracle", "teacher"))
+    if oracle is not None:
+        check_vocab_compatible(oracle, teacher, ("oracle", "teacher"))
     return World(directory=root, oracle=oracle, teacher=teacher, prompts=prompts, info=info)
 
 
@@ -158,6 +163,11 @@ def _build_stage1(cfg: RunConfig, root: Path, device, log) -> None:
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-stage1-"))
     try:
         log(f"[stage 1] building the world ({root.name})")
+        if w.oracle == "none":
+            _build_without_oracle(cfg, tmp, device, log)
+            (tmp / "world.json").write_text(json.dumps({"stage1_key": cfg.stage1_key(), "oracle": None}))
+            os.replace(tmp, root)
+            return
         if w.oracle == "synthetic":
             s = w.synthetic
             oracle = make_synthetic_oracle(
@@ -170,10 +180,8 @@ def _build_stage1(cfg: RunConfig, root: Path, device, log) -> None:
             oracle.save(tmp / "oracle")
         else:
             oracle = LM.load(_hf_path(w.oracle), device=device)
-        prompts = _make_prompts(cfg, oracle, device)
-        save_file({f"{k}.{part}": t.contiguous() if part == "ids" else t.to(torch.uint8).contiguous()
-                   for k, (ids, mask) in prompts.items() for part, t in (("ids", ids), ("mask", mask))},
-                  str(tmp / "prompts.safetensors"))
+        prompts = _make_prompts(cfg, oracle, device, oracle.vocab_size)
+        _save_prompts(prompts, tmp)
         ids, mask = prompts["stage1"]
         n = max(cfg.stage1.teacher.num_samples, cfg.stage1.student.num_samples)
         r_ids, r_mask = _oracle_samples(oracle, ids[:n], mask[:n], w.response_length, w.seed)
@@ -201,3 +209,24 @@ def _build_stage1(cfg: RunConfig, root: Path, device, log) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_prompts(prompts, directory: Path) -> None:
+    save_file({f"{k}.{part}": t.contiguous() if part == "ids" else t.to(torch.uint8).contiguous()
+               for k, (ids, mask) in prompts.items() for part, t in (("ids", ids), ("mask", mask))},
+              str(directory / "prompts.safetensors"))
+
+
+def _build_without_oracle(cfg: RunConfig, tmp: Path, device, log) -> None:
+    """No ground truth: the teacher and the student init are the given pretrained models as they are
+    (there are no oracle samples to fine-tune them on); prompts come from the configured distribution
+    over the teacher's vocabulary."""
+    teacher = LM.load(_hf_path(cfg.models.teacher), device=device)
+    student = LM.load(_hf_path(cfg.models.student), device=device)
+    check_vocab_compatible(teacher, student, ("teacher", "student"))
+    if cfg.world.prompt_source == "oracle":
+        raise ValueError("world.prompt_source='oracle' needs an oracle; use 'uniform' with world.oracle='none'")
+    _save_prompts(_make_prompts(cfg, teacher, device, teacher.vocab_size), tmp)
+    teacher.save(tmp / "teacher")
+    student.save(tmp / "student_init")
+    log("[stage 1] no oracle: teacher and student taken as given; golden metrics are skipped")
