@@ -17,7 +17,6 @@ tracks live tensors.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import platform
 import re

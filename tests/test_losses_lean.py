@@ -77,6 +77,20 @@ def test_gradcheck_lean(case):
         )
 
 
+def test_lean_micro_batch_accumulation_equals_one_batch():
+    hidden, weight, bias, teacher = inputs(torch.float64)
+    mask = ragged_mask(B, T, seed=76)
+    w_big = weight.clone().requires_grad_()
+    L.lean_loss("skew_reverse_kl", hidden, w_big, teacher, mask, chunk_size=4).backward()
+    w_acc = weight.clone().requires_grad_()
+    global_count = L.token_count(mask, (B, T))
+    for i in range(B):
+        part = L.lean_loss("skew_reverse_kl", hidden[i : i + 1], w_acc, teacher[i : i + 1], mask[i : i + 1],
+                           chunk_size=4, reduction="sum")
+        (part / global_count).backward()
+    torch.testing.assert_close(w_acc.grad, w_big.grad, rtol=1e-12, atol=1e-15)
+
+
 def test_lean_without_grad_gives_the_same_value():
     hidden, weight, bias, teacher = inputs()
     mask = ragged_mask(B, T, seed=75)
