@@ -102,7 +102,7 @@ def test_sparse_target_validation():
     z = logits(2, 3, 6, seed=61)
     good = L.SparseTarget.from_logits(z, 3)
     cases = [
-        (L.SparseTarget(good.indices.int(), good.logprobs), ["indices dtype=torch.int32", "torch.int64"]),
+        (L.SparseTarget(good.indices.float(), good.logprobs), ["indices dtype=torch.float32", "an integer dtype"]),
         (L.SparseTarget(good.indices, good.logprobs[..., :2]), ["shapes", "(B, T, K)"]),
         (L.SparseTarget(good.indices.clamp(max=0), good.logprobs), ["repeat an index"]),
         (L.SparseTarget(good.indices + 6, good.logprobs), ["range", "[0, 5]"]),
@@ -114,6 +114,9 @@ def test_sparse_target_validation():
             assert piece in str(err.value), (piece, str(err.value))
     with pytest.raises(ValueError, match="k=7 is out of range"):
         L.SparseTarget.from_logits(z, 7)
+    # Caches store indices as int32: accepted, same result.
+    narrow = L.SparseTarget(good.indices.int(), good.logprobs)
+    assert torch.equal(L.forward_kl(z * 0.5, narrow), L.forward_kl(z * 0.5, good))
 
 
 def test_masked_positions_may_hold_garbage_indices():

@@ -37,8 +37,9 @@ NEG_INF = float("-inf")
 
 
 class SparseTarget(NamedTuple):
-    """Teacher top-k target: ``indices`` (B, T, K) int64, distinct per position; ``logprobs``
-    (B, T, K) float, the teacher's log-probabilities at those indices (at the loss temperature)."""
+    """Teacher top-k target: ``indices`` (B, T, K) integer (int64; narrower integer types, as
+    caches store them, are converted), distinct per position; ``logprobs`` (B, T, K) float, the
+    teacher's log-probabilities at those indices (at the loss temperature)."""
 
     indices: Tensor
     logprobs: Tensor
@@ -58,8 +59,8 @@ class SparseTarget(NamedTuple):
 def check_sparse(target: SparseTarget, shape_BxT: tuple[int, int], vocab: int) -> None:
     """Shapes and dtypes of a sparse target (cheap; index values are checked per counted row)."""
     idx, lp = target.indices, target.logprobs
-    if idx.dtype != torch.int64:
-        raise ValueError(f"SparseTarget.indices dtype={idx.dtype} is not allowed; allowed: torch.int64")
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise ValueError(f"SparseTarget.indices dtype={idx.dtype} is not allowed; allowed: an integer dtype")
     if not lp.is_floating_point():
         raise ValueError(f"SparseTarget.logprobs dtype={lp.dtype} is not allowed; allowed: a float dtype")
     if idx.dim() != 3 or tuple(idx.shape[:2]) != tuple(shape_BxT) or idx.shape != lp.shape:
@@ -104,6 +105,7 @@ def bucket_log_probs(student_logits_NxV: Tensor, indices_NxK: Tensor, logprobs_N
     Returns ``(log_q_NxA, log_p_NxA)`` with A = K + 1, or A = K when K = V (no tail).
     """
     vocab, k = student_logits_NxV.shape[-1], indices_NxK.shape[-1]
+    indices_NxK = indices_NxK.long()  # gather/scatter index with int64; a no-op for int64
     _check_indices(indices_NxK, vocab)
     log_norm = torch.logsumexp(student_logits_NxV, dim=-1, keepdim=True)
     log_q = student_logits_NxV.gather(-1, indices_NxK) - log_norm
