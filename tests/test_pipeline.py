@@ -228,3 +228,27 @@ def test_stage1_is_built_once_per_world_and_reused(tmp_path):
     messages.clear()
     run(tiny(tmp_path, "third", "stage2.steps=4", "stage1.teacher.steps=31"), log=messages.append, progress=False)
     assert any("building the world" in m for m in messages), "a different stage-1 budget is a different world"
+
+
+def test_detect_and_report_on_pipeline_run_directories(shared):
+    """`kdlab detect` and `kdlab report` on what the pipeline wrote (a sweep of two real runs)."""
+    dirs = [run(tiny(shared, f"report-{r}", f"stage2.regime={r}", "stage2.steps=12"), log=lambda m: None,
+                progress=False) for r in ("offline", "online_teacher")]
+    out = _cli("detect", str(dirs[0] / "metrics.jsonl"), "--json")
+    assert out.returncode == 0, out.stderr
+    verdict = json.loads(out.stdout)
+    assert set(verdict) >= {"golden", "proxy_deviation"}
+    assert isinstance(verdict["golden"]["detected"], bool) and isinstance(verdict["proxy_deviation"]["detected"], bool)
+
+    report_dir = shared / "report-out"
+    out = _cli("report", *map(str, dirs), "--out", str(report_dir))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((report_dir / "summary.json").read_text())
+    assert summary["n_runs"] == 2
+    assert {c["regime"] for c in summary["conditions"]} == {"offline", "online_teacher"}
+    html = (report_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3
+    # The verdict recorded for each run is the one `kdlab detect` prints for its metrics file.
+    first = next(r for r in summary["runs"] if r["path"] == str(dirs[0]))
+    assert first["golden"]["detected"] == verdict["golden"]["detected"]
+    assert first["proxy_deviation"]["onset_step"] == verdict["proxy_deviation"]["onset_step"]

@@ -18,14 +18,15 @@ def command(
     report: Annotated[bool, typer.Option(help="Write report.html and summary.json at the end.")] = True,
 ) -> None:
     """Run one experiment: stage 1 (cached), stage 2 under the configured regime, evaluation, report."""
-    from kdlab.pipeline.distill import RunDirectoryInUse, TrainingDiverged, run
-
     overrides = list(set_) + ([f"output_dir={out}"] if out else [])
     try:
         cfg = load_config(config, overrides)
     except ConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
+    # Imported after validation: a config error is reported before torch and transformers load.
+    from kdlab.pipeline.distill import RunDirectoryInUse, TrainingDiverged, run
+
     try:
         run_dir = run(cfg, resume=resume, log=lambda m: typer.echo(m, err=True))
     except (TrainingDiverged, RunDirectoryInUse, ValueError, RuntimeError, FileNotFoundError) as err:

@@ -217,7 +217,7 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         if not torch.isfinite(loss):
             last = latest_checkpoint(run_dir / "checkpoints")
             raise TrainingDiverged(
-                f"the {cfg.loss.name} loss became {float(loss)} at step {step + 1} of {cfg.name!r}. "
+                f"the {cfg.loss.name} loss became {loss.item()} at step {step + 1} of {cfg.name!r}. "
                 f"The last good checkpoint is {last or 'none (no checkpoint written yet)'}; "
                 f"lower stage2.lr (now {cfg.stage2.lr}), set stage2.grad_clip, or check the teacher targets, "
                 "then rerun (with --resume to continue from that checkpoint).")
