@@ -117,7 +117,7 @@ def main() -> None:
         print(json.dumps(run_case(*args.case)))
         return
 
-    rows = []
+    rows, start = [], time.perf_counter()
     for name in LOSSES:
         for path in PATHS:
             out = subprocess.run(
@@ -130,13 +130,13 @@ def main() -> None:
                 f"loss {row['value']:.6f}",
                 flush=True,
             )
-    lines = report(rows)
+    lines = report(rows, time.perf_counter() - start)
     print("\n".join(lines))
     if args.write_results:
         write_results(lines)
 
 
-def report(rows: list[dict]) -> list[str]:
+def report(rows: list[dict], total_seconds: float) -> list[str]:
     info = machine()
     by = {(r["loss"], r["path"]): r for r in rows}
     lines = [
@@ -146,7 +146,8 @@ def report(rows: list[dict]) -> list[str]:
         f"torch {info['torch']}, {THREADS} torch threads. Command: `.venv/bin/python bench/losses.py --write-results`.",
         f"Forward + backward, tokens = {TOKENS}, V = {VOCAB}, hidden = {HIDDEN}, float32; lean chunk = {CHUNK} "
         "tokens. One run per case in a fresh process; peak extra = peak RSS − RSS after the inputs (the 1 GiB "
-        "teacher logits included in the inputs). The machine is shared with other jobs, so times are noisy.",
+        "teacher logits included in the inputs). The machine is shared with other jobs (see the load column), "
+        f"so times are noisy; the whole benchmark took {total_seconds:.0f} s.",
         "",
         "| loss | path | time (s) | peak extra memory (MiB) | loss value | 1-min load before |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
