@@ -56,6 +56,13 @@ def test_every_regime_writes_a_complete_run_directory(shared, regime):
     assert rows[-1]["proxy_fkl"] < rows[0]["proxy_fkl"] - 2 * rows[0]["proxy_fkl_se"]
     ckpts = list((run_dir / "checkpoints").glob("step-*"))
     assert ckpts and all((c / "model.safetensors").exists() for c in ckpts)
+    # Per-prompt values at every evaluation, so that changes get paired standard errors.
+    from kdlab.analysis import analyse
+
+    assert len(list((run_dir / "per_prompt").glob("step-*.safetensors"))) == len(rows)
+    analysis = analyse(run_dir)
+    assert analysis.paired["golden_fkl"].shape == (len(rows), cfg.eval.num_prompts)
+    assert analysis.golden.se_source == "paired"
 
 
 def test_same_config_and_seed_give_identical_metrics(shared):

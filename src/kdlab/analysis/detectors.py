@@ -138,7 +138,7 @@ class GoldenVerdict:
     proxy_change_se: float | None
     proxy_trend: str | None  # "falling" | "flat" | "rising"
     n_points: int
-    se_source: str  # "given" or "scatter" (estimated from the curve)
+    se_source: str  # "paired" (per-prompt differences), "given" or "scatter" (estimated from the curve)
     reason: str
     config: GoldenConfig = field(default_factory=GoldenConfig)
 
@@ -154,6 +154,21 @@ def _window_mean(values: np.ndarray, ses: np.ndarray, start: int, length: int) -
     return float(values[sl].mean()), float(np.sqrt(np.sum(ses[sl] ** 2)) / length)
 
 
+def _paired(values, name: str, n: int, keep: np.ndarray) -> np.ndarray | None:
+    if values is None:
+        return None
+    a = np.asarray(values, dtype=float)
+    if a.ndim != 2 or a.shape[0] != n or a.shape[1] < 2:
+        raise ValueError(f"{name} must have shape (n_evals={n}, k >= 2 prompts), got {a.shape}")
+    return a[keep]
+
+
+def _paired_se(per_prompt: np.ndarray, later: np.ndarray, earlier: np.ndarray) -> float:
+    """SE over prompts of mean(later evals)_i − mean(earlier evals)_i."""
+    d = per_prompt[later].mean(0) - per_prompt[earlier].mean(0)
+    return float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
 def detect_golden(
     steps,
     golden,
@@ -162,6 +177,8 @@ def detect_golden(
     proxy_se=None,
     *,
     config: GoldenConfig | None = None,
+    golden_paired=None,
+    proxy_paired=None,
 ) -> GoldenVerdict:
     """Golden-metric teacher-hacking test.
 
@@ -181,6 +198,12 @@ def detect_golden(
 
     Missing standard errors (None or NaN) are estimated from the curve's own scatter.
     Points where golden or proxy is missing (NaN) are dropped.
+
+    Paired evaluations: `golden_paired` / `proxy_paired`, arrays (n_evals × k) of the per-prompt
+    values behind each evaluation (the same k prompts every time, as kdlab's runs store them in
+    `per_prompt/`). Then SE(rise) is the SE over prompts of the per-prompt differences
+    d_i = mean(tail)_i − mean(min window)_i — the right error for a change measured on the same
+    prompts, and much smaller than √(SE(T)² + SE(m)²), which treats the windows as independent.
     """
     cfg = config or GoldenConfig()
     s = _as_array(steps, "steps")
@@ -190,6 +213,8 @@ def detect_golden(
     p_se_in = None if proxy_se is None else _as_array(proxy_se, "proxy_se", len(s))
     keep = np.isfinite(g) & (np.isfinite(p) if proxy is not None else True)
     s, g, p = s[keep], g[keep], p[keep]
+    g_pp = _paired(golden_paired, "golden_paired", len(keep), keep)
+    p_pp = _paired(proxy_paired, "proxy_paired", len(keep), keep) if proxy is not None else None
     g_se, g_given = _standard_errors(s, g, None if g_se_in is None else g_se_in[keep])
     p_se, _ = _standard_errors(s, p, None if p_se_in is None else p_se_in[keep])
     n = len(s)
@@ -197,7 +222,7 @@ def detect_golden(
         detected=False, kind="none", onset_step=None, min_step=None, min_value=None, end_value=None,
         rise=None, rise_se=None, rise_z=None, persistent=False, proxy_at_min=None, proxy_end=None,
         proxy_change=None, proxy_change_se=None, proxy_trend=None, n_points=n,
-        se_source="given" if g_given else "scatter", config=cfg,
+        se_source="paired" if g_pp is not None else ("given" if g_given else "scatter"), config=cfg,
     )
     if n < cfg.smooth + cfg.tail:
         return GoldenVerdict(**empty, reason=f"too few golden evaluations ({n} < {cfg.smooth + cfg.tail})")
@@ -216,11 +241,18 @@ def detect_golden(
     rest = np.delete(tail_idx, np.argmax(g[tail_idx]))  # the tail without its highest point
     rest_rise = g[rest].mean() - m
     rest_se = float(np.hypot(np.sqrt(np.sum(g_se[rest] ** 2)) / len(rest), m_se))
+    win = np.arange(j, j + cfg.smooth)
+    if g_pp is not None:
+        rise_se = _paired_se(g_pp, tail_idx, win)
+        rise_z = rise / rise_se if rise_se > 0 else (np.inf if rise > 0 else 0.0)
+        rest_se = _paired_se(g_pp, rest, win)
     persistent = bool(rest_rise > cfg.persist_z * rest_se)
 
     pm, pm_se = _window_mean(p, p_se, j, cfg.smooth)
     pe, pe_se = _window_mean(p, p_se, n - cfg.tail, cfg.tail)
     dp, dp_se = pe - pm, float(np.hypot(pe_se, pm_se))
+    if p_pp is not None:
+        dp_se = _paired_se(p_pp, tail_idx, win)
     if not np.isfinite(dp):
         trend = None
     elif dp < -cfg.proxy_z * dp_se:

@@ -45,7 +45,9 @@ def _truncate(run: RunAnalysis, budget: int):
     sel = lambda a: None if a is None else a[keep]  # noqa: E731
     golden = None
     if m.golden is not None:
-        golden = detect_golden(s, sel(m.golden), sel(m.golden_se), sel(m.proxy), sel(m.proxy_se))
+        golden = detect_golden(s, sel(m.golden), sel(m.golden_se), sel(m.proxy), sel(m.proxy_se),
+                               golden_paired=sel(run.paired.get(m.golden_col)),
+                               proxy_paired=sel(run.paired.get(m.proxy_col)))
     proxy = detect_proxy_deviation(s, sel(m.proxy), sel(m.proxy_se))
     return golden, proxy
 

@@ -202,3 +202,32 @@ def load_metrics(path: str | Path, proxy_col: str = "proxy_fkl", golden_col: str
     for name in (proxy_col, proxy_col + "_se", golden_col, golden_col + "_se"):
         metrics.column(name)
     return metrics
+
+
+PER_PROMPT_DIR = "per_prompt"
+
+
+def load_per_prompt(run_dir: str | Path, steps, column: str) -> np.ndarray | None:
+    """The per-prompt values of `column` at each of `steps` (an n_evals × k array), from the
+    `per_prompt/step-N.safetensors` files a kdlab run writes, or None when any step lacks them
+    (older runs, other tools' logs): the detectors then fall back to the per-evaluation SEs."""
+    directory = Path(run_dir) / PER_PROMPT_DIR
+    if not directory.is_dir():
+        return None
+    from safetensors import safe_open
+
+    rows = []
+    for step in steps:
+        f = directory / f"step-{int(step):08d}.safetensors"
+        if not f.exists():
+            return None
+        try:
+            with safe_open(str(f), framework="numpy") as st:
+                if column not in st.keys():
+                    return None
+                rows.append(st.get_tensor(column))
+        except Exception as err:  # a damaged file: say which, then do without the pairing
+            raise MetricsError(f"{f}: unreadable per-prompt values ({err}); delete {directory} to ignore them") from None
+    if len({len(r) for r in rows}) != 1:
+        return None
+    return np.stack(rows).astype(float)

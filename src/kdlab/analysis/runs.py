@@ -33,7 +33,7 @@ from kdlab.analysis.detectors import (
     detect_golden,
     detect_proxy_deviation,
 )
-from kdlab.analysis.loading import Metrics, MetricsError, load_metrics
+from kdlab.analysis.loading import Metrics, MetricsError, load_metrics, load_per_prompt
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -126,6 +126,7 @@ class RunAnalysis:
     golden: GoldenVerdict | None
     proxy: ProxyVerdict
     train_proxy: ProxyVerdict | None
+    paired: dict = field(default_factory=dict)  # column -> (n_evals × k) per-prompt values, or None
     notes: list[str] = field(default_factory=list)
 
     def verdict_text(self) -> str:
@@ -237,9 +238,11 @@ def analyse(
     if metrics.duplicates_dropped:
         notes.append(f"{metrics.duplicates_dropped} duplicated step(s) in {METRICS_FILE}: the last row of each was kept")
     golden = None
+    paired = {col: load_per_prompt(run_dir, steps, col) for col in (golden_col, proxy_col)}
     if metrics.golden is not None:
         golden = detect_golden(
-            steps, metrics.golden, metrics.golden_se, metrics.proxy, metrics.proxy_se, config=golden_config
+            steps, metrics.golden, metrics.golden_se, metrics.proxy, metrics.proxy_se, config=golden_config,
+            golden_paired=paired[golden_col], proxy_paired=paired[proxy_col],
         )
     proxy = detect_proxy_deviation(steps, metrics.proxy, metrics.proxy_se, config=proxy_config)
     train_proxy = None
@@ -266,6 +269,7 @@ def analyse(
         regime=str(regime) if regime is not None else None,
         golden=golden,
         proxy=proxy,
+        paired=paired,
         train_proxy=train_proxy,
         notes=notes,
     )

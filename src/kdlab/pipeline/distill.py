@@ -186,7 +186,7 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         row = {"step": step, "tokens": tokens, "regime": regime, "condition": cfg.name, "seed": cfg.seed,
                "train_loss": loss_sum / loss_count if loss_count else None,
                "epochs": step * epochs_per_step if epochs_per_step is not None else None}
-        row.update(evaluator(student, step))
+        row.update(evaluator(student, step, per_prompt_dir=run_dir / "per_prompt"))
         if taid is not None:
             row["taid_t"] = taid.t
         logger.log(row)

@@ -11,6 +11,7 @@ held-out proxy falls is teacher hacking (WORLD-NOTES lesson 3).
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from kdlab.config import RunConfig
-from kdlab.metrics import ReferenceCache, sequence_fkl, sequence_rkl
+from kdlab.metrics import DivergenceEstimate, ReferenceCache, sequence_fkl, sequence_kl_sums, sequence_rkl
 from kdlab.models import LM
 from kdlab.pipeline.world import World
 from kdlab.seeding import generator_for
@@ -81,16 +82,36 @@ class Evaluator:
                 world.teacher, t_ids.to(dev), t_mask.to(dev), generator=generator_for(cfg.seed, "eval-train"), **build))
 
     @torch.no_grad()
-    def __call__(self, student: LM, step: int) -> dict[str, float | None]:
+    def __call__(self, student: LM, step: int, per_prompt_dir: Path | None = None) -> dict[str, float | None]:
+        """One evaluation. With `per_prompt_dir`, the per-prompt KL sums are also written there
+        (`step-N.safetensors`): the same prompts are evaluated at every step, so the change of a
+        metric between two steps has a *paired* standard error (the SE of per-prompt differences),
+        far smaller than combining the two per-step SEs as if they were independent."""
         bs = self.cfg.eval.batch_size
         row: dict[str, float | None] = {}
-        for name, cache in (("proxy", self.proxy_cache), ("golden", self.golden_cache), ("train_proxy", self.train_cache)):
+        per_prompt: dict[str, torch.Tensor] = {}
+        w = self.world
+        for name, cache, ref in (("proxy", self.proxy_cache, w.teacher), ("golden", self.golden_cache, w.oracle),
+                                 ("train_proxy", self.train_cache, w.teacher)):
             if cache is None:
                 continue  # golden is skipped, not faked, when there is no oracle
-            est = sequence_fkl(student, cache, batch_size=bs)
+            ids, mask = cache.prompts_for_sequences()
+            # Cached reference log-probs when they fit the cache's budget, else a live reference forward.
+            reference = cache.targets if cache.targets is not None else ref
+            sums, counts = sequence_kl_sums(student, reference, ids, mask, cache.response_ids_MxR,
+                                            cache.response_mask_MxR, direction="forward", batch_size=bs)
+            est = DivergenceEstimate.from_sums(sums, counts, cache.samples_per_prompt)
+            per_prompt[f"{name}_fkl"] = sums.double().view(-1, cache.samples_per_prompt).mean(1).contiguous()
             row[f"{name}_fkl"] = est.mean
             row[f"{name}_fkl_se"] = est.se
             row[f"{name}_fkl_per_token"] = est.per_token
+        if per_prompt_dir is not None and per_prompt:
+            from safetensors.torch import save_file
+
+            per_prompt_dir.mkdir(parents=True, exist_ok=True)
+            tmp = per_prompt_dir / f".tmp-step-{step:08d}.safetensors"
+            save_file(per_prompt, str(tmp))
+            os.replace(tmp, per_prompt_dir / f"step-{step:08d}.safetensors")
         if self.cfg.eval.reverse:
             ids, mask = self.eval_prompts
             refs = (("proxy", self.world.teacher), ("golden", self.world.oracle))
