@@ -72,15 +72,17 @@ def test_same_config_and_seed_give_identical_metrics(shared):
     assert strip(metrics(a)) == strip(metrics(b))
 
 
-def test_cached_targets_give_the_live_teacher_loss(shared):
-    cfg = tiny(shared, "cached-vs-live", "stage2.regime=offline")
+@pytest.mark.parametrize("regime", ["offline", "online_teacher"])
+def test_cached_targets_give_the_live_teacher_loss(shared, regime):
+    """Offline: targets cached in the dataset. Online teacher: the logits of the sampling pass."""
+    cfg = tiny(shared, f"cached-vs-live-{regime}", f"stage2.regime={regime}")
     world = build_world(cfg, log=lambda m: None)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     source, _ = make_source(cfg, world, Path(cfg.output_dir), log=lambda m: None)
     student = world.load_student_init()
     loss_fn = make_loss(cfg)
     batch = source.batch(5)
-    assert batch.teacher_target is not None, "the offline regime must serve cached targets by default"
+    assert batch.teacher_target is not None, f"the {regime} regime must serve teacher targets without a forward"
     cached, n1 = loss_on_batch(student, world.teacher, batch, loss_fn, cfg, None, "cpu")
     batch.teacher_target = None  # forces a live teacher forward on the same batch
     live, n2 = loss_on_batch(student, world.teacher, batch, loss_fn, cfg, None, "cpu")

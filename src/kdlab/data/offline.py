@@ -94,13 +94,15 @@ def build_offline_dataset(
     for i in range(0, len(ids), batch_size):
         p_ids, p_mask = ids[i:i + batch_size].to(dev), mask[i:i + batch_size].to(dev)
         s = sample(teacher, p_ids, p_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator)
+                   top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,
+                   return_logits=kind != "none")
         columns["prompt_ids"].append(p_ids.cpu().numpy())
         columns["prompt_mask"].append(p_mask.cpu().numpy())
         columns["response_ids"].append(s.response_ids_BxR.cpu().numpy())
         columns["response_mask"].append(s.response_mask_BxR.cpu().numpy())
         if kind != "none":
-            logp = torch.log_softmax(teacher.response_logits(p_ids, p_mask, s.response_ids_BxR, s.response_mask_BxR), -1)
+            # The sampling pass already computed the teacher's logits at every position (KV cache).
+            logp = torch.log_softmax(s.logits_BxRxV, -1)
             if kind == "full":
                 columns.setdefault("target_logprobs", []).append(logp.cpu().numpy().astype(np.float32))
             else:

@@ -78,15 +78,16 @@ class _OnlineSource:
         idx = torch.randint(0, len(self.prompt_ids), (self.batch_size,), generator=gen)
         return self.prompt_ids[idx], self.prompt_mask[idx]
 
-    def _answer(self, model: LM, step: int, on_policy: bool) -> Batch:
+    def _answer(self, model: LM, step: int, on_policy: bool, keep_logits: bool = False) -> Batch:
         gen = generator_for(self.seed, self.stream, step)
         ids, mask = self._prompts(step, gen)
         p = self.params
         with torch.no_grad():
             s = sample(model, ids.to(model.device), mask.to(model.device), max_new_tokens=p.max_new_tokens,
                        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, eos_token_id=p.eos_token_id,
-                       generator=gen)
-        return Batch(ids, mask, s.response_ids_BxR.cpu(), s.response_mask_BxR.cpu(), on_policy=on_policy)
+                       generator=gen, return_logits=keep_logits)
+        return Batch(ids, mask, s.response_ids_BxR.cpu(), s.response_mask_BxR.cpu(), on_policy=on_policy,
+                     teacher_target=s.logits_BxRxV)
 
 
 class OnlineTeacherSource(_OnlineSource):
@@ -97,7 +98,9 @@ class OnlineTeacherSource(_OnlineSource):
         self.teacher = teacher
 
     def batch(self, step: int, student: LM | None = None) -> Batch:
-        return self._answer(self.teacher, step, on_policy=False)
+        # The teacher's logits at every position come out of its own sampling pass (KV cache):
+        # they are the distillation targets, so the step needs no second teacher forward.
+        return self._answer(self.teacher, step, on_policy=False, keep_logits=True)
 
 
 class OnlineStudentSource(_OnlineSource):

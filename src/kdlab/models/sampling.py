@@ -74,11 +74,16 @@ class Samples(NamedTuple):
     response_mask_BxR: True for generated tokens up to and including the first EOS.
     logprobs_BxR: log q_t(y_t) of the distribution sampled from (after temperature / top-k / top-p),
         float32, 0 where masked (and 0 everywhere for greedy decoding, a point mass).
+    logits_BxRxV: with ``return_logits=True``, the model's raw logits at every response position
+        (before temperature / top-k / top-p), float32; else None. They are the sampler model's full
+        next-token distributions, so a caller that needs them (online distillation from the teacher)
+        does not run the model again on its own samples.
     """
 
     response_ids_BxR: Tensor
     response_mask_BxR: Tensor
     logprobs_BxR: Tensor
+    logits_BxRxV: Tensor | None = None
 
 
 def sample(
@@ -92,6 +97,7 @@ def sample(
     top_p: float | None = None,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    return_logits: bool = False,
 ) -> Samples:
     """Sample ``max_new_tokens`` continuations of left-padded prompts.
 
@@ -131,6 +137,7 @@ def sample(
         eos_token_id=eos_token_id,
         pad_token_id=pad,
         output_scores=not greedy,
+        output_logits=return_logits,
         return_dict_in_generate=True,
         use_cache=True,
     )
@@ -162,4 +169,9 @@ def sample(
             logq_BxV = scores_BxV.float().log_softmax(-1)
             logp_BxR[:, t] = logq_BxV.gather(-1, ids_BxR[:, t : t + 1]).squeeze(-1)
         logp_BxR = logp_BxR.masked_fill(~mask_BxR, 0.0)
-    return Samples(ids_BxR, mask_BxR, logp_BxR)
+    logits_BxRxV = None
+    if return_logits:
+        raw = torch.stack(out.logits, 1).float()  # B×Rp×V; positions after an early stop are masked
+        logits_BxRxV = raw.new_zeros(B, max_new_tokens, raw.shape[-1])
+        logits_BxRxV[:, :Rp] = raw
+    return Samples(ids_BxR, mask_BxR, logp_BxR, logits_BxRxV)
