@@ -26,13 +26,14 @@ def command(
         raise typer.Exit(2)
     # Imported after validation: a config error is reported before torch and transformers load.
     from kdlab.pipeline.distill import RunDirectoryInUse, TrainingDiverged, run
+    from kdlab.pipeline.distributed import launched_rank
 
     try:
         run_dir = run(cfg, resume=resume, log=lambda m: typer.echo(m, err=True))
     except (TrainingDiverged, RunDirectoryInUse, ValueError, RuntimeError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1)
-    if report:
+    if report and launched_rank() == 0:  # under `accelerate launch`, rank 0 alone writes
         write_report_safely([run_dir])
 
 
@@ -44,6 +45,11 @@ def write_report_safely(dirs: list[Path]) -> None:
         return
     path = write_report(dirs)
     typer.echo(f"report: {path}", err=True)
+    import json
+
+    summary = json.loads((path.parent / "summary.json").read_text())
+    if "verdict" in summary:  # a single run: its detectors' verdict in one line
+        typer.echo(f"verdict: {summary['verdict']}", err=True)
 
 
 command.__doc__ += "\n\n\bConfig fields (set them in the YAML file or with --set):\n" + "\n".join(
