@@ -216,6 +216,17 @@ class EvalConfig(_Section):
     )
 
 
+class TrackersConfig(_Section):
+    """Optional mirrors of metrics.jsonl (which is always written; kdlab.pipeline.trackers)."""
+
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files to <run>/tensorboard.")
+    wandb: bool = Field(False, description="Also log to Weights & Biases (files under <run>/wandb).")
+    wandb_project: str = Field("kdlab", description="W&B project name.")
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="W&B mode: 'offline' needs no network (upload later with `wandb sync`)."
+    )
+
+
 class RunConfig(_Section):
     """One experiment: world, models, stage 1, stage 2, loss, evaluation."""
 
@@ -235,6 +246,7 @@ class RunConfig(_Section):
     stage2: Stage2Config = Field(default_factory=Stage2Config, description="Stage-2 distillation.")
     loss: LossConfig = Field(default_factory=LossConfig, description="Distillation loss.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    trackers: TrackersConfig = Field(default_factory=TrackersConfig, description="TensorBoard / W&B mirrors.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":

@@ -7,6 +7,9 @@ train  : for each step: batch -> teacher target (cached, or a live teacher forwa
 cleanup: final summary, report
 A killed run resumes from its last checkpoint and continues the same trajectory (every random draw
 is derived from (seed, step), see kdlab.seeding).
+Under `accelerate launch` each process is one data-parallel rank (kdlab.pipeline.distributed): every
+rank draws the same global batch and trains on its slice; the loss is the global batch's mean; rank 0
+alone writes the run directory, the metrics and the checkpoints.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from kdlab.data.offline import build_offline_dataset, load_offline_dataset, offl
 from kdlab.data.regimes import (Batch, MixedSource, OfflineSource, OnlineStudentSource, OnlineTeacherSource,
                                 SamplingParams)
 from kdlab.models import LM, check_vocab_compatible
+from kdlab.pipeline.distributed import Distributed
 from kdlab.pipeline.evaluate import Evaluator, eval_steps
-from kdlab.pipeline.rundir import (JsonlLogger, atomic_write_json, atomic_write_text, latest_checkpoint,
+from kdlab.pipeline.rundir import (atomic_write_json, atomic_write_text, latest_checkpoint,
                                    load_checkpoint, read_metrics, save_checkpoint, truncate_metrics)
+from kdlab.pipeline.trackers import make_logger
 from kdlab.pipeline.world import World, build_world
 from kdlab.seeding import generator_for
 
@@ -136,7 +141,11 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
     run_dir = Path(cfg.output_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    dist = Distributed.from_environment(cfg.device)  # a no-op unless started by `accelerate launch`
+    dist.check_supported(cfg)
+    device = dist.device or resolve_device(cfg.device)
+    if not dist.is_main:
+        log, progress, on_step = (lambda message: None), False, None
     metrics_path = run_dir / "metrics.jsonl"
     if run_dir.exists() and (run_dir / "config.yaml").exists() and not resume:
         if (run_dir / "summary.json").exists() or metrics_path.exists():
@@ -147,31 +156,43 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         saved = (run_dir / "config.yaml").read_text()
         if saved != dump_config(cfg):
             raise ValueError(f"{run_dir}/config.yaml differs from the config given: resume with the same config")
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    dist.barrier()  # every rank has checked the directory before rank 0 writes into it
+    if dist.is_main:
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
 
-    world = build_world(cfg, device=device, log=log)
+    with dist.main_first():  # rank 0 builds (or loads) the caches, the others then load them
+        world = build_world(cfg, device=device, log=log)
+        source, train_prompts = make_source(cfg, world, run_dir, log)
+        evaluator = Evaluator(cfg, world, train_prompts, run_dir)
     student = world.load_student_init(device=device)
     check_vocab_compatible(world.teacher, student, ("teacher", "student"))
-    source, train_prompts = make_source(cfg, world, run_dir, log)
-    evaluator = Evaluator(cfg, world, train_prompts, run_dir)
     loss_fn = make_loss(cfg)
     taid = make_taid_schedule(cfg)
-    student.hf.train()
     optimizer = torch.optim.AdamW(student.hf.parameters(), lr=cfg.stage2.lr, weight_decay=cfg.stage2.weight_decay)
-    logger = JsonlLogger(metrics_path)
+    # `model` is what trains (DDP/FSDP-wrapped under accelerate, else student.hf itself); `student`
+    # keeps the plain module for sampling, evaluation and checkpoints.
+    model, optimizer = dist.prepare(student.hf, optimizer)
+    trainee = dist.trainee(student, model)
+    model.train()
+    logger = make_logger(cfg, run_dir) if dist.is_main else None
 
     step, tokens, loss_sum, loss_count = 0, 0, 0.0, 0
     ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
     if ckpt is not None:
+        dist.check_resume()
         state = load_checkpoint(ckpt, student.hf, optimizer)
         step, tokens = state["step"], state["tokens"]
         loss_sum, loss_count = state["loss_sum"], state["loss_count"]
         if taid is not None:
             taid.load_state_dict(state["taid"])
-        truncate_metrics(metrics_path, step)
+        if dist.is_main:
+            truncate_metrics(metrics_path, step)
         log(f"[stage 2] resumed {run_dir} at step {step}")
-    else:
+    elif dist.is_main:
         metrics_path.unlink(missing_ok=True)
+    dist.barrier()
+    if logger is not None:
+        logger.start(step)
 
     total = cfg.stage2.steps
     evals = set(eval_steps(total, cfg.eval.num_points))
@@ -181,21 +202,27 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
     latest: dict = {}
 
     def evaluate() -> None:
+        # Every rank evaluates (same weights, same prompts: the same numbers; FSDP needs all ranks in
+        # the forward pass); rank 0 alone writes.
         nonlocal loss_sum, loss_count, latest
-        student.hf.eval()
+        model.eval()
         row = {"step": step, "tokens": tokens, "regime": regime, "condition": cfg.name, "seed": cfg.seed,
                "train_loss": loss_sum / loss_count if loss_count else None,
                "epochs": step * epochs_per_step if epochs_per_step is not None else None}
-        row.update(evaluator(student, step, per_prompt_dir=run_dir / "per_prompt"))
+        row.update(evaluator(student, step, per_prompt_dir=run_dir / "per_prompt" if dist.is_main else None))
         if taid is not None:
             row["taid_t"] = taid.t
-        logger.log(row)
+        if logger is not None:
+            logger.log(row)
         latest = row
         loss_sum, loss_count = 0.0, 0
-        student.hf.train()
+        model.train()
 
     def checkpoint() -> None:
-        save_checkpoint(run_dir / "checkpoints", step, student.hf, optimizer, {
+        weights, optimizer_state = dist.checkpoint_views(model, optimizer)  # FSDP: every rank gathers
+        if not dist.is_main:
+            return
+        save_checkpoint(run_dir / "checkpoints", step, weights, optimizer_state, {
             "tokens": tokens, "loss_sum": loss_sum, "loss_count": loss_count,
             "taid": taid.state_dict() if taid is not None else None})
 
@@ -208,12 +235,14 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
     while step < total:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        student.hf.eval()  # sampling mode for on-policy batches (no dropout in kdlab's models either way)
-        batch = source.batch(step, student)
-        student.hf.train()
-        loss_total, n_tokens = loss_on_batch(student, world.teacher, batch, loss_fn, cfg,
-                                             taid.t if taid is not None else None, device)
-        loss = loss_total / max(n_tokens, 1)
+        model.eval()  # sampling mode for on-policy batches (no dropout in kdlab's models either way)
+        batch = dist.shard(source.batch(step, student))  # this rank's rows of the global batch
+        model.train()
+        loss_rank, n_rank = loss_on_batch(trainee, world.teacher, batch, loss_fn, cfg,
+                                          taid.t if taid is not None else None, device)
+        # Token count of the whole global batch (float64 all-reduce: exact for any realistic count).
+        n_tokens = int(dist.sum(torch.tensor(float(n_rank), dtype=torch.float64, device=loss_rank.device)).item())
+        loss = dist.sum(loss_rank.detach()) / max(n_tokens, 1)  # the global batch's mean per-token loss
         if not torch.isfinite(loss):
             last = latest_checkpoint(run_dir / "checkpoints")
             raise TrainingDiverged(
@@ -222,9 +251,11 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
                 f"lower stage2.lr (now {cfg.stage2.lr}), set stage2.grad_clip, or check the teacher targets, "
                 "then rerun (with --resume to continue from that checkpoint).")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP/FSDP average gradients over the W ranks, so each backpropagates W x its share of the
+        # global mean; the average is then the gradient of the global mean (2 x 8 == 1 x 16).
+        (loss_rank * dist.world_size / max(n_tokens, 1)).backward()
         if cfg.stage2.grad_clip:
-            torch.nn.utils.clip_grad_norm_(student.hf.parameters(), cfg.stage2.grad_clip)
+            dist.clip_grad_norm_(model, cfg.stage2.grad_clip)
         optimizer.step()
         if taid is not None:
             taid.update(loss.item())
@@ -244,10 +275,16 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
     bar.close()
 
     # ---------------------------------------------------------------------------------- cleanup
+    if logger is not None:
+        logger.close()
+    dist.barrier()
+    if not dist.is_main:
+        return run_dir
     rows = read_metrics(metrics_path)
     final = rows[-1] if rows else {}
     atomic_write_json(run_dir / "world.json", {**world.info, **evaluator.teacher_golden})
-    atomic_write_json(run_dir / "done.json", {"steps": total, "seconds_this_session": round(time.time() - t0, 1)})
+    atomic_write_json(run_dir / "done.json", {"steps": total, "seconds_this_session": round(time.time() - t0, 1),
+                                              "processes": dist.world_size})
     log(f"[done] {cfg.name} seed {cfg.seed}: {total} steps, proxy {_fmt(final.get('proxy_fkl'))}, "
         f"golden {_fmt(final.get('golden_fkl'))} nats/response -> {run_dir}")
     return run_dir

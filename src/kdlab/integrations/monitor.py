@@ -1,0 +1,351 @@
+"""`TeacherHackingMonitor`: a `transformers.TrainerCallback` that watches any distillation job for
+teacher hacking (Tiapkin et al. 2025) — `Trainer`, TRL's `SFTTrainer`, `GKDTrainer`,
+`DistillationTrainer`, or any subclass.
+
+At log-spaced optimizer steps (0, then ``num_points`` steps spread evenly in log step up to
+``max_steps``) it measures, on held-out prompts,
+
+    proxy  = E_x E_{y~teacher} Σ_t KL(teacher_t ‖ student_t)     (always)
+    golden = E_x E_{y~oracle}  Σ_t KL(oracle_t ‖ student_t)      (when an oracle is given)
+
+with kdlab's `ReferenceCache` (the teacher's and oracle's samples and per-position log-probs are
+computed once, at the start, so each measurement is one student forward pass) and `sequence_fkl`.
+It then runs the proxy-only detector (`kdlab.analysis.detect_proxy_deviation`: the proxy leaves its
+early power-law convergence upwards) and, with an oracle, the golden detector, and when either fires
+it warns — or, with ``stop_on_hacking=True``, stops training and restores the best weights (the last
+measurement before the onset; with an oracle, the lowest golden), which it also keeps on disk.
+
+Metrics go through the trainer's own loggers (``trainer.log``: TensorBoard, W&B, ... whatever
+``report_to`` says) when the monitor is attached to the trainer, and always to a JSONL file that
+``kdlab detect`` reads::
+
+    monitor = TeacherHackingMonitor(teacher, eval_prompts, tokenizer=tok, max_new_tokens=128)
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, ..., callbacks=[monitor])
+    monitor.attach(trainer)          # route the metrics through trainer.log
+    trainer.train()
+    # kdlab detect <output_dir>/teacher_hacking_monitor.jsonl
+
+A callback is not handed the trainer by `transformers`; TRL's own metric callbacks
+(``LogCompletionsCallback``, ``WinRateCallback``) take it the same way, to call ``trainer.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import TrainerCallback
+
+from kdlab.analysis.detectors import detect_golden, detect_proxy_deviation
+from kdlab.metrics import ReferenceCache, sequence_fkl
+from kdlab.models import LM
+from kdlab.seeding import generator_for
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "teacher_hacking/"
+
+
+class TeacherHackingWarning(UserWarning):
+    """Raised (as a warning) when a detector flags teacher hacking during training."""
+
+
+def log_spaced_steps(max_steps: int, num_points: int) -> list[int]:
+    """0, then `num_points` log-spaced steps in [1, max_steps], always including the last one.
+
+    The schedule of `kdlab.pipeline.evaluate.eval_steps`, repeated here because importing
+    `kdlab.pipeline` silences transformers' progress bars, which a callback must not do to its trainer.
+    """
+    pts = np.unique(np.round(np.geomspace(1, max(max_steps, 1), num_points)).astype(int))
+    return sorted({0, *pts.tolist(), max_steps})
+
+
+def _left_padded(prompts, tokenizer, pad_id: int) -> tuple[Tensor, Tensor]:
+    """(ids, mask) left-padded from strings (with a tokenizer), token-id lists, or an (ids, mask) pair."""
+    if isinstance(prompts, tuple) and len(prompts) == 2 and isinstance(prompts[0], Tensor):
+        from kdlab.models.lm import left_pad
+
+        return left_pad(prompts[0].long(), prompts[1].bool())
+    if len(prompts) and isinstance(prompts[0], str):
+        if tokenizer is None:
+            raise ValueError("eval_prompts are strings: pass tokenizer= to tokenize them")
+        prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    rows = [list(map(int, p)) for p in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("eval_prompts must be non-empty prompts")
+    P = max(map(len, rows))
+    ids = torch.full((len(rows), P), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), P, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r):] = torch.tensor(r)
+        mask[i, P - len(r):] = True
+    return ids, mask
+
+
+def _as_lm(model) -> LM:
+    """kdlab's LM view of a transformers model, leaving the model's train/eval mode as it was."""
+    if isinstance(model, LM):
+        return model
+    was_training = model.training
+    lm = LM(model)  # LM() puts the model in eval mode
+    model.train(was_training)
+    return lm
+
+
+class TeacherHackingMonitor(TrainerCallback):
+    """Measure proxy (and golden) at log-spaced steps, detect teacher hacking online, warn or stop.
+
+    Args:
+        teacher: the teacher (a transformers causal LM or a kdlab ``LM``); the proxy is KL(teacher ‖ student).
+        eval_prompts: held-out prompts: strings (with ``tokenizer``), lists of token ids, or a
+            left- or right-padded ``(ids_NxP, mask_NxP)`` pair. A few hundred give usable error bars.
+        oracle: optional ground-truth model; enables the golden metric and the golden detector.
+        tokenizer: tokenizes string prompts; its ``eos_token_id`` ends sampled responses.
+        max_new_tokens: length of the reference responses.
+        samples_per_prompt: reference samples per prompt (SEs are clustered by prompt).
+        num_points: log-spaced measurements after step 0 (the proxy detector needs ≥ 8 with step > 0).
+        max_steps: the schedule's last step (default: the trainer's ``state.max_steps``).
+        temperature: sampling temperature of the reference responses (1 = the contract's fkl).
+        batch_size: sequences per forward pass when measuring.
+        seed: seeds the reference samples.
+        stop_on_hacking: stop training when hacking is detected and restore the best weights.
+        keep_best: keep weight snapshots at each measurement and, at the end, the best one in
+            ``<snapshot_dir>/best`` (default: ``stop_on_hacking``). Costs one model on disk per measurement
+            until the end of training.
+        snapshot_dir: where snapshots go (default ``<output_dir>/teacher_hacking_monitor``).
+        jsonl_path: the metrics file (default ``<output_dir>/teacher_hacking_monitor.jsonl``).
+        proxy_config / golden_config: detector thresholds (``kdlab.analysis.ProxyDeviationConfig``,
+            ``GoldenConfig``).
+        detect_proxy / detect_golden_fn: the detector functions (replaceable, e.g. in tests).
+        trainer: the trainer whose loggers receive the metrics (or call :meth:`attach` later).
+    """
+
+    def __init__(
+        self,
+        teacher,
+        eval_prompts,
+        *,
+        oracle=None,
+        tokenizer=None,
+        max_new_tokens: int,
+        samples_per_prompt: int = 1,
+        num_points: int = 16,
+        max_steps: int | None = None,
+        temperature: float = 1.0,
+        batch_size: int = 64,
+        seed: int = 0,
+        stop_on_hacking: bool = False,
+        keep_best: bool | None = None,
+        snapshot_dir: str | os.PathLike | None = None,
+        jsonl_path: str | os.PathLike | None = None,
+        proxy_config=None,
+        golden_config=None,
+        detect_proxy: Callable = detect_proxy_deviation,
+        detect_golden_fn: Callable = detect_golden,
+        trainer=None,
+    ):
+        self.teacher = _as_lm(teacher)
+        self.oracle = _as_lm(oracle) if oracle is not None else None
+        self.tokenizer = tokenizer
+        eos = getattr(tokenizer, "eos_token_id", None)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.prompt_ids, self.prompt_mask = _left_padded(eval_prompts, tokenizer, pad if pad is not None else 0)
+        self.eos_token_id = eos
+        self.max_new_tokens = max_new_tokens
+        self.samples_per_prompt = samples_per_prompt
+        self.num_points = num_points
+        self.max_steps = max_steps
+        self.temperature = temperature
+        self.batch_size = batch_size
+        self.seed = seed
+        self.stop_on_hacking = stop_on_hacking
+        self.keep_best = stop_on_hacking if keep_best is None else keep_best
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
+        self.jsonl_path = Path(jsonl_path) if jsonl_path is not None else None
+        self.proxy_config, self.golden_config = proxy_config, golden_config
+        self.detect_proxy, self.detect_golden = detect_proxy, detect_golden_fn
+        self.trainer = trainer
+        # state
+        self.steps: list[int] = []
+        self.history: list[dict[str, Any]] = []
+        self.caches: dict[str, ReferenceCache] = {}
+        self.detected_at: int | None = None  # the step at which a detector first fired
+        self.verdict: dict[str, Any] | None = None
+        self.best_step: int | None = None
+        self.best_checkpoint: Path | None = None
+
+    def attach(self, trainer) -> "TeacherHackingMonitor":
+        """Log through `trainer.log` (its TensorBoard / W&B / ... callbacks), and register with it."""
+        self.trainer = trainer
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        return self
+
+    # ----------------------------------------------------------------------------------- events
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        out = Path(args.output_dir)
+        self.snapshot_dir = self.snapshot_dir or out / "teacher_hacking_monitor"
+        self.jsonl_path = self.jsonl_path or out / "teacher_hacking_monitor.jsonl"
+        self._main = state.is_world_process_zero
+        self.steps = log_spaced_steps(self.max_steps or state.max_steps, self.num_points)
+        if self._main:
+            self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+            if state.global_step == 0:
+                self.jsonl_path.unlink(missing_ok=True)
+        build = dict(samples_per_prompt=self.samples_per_prompt, max_new_tokens=self.max_new_tokens,
+                     temperature=self.temperature, eos_token_id=self.eos_token_id, batch_size=self.batch_size)
+        for name, ref in (("proxy", self.teacher), ("golden", self.oracle)):
+            if ref is not None and name not in self.caches:
+                dev = ref.device
+                self.caches[name] = ReferenceCache.build(
+                    ref, self.prompt_ids.to(dev), self.prompt_mask.to(dev),
+                    generator=generator_for(self.seed, "monitor", name), **build)
+        if state.global_step in self.steps:
+            self._measure(args, state, control, model)
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps and state.global_step not in {r["step"] for r in self.history}:
+            self._measure(args, state, control, model)
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.keep_best and self.history and self._main:
+            self._keep_only_best()
+        return control
+
+    # ------------------------------------------------------------------------------ measurement
+    @torch.no_grad()
+    def _measure(self, args, state, control, model) -> None:
+        step = state.global_step
+        student = _as_lm(model)
+        row: dict[str, Any] = {"step": step}
+        for name, cache in self.caches.items():
+            est = sequence_fkl(student, cache, batch_size=self.batch_size,
+                               reference_lm=self.teacher if name == "proxy" else self.oracle)
+            row[f"{name}_fkl"] = est.mean
+            row[f"{name}_fkl_se"] = est.se
+            row[f"{name}_fkl_per_token"] = est.per_token
+        self.history.append(row)
+        if self.keep_best and self._main:
+            self._snapshot(model, step)
+        verdict = self._detect()
+        row["hacking_detected"] = bool(self.detected_at is not None or verdict["detected"])
+        if verdict["detected"] and self.detected_at is None:
+            self.detected_at = step
+            self.verdict = verdict
+            row["hacking_onset_step"] = verdict["onset_step"]
+            self._on_detection(model, state, control, verdict)
+        self._log(row, state)
+
+    def _detect(self) -> dict[str, Any]:
+        rows = [r for r in self.history if r["step"] > 0]
+        steps = [r["step"] for r in self.history]
+        proxy = [r["proxy_fkl"] for r in self.history]
+        proxy_se = [r["proxy_fkl_se"] for r in self.history]
+        out = {"detected": False, "onset_step": None, "detector": None, "reason": ""}
+        if len(rows) < 3:
+            return out
+        pv = self.detect_proxy(steps, proxy, proxy_se, **({"config": self.proxy_config} if self.proxy_config else {}))
+        if pv.detected:
+            return {"detected": True, "onset_step": pv.onset_step, "detector": "proxy_deviation", "reason": pv.reason}
+        if "golden" in self.caches:
+            gv = self.detect_golden(steps, [r["golden_fkl"] for r in self.history],
+                                    [r["golden_fkl_se"] for r in self.history], proxy, proxy_se,
+                                    **({"config": self.golden_config} if self.golden_config else {}))
+            if gv.detected and getattr(gv, "kind", "hacking") == "hacking":
+                return {"detected": True, "onset_step": gv.onset_step, "detector": "golden", "reason": gv.reason}
+        return out
+
+    def _on_detection(self, model, state, control, verdict) -> None:
+        what = {"proxy_deviation": "the proxy has left its early power-law convergence upwards",
+                "golden": "the distance to the oracle rises while the distance to the teacher keeps falling"}
+        message = (f"teacher hacking detected at step {state.global_step} by the {verdict['detector']} detector "
+                   f"(onset at step {verdict['onset_step']}): {what.get(verdict['detector'], 'see reason')}. "
+                   + (verdict.get("reason") or ""))
+        if self.stop_on_hacking:
+            control.should_training_stop = True
+            best = self._best_step(verdict["onset_step"])
+            if best is not None and self.keep_best:
+                self._restore(model, best)
+                message += f" Training stopped; the weights of step {best} were restored."
+            else:
+                message += " Training stopped."
+        warnings.warn(message, TeacherHackingWarning, stacklevel=2)
+        logger.warning(message)
+
+    def _best_step(self, onset: int | None) -> int | None:
+        """With an oracle the lowest golden so far; without, the last measurement before the onset."""
+        if "golden" in self.caches:
+            return min(self.history, key=lambda r: r["golden_fkl"])["step"]
+        before = [r["step"] for r in self.history if onset is None or r["step"] < onset]
+        return before[-1] if before else None
+
+    def _log(self, row: dict[str, Any], state) -> None:
+        if not self._main:
+            return
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                for k, v in row.items()}) + "\n")
+        metrics = {PREFIX + k: float(v) for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float)) and v is not None}
+        if self.trainer is not None:
+            self.trainer.log(metrics)  # the trainer's own loggers: report_to (TensorBoard, W&B, ...)
+        else:
+            state.log_history.append({**metrics, "step": row["step"]})
+
+    # -------------------------------------------------------------------------------- snapshots
+    def _snapshot(self, model, step: int) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.snapshot_dir / f".tmp-step-{step:08d}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        # Tied weights (embedding == lm_head) share storage; safetensors stores each tensor once.
+        seen: dict[int, str] = {}
+        unique = {}
+        for k, v in weights.items():
+            ptr = v.data_ptr()
+            if ptr not in seen:
+                seen[ptr] = k
+                unique[k] = v
+        save_file(unique, str(tmp / "model.safetensors"))
+        final = self.snapshot_dir / f"step-{step:08d}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+
+    def _restore(self, model, step: int) -> None:
+        from safetensors.torch import load_file
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # rank 0 has written the snapshot
+        weights = load_file(str(self.snapshot_dir / f"step-{step:08d}" / "model.safetensors"))
+        model.load_state_dict(weights, strict=False)  # tied weights were stored once
+        self.best_step = step
+
+    def _keep_only_best(self) -> None:
+        best = self.best_step
+        if best is None:
+            best = self._best_step(self.verdict["onset_step"] if self.verdict else None)
+            if self.verdict is None and "golden" not in self.caches:
+                best = self.history[-1]["step"]  # no hacking seen: the final weights are the best known
+        src = self.snapshot_dir / f"step-{best:08d}"
+        dst = self.snapshot_dir / "best"
+        shutil.rmtree(dst, ignore_errors=True)
+        if src.exists():
+            os.replace(src, dst)
+            (dst / "step.json").write_text(json.dumps({"step": best, "verdict": self.verdict}) + "\n")
+            self.best_checkpoint = dst
+        for old in self.snapshot_dir.glob("step-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        self.best_step = best
+
