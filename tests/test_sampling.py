@@ -192,3 +192,18 @@ def test_argument_checks():
                dict(max_new_tokens=2, top_p=0.0), dict(max_new_tokens=2, top_p=1.5)):
         with pytest.raises(ValueError):
             sample(lm, x, **kw)
+
+
+def test_returned_logits_are_the_model_logits_along_the_samples():
+    """return_logits=True: the sampling pass's raw (T = 1, unfiltered) logits == a forward pass."""
+    lm = tiny_lm(scale=1.0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (6, 4), generator=g)
+    mask = torch.ones(6, 4, dtype=torch.bool)
+    mask[0, :2] = mask[3, :1] = False  # left padding
+    s = sample(lm, ids, mask, max_new_tokens=5, temperature=0.7, top_k=3, eos_token_id=2, generator=g,
+               return_logits=True)
+    assert sample(lm, ids, mask, max_new_tokens=5, generator=g).logits_BxRxV is None
+    live = lm.response_logits(ids, mask, s.response_ids_BxR, s.response_mask_BxR)
+    m = s.response_mask_BxR
+    torch.testing.assert_close(s.logits_BxRxV[m], live[m], atol=1e-5, rtol=1e-5)

@@ -10,8 +10,8 @@ With T = 1 and no filters q_t = p, so the returned log-probs equal ``LM.response
 
 Implementation: a wrapper over ``model.generate`` (KV cache, left padding, EOS handling, any HF
 causal LM). A hand-written loop with a ``DynamicCache`` was measured against it on the bench
-workload (bench/sampling.py): about 1.35-1.45x faster, because the model's own forward dominates
-each step of a small model and both paths pay it. That is below the 1.5x that would justify keeping
+workload (bench/sampling.py): about 1.4x faster (1.38x median in the recorded run), because the
+model's own forward dominates each step of a small model and both paths pay it. That is below the 1.5x that would justify keeping
 a second decoding loop, so ``generate`` stays (numbers and the loop in bench/RESULTS.md and
 bench/sampling.py). What the wrapper adds:
 
