@@ -162,6 +162,14 @@ class SamplingConfig(_Section):
     temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature.")
     top_k: int | None = Field(None, ge=1, description="Top-k sampling (None = off).")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling (None = off).")
+    backend: Literal["builtin", "vllm"] = Field(
+        "builtin",
+        description="Sampler of the online regimes: 'builtin' (transformers generate, anywhere) or 'vllm' "
+        "(vLLM engines on the GPU for the teacher and the weight-synced student; needs kdlab[vllm]).",
+    )
+    vllm_gpu_memory: float = Field(
+        0.3, gt=0, lt=1, description="vllm backend: fraction of GPU memory each vLLM engine may take."
+    )
 
 
 class Stage2Config(_Section):

@@ -12,6 +12,7 @@ seed and the step number, so a resumed run sees exactly the batches an uninterru
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -19,7 +20,7 @@ from torch import Tensor
 from kdlab.data.offline import OfflineData
 from kdlab.losses import SparseTarget
 from kdlab.models import LM
-from kdlab.models.sampling import sample
+from kdlab.models.sampling import Samples, sample
 from kdlab.seeding import generator_for
 
 
@@ -40,6 +41,7 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     eos_token_id: int | None = None
+    sampler: Callable[..., Samples] = sample  # the backend (kdlab.models.vllm_backend.make_sampler)
 
 
 class OfflineSource:
@@ -83,7 +85,7 @@ class _OnlineSource:
         ids, mask = self._prompts(step, gen)
         p = self.params
         with torch.no_grad():
-            s = sample(model, ids.to(model.device), mask.to(model.device), max_new_tokens=p.max_new_tokens,
+            s = p.sampler(model, ids.to(model.device), mask.to(model.device), max_new_tokens=p.max_new_tokens,
                        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, eos_token_id=p.eos_token_id,
                        generator=gen, return_logits=keep_logits)
         return Batch(ids, mask, s.response_ids_BxR.cpu(), s.response_mask_BxR.cpu(), on_policy=on_policy,

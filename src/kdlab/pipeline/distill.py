@@ -28,6 +28,8 @@ from kdlab.data.offline import build_offline_dataset, load_offline_dataset, offl
 from kdlab.data.regimes import (Batch, MixedSource, OfflineSource, OnlineStudentSource, OnlineTeacherSource,
                                 SamplingParams)
 from kdlab.models import LM, check_vocab_compatible
+from kdlab.models.sampling import sample
+from kdlab.models.vllm_backend import check_backend, make_sampler
 from kdlab.pipeline.distributed import Distributed
 from kdlab.pipeline.evaluate import Evaluator, eval_steps
 from kdlab.pipeline.rundir import (atomic_write_json, atomic_write_text, latest_checkpoint,
@@ -66,13 +68,18 @@ def make_taid_schedule(cfg: RunConfig):
                                alpha=c.taid_step_size, beta=c.taid_momentum)
 
 
-def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | None = None):
+def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | None = None, sampler=None):
     """The stage-2 batch source of the configured regime, and the prompts it trains on."""
     s2 = cfg.stage2
     regime = regime or s2.regime
     pool_ids, pool_mask = world.prompts["stage2"]
-    params = SamplingParams(max_new_tokens=cfg.world.response_length, temperature=s2.sampling.temperature,
-                            top_k=s2.sampling.top_k, top_p=s2.sampling.top_p)
+    sp = s2.sampling
+    if sampler is None:  # the online regimes' sampler: transformers generate, or vLLM engines
+        sampler = sample if regime == "offline" else make_sampler(
+            sp.backend, teacher=world.teacher, teacher_dir=world.directory / "teacher",
+            student_dir=world.directory / "student_init", gpu_memory_utilization=sp.vllm_gpu_memory, seed=cfg.seed)
+    params = SamplingParams(max_new_tokens=cfg.world.response_length, temperature=sp.temperature,
+                            top_k=sp.top_k, top_p=sp.top_p, sampler=sampler)
     if regime == "offline":
         o = s2.offline
         # The run seed chooses which prompts of the pool form the dataset (the seed varies the data).
@@ -92,7 +99,7 @@ def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | 
     if regime == "online_student":
         return OnlineStudentSource(pool_ids, pool_mask, s2.batch_size, cfg.seed, params), (pool_ids, pool_mask)
     if regime == "mixed":
-        other, prompts = make_source(cfg, world, run_dir, log, regime=s2.mixed.other)
+        other, prompts = make_source(cfg, world, run_dir, log, regime=s2.mixed.other, sampler=sampler)
         on_policy = OnlineStudentSource(pool_ids, pool_mask, s2.batch_size, cfg.seed, params)
         return MixedSource(on_policy, other, s2.mixed.lmbda, cfg.seed), prompts
     raise ValueError(f"unknown regime {regime!r}")
@@ -143,6 +150,8 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         torch.set_num_threads(cfg.threads)
     dist = Distributed.from_environment(cfg.device)  # a no-op unless started by `accelerate launch`
     dist.check_supported(cfg)
+    if cfg.stage2.regime != "offline":
+        check_backend(cfg.stage2.sampling.backend)  # a missing vLLM is reported before any work
     device = dist.device or resolve_device(cfg.device)
     if not dist.is_main:
         log, progress, on_step = (lambda message: None), False, None
