@@ -1,4 +1,5 @@
-"""Data parallel under `accelerate launch`: 2 processes x batch 8 == 1 process x batch 16 (CPU, gloo).
+"""Data parallel under `accelerate launch`: 2 processes x batch 8 == 1 process x batch 16 (CPU, gloo),
+for the stage-1 SFT and for stage 2.
 
 accelerate 1.15's `--cpu` flag starts a single process (its multi-CPU launcher needs mpirun), so the
 CPU test launches through torch's elastic launcher (`--multi_gpu`) with `device: cpu` in the config:
@@ -65,6 +66,16 @@ def test_two_processes_equal_one_process_and_resume(tmp_path):
     out = _launch(two, tmp_path / "cache2")  # its own cache: stage 1 is built under the launch too
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((two / "done.json").read_text())["processes"] == 2
+    # Stage 1 was built by both ranks (data-parallel SFT): the same teacher and student init.
+    from safetensors.torch import load_file
+
+    (w1,), (w2,) = (list((tmp_path / c).glob("stage1-*")) for c in ("cache1", "cache2"))
+    assert json.loads((w2 / "world.json").read_text())["processes"] == 2
+    for who in ("teacher", "student_init"):
+        a, b = (load_file(str(w / who / "model.safetensors")) for w in (w1, w2))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     _assert_same_metrics(read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl"))
     # Written once, by rank 0: one log line for the finished run, one row per evaluation step.
     assert out.stderr.count("[done]") == 1

@@ -169,8 +169,8 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
     if dist.is_main:
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
 
+    world = build_world(cfg, device=device, log=log, dist=dist)  # stage 1: every rank trains, rank 0 writes
     with dist.main_first():  # rank 0 builds (or loads) the caches, the others then load them
-        world = build_world(cfg, device=device, log=log)
         source, train_prompts = make_source(cfg, world, run_dir, log)
         evaluator = Evaluator(cfg, world, train_prompts, run_dir)
     student = world.load_student_init(device=device)

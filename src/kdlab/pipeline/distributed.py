@@ -188,6 +188,19 @@ class Distributed:
         weights = self.accelerator.get_state_dict(model)
         return _StateOnly(weights), _StateOnly({"state": {}, "param_groups": []})
 
+    def full_weights(self, module: torch.nn.Module) -> dict[str, Tensor] | None:
+        """Under FSDP the whole model's weights, gathered from the shards (every rank must call);
+        otherwise None: the module holds its full weights and saves them itself."""
+        return self.accelerator.get_state_dict(module) if self.uses_fsdp() else None
+
+    def main_says(self, flag: bool) -> bool:
+        """Rank 0's value of `flag` on every rank (a decision all ranks must take together)."""
+        if not self.enabled:
+            return flag
+        from accelerate.utils import broadcast_object_list
+
+        return bool(broadcast_object_list([flag], from_process=0)[0])
+
     def check_resume(self) -> None:
         if self.uses_fsdp():
             raise NotImplementedError(

@@ -3,7 +3,8 @@
 Stage 1 is cached by a hash of everything it depends on (`RunConfig.stage1_key`): every stage-2 run
 of a sweep loads the same oracle, teacher and student init instead of training them again. The cache
 entry is built in a temporary directory and renamed into place, so a killed build leaves nothing that
-looks finished.
+looks finished. Under `accelerate launch` every rank takes part in the SFT (data parallel, each rank
+on its slice of the global minibatch, loss = global token mean); rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from kdlab.config import ArchConfig, RunConfig, SFTConfig
 from kdlab.models import LM, check_vocab_compatible, make_synthetic_oracle, tiny_llama_config
 from kdlab.models.sampling import sample
+from kdlab.pipeline.distributed import Distributed
 from kdlab.seeding import generator_for
 
 POOLS = ("stage1", "stage2", "eval")
@@ -112,35 +114,48 @@ def _oracle_samples(oracle: LM, ids, mask, max_new_tokens: int, seed: int, batch
 
 
 def sft(lm: LM, prompt_ids, prompt_mask, response_ids, response_mask, budget: SFTConfig, seed: int,
-        desc: str) -> list[float]:
+        desc: str, dist: Distributed | None = None) -> list[float]:
     """Stage-1 SFT: cross-entropy on response tokens, Adam, minibatches drawn with a seeded generator.
 
+    With `dist` (several ranks) each rank trains on its slice of the same global minibatch and the
+    loss is the global token mean, as in stage 2 (kdlab.pipeline.distributed).
     Returns the per-step training losses (nats per token)."""
+    dist = dist or Distributed(None)
     n = len(prompt_ids)
+    batch = min(budget.batch_size, n)
+    dist.check_batch_size(batch, f"stage1.{desc.replace('_init', '')}.batch_size")
     gen = generator_for(seed, f"sft-{desc}")
     params = [p for p in lm.hf.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=budget.lr)
+    model, opt = dist.prepare(lm.hf, opt)
+    trainee = dist.trainee(lm, model)
     losses = []
-    lm.hf.train()
-    for _ in tqdm(range(budget.steps), desc=f"stage 1: {desc}", leave=False, disable=None):
-        idx = torch.randint(0, n, (min(budget.batch_size, n),), generator=gen)
+    model.train()
+    for _ in tqdm(range(budget.steps), desc=f"stage 1: {desc}", leave=False, disable=None if dist.is_main else True):
+        idx = dist.shard_indices(torch.randint(0, n, (batch,), generator=gen))  # this rank's rows
         dev = lm.device
-        logp_BxR = lm.response_logprobs(prompt_ids[idx].to(dev), prompt_mask[idx].to(dev),
-                                        response_ids[idx].to(dev), response_mask[idx].to(dev))
-        loss = -logp_BxR.sum() / response_mask[idx].sum().clamp_min(1)
+        logp_BxR = trainee.response_logprobs(prompt_ids[idx].to(dev), prompt_mask[idx].to(dev),
+                                             response_ids[idx].to(dev), response_mask[idx].to(dev))
+        count = dist.sum(response_mask[idx].sum().to(dev, torch.float64))  # tokens in the global minibatch
+        loss_rank = -logp_BxR.sum()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # One process: the plain mean. Several: DDP averages, so W x this rank's share (see distributed.py).
+        (loss_rank * dist.world_size / count.clamp_min(1)).backward()
         opt.step()
-        losses.append(loss.item())
-    lm.hf.eval()
+        losses.append((dist.sum(loss_rank.detach().double()) / count.clamp_min(1)).item())
+    model.eval()
     return losses
 
 
-def build_world(cfg: RunConfig, device="cpu", log=print) -> World:
-    """Load stage 1 from the cache, or build it (oracle, pools, teacher SFT, student-init SFT) once."""
+def build_world(cfg: RunConfig, device="cpu", log=print, dist: Distributed | None = None) -> World:
+    """Load stage 1 from the cache, or build it (oracle, pools, teacher SFT, student-init SFT) once.
+
+    With `dist`, every rank must call this: all take part in building, rank 0 writes."""
+    dist = dist or Distributed(None)
     root = cfg.resolved_cache_dir() / f"stage1-{cfg.stage1_key()}"
-    if not (root / "world.json").exists():
-        _build_stage1(cfg, root, device, log)
+    if dist.main_says(not (root / "world.json").exists()):
+        _build_stage1(cfg, root, device, log, dist)
+    dist.barrier()  # rank 0 has renamed the finished cache entry into place
     info = json.loads((root / "world.json").read_text())
     pools_t = load_file(str(root / "prompts.safetensors"))
     prompts = {name: (pools_t[f"{name}.ids"], pools_t[f"{name}.mask"].bool()) for name in POOLS}
@@ -156,17 +171,20 @@ def build_world(cfg: RunConfig, device="cpu", log=print) -> World:
     return World(directory=root, oracle=oracle, teacher=teacher, prompts=prompts, info=info)
 
 
-def _build_stage1(cfg: RunConfig, root: Path, device, log) -> None:
+def _build_stage1(cfg: RunConfig, root: Path, device, log, dist: Distributed) -> None:
     t0 = time.time()
     w = cfg.world
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-stage1-"))
+    tmp = None
+    if dist.is_main:  # the other ranks compute alongside rank 0 (same seeds) and write nothing
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-stage1-"))
     try:
         log(f"[stage 1] building the world ({root.name})")
         if w.oracle == "none":
-            _build_without_oracle(cfg, tmp, device, log)
-            (tmp / "world.json").write_text(json.dumps({"stage1_key": cfg.stage1_key(), "oracle": None}))
-            os.replace(tmp, root)
+            if tmp is not None:
+                _build_without_oracle(cfg, tmp, device, log)
+                (tmp / "world.json").write_text(json.dumps({"stage1_key": cfg.stage1_key(), "oracle": None}))
+                os.replace(tmp, root)
             return
         if w.oracle == "synthetic":
             s = w.synthetic
@@ -177,11 +195,13 @@ def _build_stage1(cfg: RunConfig, root: Path, device, log) -> None:
                 max_position_embeddings=max(64, w.prompt_length + w.response_length),
             )
             oracle.hf.to(device)
-            oracle.save(tmp / "oracle")
+            if tmp is not None:
+                oracle.save(tmp / "oracle")
         else:
             oracle = LM.load(_hf_path(w.oracle), device=device)
         prompts = _make_prompts(cfg, oracle, device, oracle.vocab_size)
-        _save_prompts(prompts, tmp)
+        if tmp is not None:
+            _save_prompts(prompts, tmp)
         ids, mask = prompts["stage1"]
         n = max(cfg.stage1.teacher.num_samples, cfg.stage1.student.num_samples)
         r_ids, r_mask = _oracle_samples(oracle, ids[:n], mask[:n], w.response_length, w.seed)
@@ -194,20 +214,25 @@ def _build_stage1(cfg: RunConfig, root: Path, device, log) -> None:
             lm = _new_model(arch, oracle.vocab_size, max_len, w.seed + seed_offset, device)
             check_vocab_compatible(oracle, lm, ("oracle", who))
             k = budget.num_samples
-            losses = sft(lm, ids[:k], mask[:k], r_ids[:k], r_mask[:k], budget, w.seed, who)
-            lm.save(tmp / who)
+            losses = sft(lm, ids[:k], mask[:k], r_ids[:k], r_mask[:k], budget, w.seed, who, dist)
+            gathered = dist.full_weights(lm.hf)  # FSDP: every rank takes part in the gather; else None
+            if tmp is not None:
+                lm.save(tmp / who) if gathered is None else lm.hf.save_pretrained(tmp / who, state_dict=gathered)
             info[who] = {"sft_final_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1) if losses else None,
                          "num_parameters": sum(p.numel() for p in lm.hf.parameters())}
             log(f"[stage 1] {who}: {budget.steps} SFT steps on {k} oracle samples, "
                 f"final loss {info[who]['sft_final_loss'] or float('nan'):.3f} nats/token")
+        if tmp is None:
+            return
         info["seconds"] = round(time.time() - t0, 1)
+        info["processes"] = dist.world_size
         (tmp / "world.json").write_text(json.dumps(info, indent=2))
         if root.exists():  # a concurrent builder finished first: keep theirs
             shutil.rmtree(tmp)
         else:
             os.replace(tmp, root)
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
