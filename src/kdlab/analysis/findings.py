@@ -129,25 +129,32 @@ def check_findings(groups: dict[str, list[RunAnalysis]], *, offline: str, online
                                 "left to right, the ends apart by > 2 SE)",
                                 {b: ordering(names, b) for b in budgets}))
 
-    # 4. proxy-only agreement with golden
+    # 4. proxy-only agreement with golden. The golden detector tells three outcomes apart (hacking,
+    # over-fitting, none); the proxy-only detector sees the proxy only, so on an over-fitting run
+    # (held-out proxy rising with golden) it fires too. The finding is about hacking vs healthy
+    # runs, so it is judged on the runs the golden detector calls hacking or none; the raw agreement
+    # over every run, over-fitting included, is reported beside it.
     def f4(b):
-        pairs = [(g.detected, p.detected, g.onset_step, p.onset_step)
-                 for runs in verdicts[b].values() for g, p in runs if g is not None]
-        if not pairs:
-            return None, pairs
-        agree = sum(gd == pd for gd, pd, _, _ in pairs)
-        if not any(gd for gd, _, _, _ in pairs):
-            return None, pairs  # no run hacked: agreement on "nothing" says nothing about detection
-        return agree / len(pairs) >= 0.8, pairs
+        rows = [(g.kind, p.detected, g.onset_step, p.onset_step)
+                for runs in verdicts[b].values() for g, p in runs if g is not None]
+        judged = [(k == "hacking", pd) for k, pd, _, _ in rows if k in ("hacking", "none")]
+        if not judged or not any(gd for gd, _ in judged):
+            return None, rows  # no run hacked: agreement on "nothing" says nothing about detection
+        return sum(gd == pd for gd, pd in judged) / len(judged) >= 0.8, rows
 
-    holds, pairs = f4(full)
-    if pairs:
-        agree = sum(gd == pd for gd, pd, _, _ in pairs)
-        lags = [po - go for gd, pd, go, po in pairs if gd and pd and go is not None and po is not None]
-        misses = sum(gd and not pd for gd, pd, _, _ in pairs)
-        false_alarms = sum(pd and not gd for gd, pd, _, _ in pairs)
-        ev = (f"verdicts agree on {agree}/{len(pairs)} runs ({agree / len(pairs):.0%}; holds at >= 80%); "
-              f"missed {misses}, false alarms {false_alarms}; onset lag (proxy − golden) "
+    holds, rows = f4(full)
+    if rows:
+        judged = [(k == "hacking", pd) for k, pd, _, _ in rows if k in ("hacking", "none")]
+        agree = sum(gd == pd for gd, pd in judged)
+        raw = sum((k == "hacking") == pd for k, pd, _, _ in rows)
+        overfit = [pd for k, pd, _, _ in rows if k == "overfitting"]
+        lags = [po - go for k, pd, go, po in rows if k == "hacking" and pd and go is not None and po is not None]
+        misses = sum(gd and not pd for gd, pd in judged)
+        false_alarms = sum(pd and not gd for gd, pd in judged)
+        ev = (f"on runs golden calls hacking or healthy: {agree}/{len(judged)} agree "
+              f"({agree / max(len(judged), 1):.0%}; holds at >= 80%), missed {misses}, false alarms {false_alarms}; "
+              f"over-fitting runs (not hacking) flagged by proxy-only: {sum(overfit)}/{len(overfit)}; "
+              f"raw agreement over all runs {raw}/{len(rows)}; onset lag (proxy − golden) "
               + (f"median {statistics.median(lags):+.0f} steps (range {min(lags):+d}..{max(lags):+d})" if lags else "n/a"))
     else:
         ev = "no runs with an oracle"

@@ -12,13 +12,13 @@ import multiprocessing as mp
 import queue
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from kdlab.config import RunConfig, build_config, load_config
+from kdlab.config import RunConfig, build_config
 from kdlab.pipeline.distill import is_finished, run
 from kdlab.pipeline.evaluate import Evaluator
 from kdlab.pipeline.world import build_world
@@ -33,9 +33,12 @@ class Condition:
     overrides: list[str] = field(default_factory=list)
 
 
-def study_configs(base: RunConfig, conditions: list[Condition], seeds: list[int], out: Path) -> list[RunConfig]:
+def study_configs(base: RunConfig, conditions: list[Condition], seeds: list[int], out: Path,
+                  cache_dir: Path | None = None) -> list[RunConfig]:
+    """One config per (condition, seed), run directories `<out>/<condition>/seed-<s>`. Stage 1 is
+    cached in `cache_dir` (default `<out>/.kdlab-cache`; pass a shared one to reuse a world)."""
     data = base.model_dump(mode="json")
-    cache = str(out / ".kdlab-cache")
+    cache = str(cache_dir or out / ".kdlab-cache")
     configs = []
     for cond in conditions:
         for seed in seeds:
