@@ -33,7 +33,12 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write every setting's numbers here")
     args = ap.parse_args()
 
-    runs = [r for r in (analyse(d) for d in find_runs(args.paths)) if r.golden is not None]
+    everything = [r for r in (analyse(d) for d in find_runs(args.paths)) if r.golden is not None]
+    # Judged on runs the golden detector calls hacking or healthy; over-fitting runs (held-out proxy
+    # rising with golden) are a different failure the proxy-only detector cannot tell from hacking.
+    runs = [r for r in everything if r.golden.kind in ("hacking", "none")]
+    overfit = [r for r in everything if r.golden.kind == "overfitting"]
+    print(f"{len(everything)} runs with an oracle; {len(overfit)} over-fitting runs set aside")
     if not runs:
         raise SystemExit("no runs with a golden metric found")
     truth = [r.golden.detected for r in runs]
