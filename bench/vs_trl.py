@@ -1,0 +1,265 @@
+"""kdlab's distillation loop vs TRL's GKDTrainer on the same tiny Llama workload (issue 7).
+
+Workload: teacher Llama 4 layers / hidden 256 / 8 heads / intermediate 1024; student 2 / 128 / 4 / 512
+(head dim 32); vocab 512, no EOS (every response is full length), untied embeddings, float32, random
+init, SDPA, 2 torch threads. Batches of 16 prompts of 16 tokens + 48 response tokens, AdamW, loss on
+response positions only.
+
+Configurations (kdlab | TRL):
+  off_fkl_cached   offline regime, targets=full (cached teacher log-probs), forward KL | lmbda=0, beta=0
+  off_fkl_live     offline regime, targets=none (live teacher forward), forward KL   | lmbda=0, beta=0
+  off_jsd_cached   ... generalized JSD beta=0.5                                        | lmbda=0, beta=0.5
+  off_jsd_live
+  off_rkl_cached   ... reverse KL                                                      | lmbda=0, beta=1
+  off_rkl_live
+  on_jsd           online_student, temperature 0.9, JSD beta=0.5                       | lmbda=1, beta=0.5
+
+kdlab runs its real loop, `kdlab.pipeline.distill.run(cfg, on_step=...)` (what `kdlab run` runs); the
+step time is the gap between consecutive `on_step` calls. TRL runs `GKDTrainer.train()` with a
+callback timing `on_step_end`. Both: 24 steps, steps 1-3 warm-up, steps 4..23 timed (20 steps; kdlab
+evaluates at steps 0, 1 and 24, so the last step is excluded). Off-policy, both train on the same fixed
+teacher responses (sampled once at temperature 0.9; kdlab samples its own offline dataset the same way
+before step 1, outside the timing).
+
+Every measurement runs in its own child process (clean peak RSS), alternating kdlab, TRL, kdlab, TRL...
+
+    .venv/bin/python bench/vs_trl.py [--configs off_fkl_cached,on_jsd] [--repeats 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+V, P, R, B = 512, 16, 48, 16
+STEPS, WARMUP = 24, 3
+NUM_PROMPTS = 512
+TEMP = 0.9
+THREADS = 2
+
+CONFIGS = {
+    "off_fkl_cached": dict(regime="offline", targets="full", loss="forward_kl", beta=0.0),
+    "off_fkl_live": dict(regime="offline", targets="none", loss="forward_kl", beta=0.0),
+    "off_jsd_cached": dict(regime="offline", targets="full", loss="generalized_jsd", beta=0.5),
+    "off_jsd_live": dict(regime="offline", targets="none", loss="generalized_jsd", beta=0.5),
+    "off_rkl_cached": dict(regime="offline", targets="full", loss="reverse_kl", beta=1.0),
+    "off_rkl_live": dict(regime="offline", targets="none", loss="reverse_kl", beta=1.0),
+    "on_jsd": dict(regime="online_student", targets="none", loss="generalized_jsd", beta=0.5),
+}
+
+
+def timed_steps(stamps: dict[int, float]) -> list[float]:
+    """Durations of steps WARMUP+1 .. STEPS-1 from the end-of-step timestamps."""
+    return [stamps[k] - stamps[k - 1] for k in range(WARMUP + 1, STEPS)]
+
+
+def make_models(root: Path) -> tuple[Path, Path]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from kdlab.models import LM, tiny_llama_config
+
+    out = []
+    for name, (h, L, nh, inter) in {"teacher": (256, 4, 8, 1024), "student": (128, 2, 4, 512)}.items():
+        d = root / name
+        if not (d / "config.json").exists():
+            torch.manual_seed(0 if name == "teacher" else 1)
+            cfg = tiny_llama_config(vocab_size=V, hidden_size=h, num_layers=L, num_heads=nh,
+                                    intermediate_size=inter, max_position_embeddings=128)
+            LM(LlamaForCausalLM(cfg).float()).save(d)
+        out.append(d)
+    return out[0], out[1]
+
+
+# ------------------------------------------------------------------------------------------ kdlab
+def child_kdlab(name: str, root: Path, tag: str) -> dict:
+    from kdlab.config import build_config
+    from kdlab.pipeline.distill import run
+
+    c = CONFIGS[name]
+    teacher, student = root / "teacher", root / "student"
+    work = Path(tempfile.mkdtemp(dir=root, prefix=f"kd-{name}-{tag}-"))
+    ov = [
+        "world.oracle=none", f"models.teacher=hf:{teacher}", f"models.student=hf:{student}",
+        f"world.vocab_size={V}", f"world.prompt_length={P}", f"world.response_length={R}",
+        "world.pools.stage1=16", "stage1.teacher.num_samples=16", "stage1.student.num_samples=16",
+        f"world.pools.stage2={NUM_PROMPTS}", "world.pools.eval=4",
+        "eval.num_prompts=4", "eval.num_points=2", "eval.train_prompts=0",
+        f"stage2.batch_size={B}", f"stage2.steps={STEPS}", f"stage2.regime={c['regime']}",
+        f"stage2.sampling.temperature={TEMP}",
+        f"stage2.offline.num_prompts={NUM_PROMPTS}", "stage2.offline.generations_per_prompt=1",
+        f"stage2.offline.targets={c['targets']}",
+        f"loss.name={c['loss']}", "loss.beta=0.5", f"threads={THREADS}",
+        f"output_dir={work / 'run'}", f"cache_dir={work / 'cache'}",
+    ]
+    cfg = build_config({}, ov)
+    stamps: dict[int, float] = {}
+
+    def on_step(step, total):
+        stamps[step] = time.perf_counter()
+
+    t0 = time.perf_counter()
+    run(cfg, progress=False, on_step=on_step, log=lambda m: None)
+    return {"steps": timed_steps(stamps), "wall": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------------------ TRL
+def fixed_responses(root: Path):
+    """512 uniform prompts and one teacher sample each (temperature 0.9), made once and cached."""
+    import torch
+
+    path = root / "fixed.pt"
+    if path.exists():
+        return torch.load(path)
+    from kdlab.models import LM
+    from kdlab.models.sampling import sample
+
+    teacher = LM.load(root / "teacher")
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, V, (NUM_PROMPTS, P), generator=g)
+    resp = []
+    with torch.no_grad():
+        for i in range(0, NUM_PROMPTS, 64):
+            s = sample(teacher, prompts[i:i + 64], max_new_tokens=R, temperature=TEMP, generator=g)
+            resp.append(s.response_ids_BxR)
+    data = {"prompts": prompts, "responses": torch.cat(resp)}
+    torch.save(data, path)
+    return data
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(V)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0")
+
+
+def child_trl(name: str, root: Path, tag: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    torch.set_num_threads(THREADS)
+    c = CONFIGS[name]
+    data = fixed_responses(root)
+    prompts, responses = data["prompts"], data["responses"]
+    ids = torch.cat([prompts, responses], 1)
+    labels = ids.clone()
+    labels[:, :P] = -100
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist(), "prompts": prompts.tolist()})
+
+    def collate(rows):
+        out = {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "labels", "prompts")}
+        out["attention_mask"] = torch.ones_like(out["input_ids"])
+        out["prompt_attention_mask"] = torch.ones_like(out["prompts"])
+        return out
+
+    kw = dict(dtype=torch.float32, attn_implementation="sdpa")
+    student = AutoModelForCausalLM.from_pretrained(root / "student", **kw)
+    teacher = AutoModelForCausalLM.from_pretrained(root / "teacher", **kw)
+    work = Path(tempfile.mkdtemp(dir=root, prefix=f"trl-{name}-{tag}-"))
+    args = GKDConfig(
+        output_dir=str(work), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        lmbda=1.0 if c["regime"] == "online_student" else 0.0, beta=c["beta"], seq_kd=False,
+        max_new_tokens=R, temperature=TEMP, per_device_train_batch_size=B, max_steps=STEPS,
+        learning_rate=1e-3, lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=1.0,
+        logging_steps=10_000, save_strategy="no", report_to=[], dataloader_num_workers=0, seed=0,
+        disable_tqdm=True,
+    )
+    stamps: dict[int, float] = {}
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            stamps[state.global_step] = time.perf_counter()
+
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
+                         data_collator=collate, processing_class=tiny_tokenizer(), callbacks=[Timer()])
+    t0 = time.perf_counter()
+    trainer.train()
+    return {"steps": timed_steps(stamps), "wall": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------------------ driver
+def child_main(side: str, name: str, root: Path, tag: str) -> None:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    res = (child_kdlab if side == "kdlab" else child_trl)(name, root, tag)
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def run_child(side: str, name: str, root: Path, tag: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false",
+               TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, __file__, "--child", side, name, str(root), tag],
+                       capture_output=True, text=True, env=env)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{side} {name} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--root", default=None, help="directory for the models and runs (default: a temp dir)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        side, name, root, tag = a.child
+        child_main(side, name, Path(root), tag)
+        return
+    root = Path(a.root or tempfile.mkdtemp(prefix="vs_trl-"))
+    root.mkdir(parents=True, exist_ok=True)
+    make_models(root)
+    import torch
+    torch.set_num_threads(THREADS)
+    fixed_responses(root)  # made before any timing
+    results = []
+    print(f"{'config':16} {'rep':>3} {'kdlab ms':>9} {'TRL ms':>9} {'TRL/kdlab':>9} "
+          f"{'kdlab tok/s':>11} {'TRL tok/s':>9} {'kdlab MB':>8} {'TRL MB':>7}", flush=True)
+    for rep in range(a.repeats):
+        for name in a.configs.split(","):
+            k = run_child("kdlab", name, root, f"r{rep}")
+            t = run_child("trl", name, root, f"r{rep}")
+            km, tm = statistics.median(k["steps"]), statistics.median(t["steps"])
+            row = {"config": name, "repeat": rep, **CONFIGS[name],
+                   "kdlab_median_s": km, "trl_median_s": tm, "speedup": tm / km,
+                   "kdlab_tokens_per_s": B * R / km, "trl_tokens_per_s": B * R / tm,
+                   "kdlab_peak_rss_mb": k["peak_rss_mb"], "trl_peak_rss_mb": t["peak_rss_mb"],
+                   "kdlab_steps_s": k["steps"], "trl_steps_s": t["steps"],
+                   "kdlab_wall_s": k["wall"], "trl_wall_s": t["wall"]}
+            results.append(row)
+            print(f"{name:16} {rep:>3} {km * 1e3:9.1f} {tm * 1e3:9.1f} {tm / km:8.2f}x "
+                  f"{B * R / km:11.0f} {B * R / tm:9.0f} {k['peak_rss_mb']:8.0f} {t['peak_rss_mb']:7.0f}",
+                  flush=True)
+    if a.json:
+        import platform
+
+        import transformers
+        import trl
+        meta = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "trl": trl.__version__, "threads": THREADS,
+                "batch": B, "prompt": P, "response": R, "steps": STEPS, "warmup": WARMUP}
+        Path(a.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
