@@ -61,6 +61,31 @@ def timed_steps(stamps: dict[int, float]) -> list[float]:
     return [stamps[k] - stamps[k - 1] for k in range(WARMUP + 1, STEPS)]
 
 
+def wrap_timer(owner, attr: str, log: list, static: bool = False) -> None:
+    """Replace owner.attr by a wrapper appending each call's wall time to `log` (phase breakdown)."""
+    fn = getattr(owner, attr)
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            log.append(time.perf_counter() - t)
+
+    setattr(owner, attr, staticmethod(timed) if static else timed)
+
+
+def phase_medians(phases: dict[str, list], steps: list[float]) -> dict:
+    """Median per timed step of each phase; phase lists hold one entry per training step (index k-1 = step k)."""
+    out = {}
+    for name, log in phases.items():
+        vals = log[WARMUP:STEPS - 1]
+        out[name] = statistics.median(vals) if len(vals) == len(steps) else None
+    if all(v is not None for v in out.values()):
+        out["rest (backward, optimizer, overhead)"] = statistics.median(steps) - sum(out.values())
+    return out
+
+
 def make_models(root: Path) -> tuple[Path, Path]:
     import torch
     from transformers import LlamaForCausalLM
@@ -81,7 +106,9 @@ def make_models(root: Path) -> tuple[Path, Path]:
 
 # ------------------------------------------------------------------------------------------ kdlab
 def child_kdlab(name: str, root: Path, tag: str) -> dict:
+    import kdlab.pipeline.distill as D
     from kdlab.config import build_config
+    from kdlab.data import regimes
     from kdlab.pipeline.distill import run
 
     c = CONFIGS[name]
@@ -106,9 +133,14 @@ def child_kdlab(name: str, root: Path, tag: str) -> dict:
     def on_step(step, total):
         stamps[step] = time.perf_counter()
 
+    phases = {"batch (incl. sampling)": [], "teacher + student forward + loss": []}
+    source_cls = regimes.OfflineSource if c["regime"] == "offline" else regimes.OnlineStudentSource
+    wrap_timer(source_cls, "batch", phases["batch (incl. sampling)"])
+    wrap_timer(D, "loss_on_batch", phases["teacher + student forward + loss"])
     t0 = time.perf_counter()
     run(cfg, progress=False, on_step=on_step, log=lambda m: None)
-    return {"steps": timed_steps(stamps), "wall": time.perf_counter() - t0}
+    steps = timed_steps(stamps)
+    return {"steps": steps, "wall": time.perf_counter() - t0, "phases": phase_medians(phases, steps)}
 
 
 # ------------------------------------------------------------------------------------------ TRL
@@ -186,11 +218,18 @@ def child_trl(name: str, root: Path, tag: str) -> dict:
         def on_step_end(self, args, state, control, **kw):
             stamps[state.global_step] = time.perf_counter()
 
+    phases = {"batch (incl. sampling)": [], "teacher + student forward + loss": []}
+    if c["regime"] == "online_student":
+        wrap_timer(GKDTrainer, "generate_on_policy_outputs", phases["batch (incl. sampling)"], static=True)
+    else:
+        del phases["batch (incl. sampling)"]
+    wrap_timer(GKDTrainer, "compute_loss", phases["teacher + student forward + loss"])
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
                          data_collator=collate, processing_class=tiny_tokenizer(), callbacks=[Timer()])
     t0 = time.perf_counter()
     trainer.train()
-    return {"steps": timed_steps(stamps), "wall": time.perf_counter() - t0}
+    steps = timed_steps(stamps)
+    return {"steps": steps, "wall": time.perf_counter() - t0, "phases": phase_medians(phases, steps)}
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -245,11 +284,15 @@ def main() -> None:
                    "kdlab_tokens_per_s": B * R / km, "trl_tokens_per_s": B * R / tm,
                    "kdlab_peak_rss_mb": k["peak_rss_mb"], "trl_peak_rss_mb": t["peak_rss_mb"],
                    "kdlab_steps_s": k["steps"], "trl_steps_s": t["steps"],
-                   "kdlab_wall_s": k["wall"], "trl_wall_s": t["wall"]}
+                   "kdlab_wall_s": k["wall"], "trl_wall_s": t["wall"],
+                   "kdlab_phases_s": k["phases"], "trl_phases_s": t["phases"]}
             results.append(row)
             print(f"{name:16} {rep:>3} {km * 1e3:9.1f} {tm * 1e3:9.1f} {tm / km:8.2f}x "
                   f"{B * R / km:11.0f} {B * R / tm:9.0f} {k['peak_rss_mb']:8.0f} {t['peak_rss_mb']:7.0f}",
                   flush=True)
+            for side, ph in (("kdlab", k["phases"]), ("TRL", t["phases"])):
+                print("    " + side + ": " + ", ".join(f"{n} {v * 1e3:.1f} ms" if v is not None else f"{n} ?"
+                                                      for n, v in ph.items()), flush=True)
     if a.json:
         import platform
 
