@@ -70,8 +70,8 @@ def test_conditions_from_explicit_field_config_or_directory(sweep, tmp_path):
     # 1. An explicit `condition` in config.yaml wins over everything.
     a = _copy_run(src, tmp_path / "a", {"condition": "my-cond", "seed": 1, "stage2": {"regime": "offline"}})
     # 2. No config at all: the directory name without its seed suffix.
-    b = _copy_run(src, tmp_path / "b" / "lr3e-4_seed4", None)
-    c = _copy_run(src, tmp_path / "b" / "lr3e-4_seed5", None)
+    _copy_run(src, tmp_path / "b" / "lr3e-4_seed4", None)
+    _copy_run(src, tmp_path / "b" / "lr3e-4_seed5", None)
     summary = analyse_sweep([a, tmp_path / "b"])
     labels = {r["run"]: r["condition"] for r in summary["runs"]}
     assert labels == {"a": "my-cond", "lr3e-4_seed4": "lr3e-4", "lr3e-4_seed5": "lr3e-4"}

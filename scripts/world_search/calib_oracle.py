@@ -1,6 +1,6 @@
 """Oracle calibration: mean per-token entropy (nats) of kdlab's synthetic oracle over a grid of
 init_std x logit_scale (vocab 32, 2 x 64 Llama, prompts 8, responses 16)."""
-import sys, time, torch
+import sys, torch
 torch.set_num_threads(1)
 from kdlab.models import make_synthetic_oracle, mean_token_entropy
 V = int(sys.argv[1]) if len(sys.argv) > 1 else 32

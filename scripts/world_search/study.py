@@ -4,7 +4,7 @@ and print a per-run summary with kdlab's detectors (default thresholds).
 usage: study.py OUT --base CONFIG [--set k=v ...] [--cond NAME:k=v,k=v ...] [--demo] [--seeds 0,1,2]
   --demo: the 7 demo conditions of kdlab.pipeline.demo.demo_conditions on this config.
 """
-import argparse, json, sys, time
+import argparse, sys, time
 from pathlib import Path
 from kdlab.config import load_config
 from kdlab.pipeline.study import Condition, run_study, study_configs

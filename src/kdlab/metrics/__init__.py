@@ -6,7 +6,7 @@
 - :func:`sequence_kl_sums`: per-sequence KL sums on any (prompt, response) pairs.
 """
 
-from kdlab.metrics.cache import ReferenceCache, sequence_fkl
+from kdlab.metrics.cache import ReferenceCache, sequence_fkl, sequence_fkl_sums
 from kdlab.metrics.divergence import DivergenceEstimate, sample_responses, sequence_kl_sums, sequence_rkl
 
-__all__ = ["DivergenceEstimate", "ReferenceCache", "sample_responses", "sequence_fkl", "sequence_kl_sums", "sequence_rkl"]
+__all__ = ["DivergenceEstimate", "ReferenceCache", "sample_responses", "sequence_fkl", "sequence_fkl_sums", "sequence_kl_sums", "sequence_rkl"]

@@ -250,13 +250,14 @@ class ReferenceCache:
         return cache
 
 
-def sequence_fkl(
+def sequence_fkl_sums(
     student: LM, cache: ReferenceCache, *, reference_lm: LM | None = None, batch_size: int = 64
-) -> DivergenceEstimate:
-    """fkl = E_x E_{y~A} Σ_t KL(A_t ‖ S_t) on the cached reference samples.
+) -> tuple[Tensor, Tensor]:
+    """Per-sequence Σ_t KL(A_t ‖ S_t) on the cached reference samples, and their token counts.
 
     Uses the cached reference log-probs when the cache holds them (one student forward pass);
-    otherwise ``reference_lm`` must be given and is run live on the cached samples.
+    otherwise ``reference_lm`` must be given and is run live on the cached samples. Rows
+    ``i*m .. i*m+m-1`` are the m samples of prompt i (for per-prompt or paired statistics).
     """
     check_vocab_compatible(cache.vocab_size, student, names=("reference", "student"))
     reference = cache.targets if cache.targets is not None else reference_lm
@@ -266,6 +267,13 @@ def sequence_fkl(
             "pass reference_lm= to run the reference live, or rebuild with a larger memory_budget_bytes / topk"
         )
     ids, mask = cache.prompts_for_sequences()
-    sums, counts = sequence_kl_sums(student, reference, ids, mask, cache.response_ids_MxR, cache.response_mask_MxR,
-                                    direction="forward", batch_size=batch_size)
+    return sequence_kl_sums(student, reference, ids, mask, cache.response_ids_MxR, cache.response_mask_MxR,
+                            direction="forward", batch_size=batch_size)
+
+
+def sequence_fkl(
+    student: LM, cache: ReferenceCache, *, reference_lm: LM | None = None, batch_size: int = 64
+) -> DivergenceEstimate:
+    """fkl = E_x E_{y~A} Σ_t KL(A_t ‖ S_t) on the cached reference samples (see `sequence_fkl_sums`)."""
+    sums, counts = sequence_fkl_sums(student, cache, reference_lm=reference_lm, batch_size=batch_size)
     return DivergenceEstimate.from_sums(sums, counts, cache.samples_per_prompt)

@@ -14,7 +14,6 @@ alone writes the run directory, the metrics and the checkpoints.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -306,6 +305,3 @@ def _fmt(x) -> str:
 def is_finished(run_dir: Path) -> bool:
     return (Path(run_dir) / "done.json").exists()
 
-
-def read_done(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "done.json").read_text())

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from kdlab.config import RunConfig
-from kdlab.metrics import DivergenceEstimate, ReferenceCache, sequence_fkl, sequence_kl_sums, sequence_rkl
+from kdlab.metrics import DivergenceEstimate, ReferenceCache, sequence_fkl, sequence_fkl_sums, sequence_rkl
 from kdlab.models import LM
 from kdlab.pipeline.world import World
 from kdlab.seeding import generator_for
@@ -95,11 +95,8 @@ class Evaluator:
                                  ("train_proxy", self.train_cache, w.teacher)):
             if cache is None:
                 continue  # golden is skipped, not faked, when there is no oracle
-            ids, mask = cache.prompts_for_sequences()
             # Cached reference log-probs when they fit the cache's budget, else a live reference forward.
-            reference = cache.targets if cache.targets is not None else ref
-            sums, counts = sequence_kl_sums(student, reference, ids, mask, cache.response_ids_MxR,
-                                            cache.response_mask_MxR, direction="forward", batch_size=bs)
+            sums, counts = sequence_fkl_sums(student, cache, reference_lm=ref, batch_size=bs)
             est = DivergenceEstimate.from_sums(sums, counts, cache.samples_per_prompt)
             per_prompt[f"{name}_fkl"] = sums.double().view(-1, cache.samples_per_prompt).mean(1).contiguous()
             row[f"{name}_fkl"] = est.mean
