@@ -64,6 +64,39 @@ class PoolsConfig(_Section):
     eval: int = Field(512, ge=2, description="Held-out prompts for proxy and golden evaluation.")
 
 
+class TaskSplitsConfig(_Section):
+    """Which dataset split feeds each prompt pool. Pools that share a split get disjoint slices of it."""
+
+    stage1: str = Field("train", description="Split the stage-1 (SFT) prompts come from.")
+    stage2: str = Field("train", description="Split the stage-2 training prompts come from.")
+    eval: str = Field("validation", description="Split the held-out evaluation prompts come from.")
+
+
+class TaskConfig(_Section):
+    """Prompts from a real task dataset (Hugging Face `datasets`) instead of the synthetic world.
+
+    The prompt templates of the named tasks live in one place, `kdlab.data.tasks.TASKS`."""
+
+    name: Literal["xsum", "wmt14_en_de", "natural_instructions", "file"] = Field(
+        ..., description="'xsum' (document -> summary), 'wmt14_en_de' (English -> German), "
+        "'natural_instructions' (instruction + input -> output), or 'file' (a local JSONL/Parquet file "
+        "with a prompt field and an optional reference field).")
+    path: str | None = Field(
+        None, description="Where to load the data: default the task's Hugging Face dataset name; a local "
+        "directory with the same layout also works. Required for 'file': a .jsonl/.json/.parquet file.")
+    config_name: str | None = Field(None, description="Dataset configuration (default: the task's, e.g. 'de-en').")
+    prompt_field: str = Field("prompt", description="'file': the column holding the prompt text.")
+    reference_field: str | None = Field(
+        "reference", description="'file': the column holding a reference output (None = no references).")
+    template: str | None = Field(
+        None, description="Prompt template with {column} placeholders (default: the task's own template).")
+    splits: TaskSplitsConfig = Field(default_factory=TaskSplitsConfig, description="Split of each pool.")
+    max_input_tokens: int = Field(
+        1024, ge=1, le=131072, description="Prompts longer than this are truncated (counted and reported).")
+    max_output_tokens: int = Field(
+        128, ge=1, le=131072, description="Longest response (max new tokens) sampled from any model.")
+
+
 class WorldConfig(_Section):
     """The ground truth: an oracle LM and a prompt distribution."""
 
@@ -75,8 +108,9 @@ class WorldConfig(_Section):
     )
     seed: int = Field(0, ge=0, description="Seeds the oracle, the prompt pools and stage 1.")
     vocab_size: int = Field(32, ge=2, le=1_000_000, description="Synthetic world vocabulary size.")
-    prompt_length: int = Field(8, ge=1, le=8192, description="Tokens per synthetic prompt.")
-    response_length: int = Field(16, ge=1, le=8192, description="Tokens per response (max new tokens).")
+    prompt_length: int = Field(8, ge=1, le=8192, description="Tokens per synthetic prompt (world.task: unused).")
+    response_length: int = Field(
+        16, ge=1, le=8192, description="Tokens per response, max new tokens (world.task: see max_output_tokens).")
     prompt_source: Literal["uniform", "oracle"] = Field(
         "uniform",
         description="How synthetic prompts are drawn: 'uniform' i.i.d. tokens, or 'oracle' samples from "
@@ -84,6 +118,19 @@ class WorldConfig(_Section):
     )
     synthetic: OracleConfig = Field(default_factory=OracleConfig, description="Synthetic oracle architecture.")
     pools: PoolsConfig = Field(default_factory=PoolsConfig, description="Disjoint prompt pool sizes.")
+    task: TaskConfig | None = Field(
+        None, description="Prompts from a task dataset (XSum, WMT-14, Natural Instructions, a local file); "
+        "None = synthetic prompts. With a task, lengths come from task.max_input/output_tokens.")
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Longest prompt: the task's input limit, or the synthetic prompt length."""
+        return self.task.max_input_tokens if self.task is not None else self.prompt_length
+
+    @property
+    def max_response_tokens(self) -> int:
+        """Longest response (max new tokens): the task's output limit, or the synthetic response length."""
+        return self.task.max_output_tokens if self.task is not None else self.response_length
 
     @field_validator("oracle")
     @classmethod
@@ -91,6 +138,22 @@ class WorldConfig(_Section):
         if value not in ("synthetic", "none") and not value.startswith("hf:"):
             raise ValueError("must be 'synthetic', 'none' or 'hf:<name or path>'")
         return value
+
+    @model_validator(mode="after")
+    def _task_lengths(self) -> "WorldConfig":
+        if self.task is None:
+            return self
+        for name, instead in (("prompt_length", "max_input_tokens"), ("response_length", "max_output_tokens")):
+            # Compared with the default rather than `model_fields_set`: a saved config.yaml lists every field.
+            if getattr(self, name) != type(self).model_fields[name].default:
+                raise ValueError(f"world.{name} applies to synthetic prompts; with world.task set, use "
+                                 f"world.task.{instead}")
+        if self.oracle == "synthetic":
+            raise ValueError("world.task needs real text models: set world.oracle to 'hf:<name or path>' "
+                             "(or 'none'); the synthetic oracle has no tokenizer")
+        if self.task.name == "file" and not self.task.path:
+            raise ValueError("world.task.name='file' needs world.task.path (a .jsonl/.json/.parquet file)")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------
