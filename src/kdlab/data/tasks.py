@@ -300,7 +300,7 @@ class TokenizationReport:
                      f"{self.max_output_tokens} tokens (longest {self.max_reference_tokens})")
         return line
 
-    def to_dict(self) -> dict:
+    def as_dict(self) -> dict:
         return asdict(self)
 
 
