@@ -147,6 +147,9 @@ def test_hub_name_is_used_without_path_and_nothing_is_downloaded(monkeypatch):
     with pytest.raises(TaskDataError, match=r"EdinburghNLP/xsum.*--revision refs/convert/parquet.*world\.task\.path"):
         load_pools(TaskConfig(name="xsum"), SIZES, seed=0)
     assert calls == [(("EdinburghNLP/xsum", None), {"revision": "refs/convert/parquet"})]
+    with pytest.raises(TaskDataError, match=r"world\.task\.path='/no/such/dir': no such directory"):
+        load_pools(TaskConfig(name="xsum", path="/no/such/dir"), SIZES, seed=0)
+    assert len(calls) == 1
 
 
 # ----------------------------------------------------------------------------------------------

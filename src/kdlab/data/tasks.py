@@ -136,6 +136,9 @@ def _load_hub(task: TaskConfig, spec: TaskSpec) -> tuple[Any, str]:
     config_name = task.config_name or spec.config_name
     # The revision belongs to the hub repository (XSum: its Parquet export); a local copy has none.
     revision = spec.revision if task.path is None else None
+    if task.path is not None and not Path(task.path).expanduser().exists() and (
+            task.path.startswith(("/", ".", "~")) or task.path.count("/") != 1):
+        raise TaskDataError(f"world.task.path={task.path!r}: no such directory (nor a hub name 'org/name')")
     try:
         dd = datasets.load_dataset(where, config_name, revision=revision)
     except ConnectionError as e:
@@ -143,7 +146,8 @@ def _load_hub(task: TaskConfig, spec: TaskSpec) -> tuple[Any, str]:
             f"cannot reach {where!r} on the Hugging Face Hub ({e}). On a machine with network access, "
             f"download the repository (`hf download --repo-type dataset {spec.hub_name}"
             + (f" --revision {revision}" if revision else "") + " --local-dir DIR`) and set "
-            "world.task.path to DIR") from e
+            "world.task.path to DIR"
+            + (f" (world.task.path={task.path!r} is not a local directory either)" if task.path else "")) from e
     except ValueError as e:
         if "config" in str(e).lower():
             raise TaskDataError(f"{where!r}: {e} -- set world.task.config_name "
@@ -174,8 +178,6 @@ def load_pools(task: TaskConfig, sizes: dict[str, int], seed: int) -> dict[str, 
     in this pool or another one, so no prompt is in two pools and eval never repeats a training
     prompt. Pools are filled in the order stage1, stage2, eval.
     """
-    import datasets  # noqa: F401 - fail here, not halfway, if it is missing
-
     if task.name == "file":
         ds, where = _load_file(task.path or "")
         splits = {pool: "train" for pool in POOLS}
