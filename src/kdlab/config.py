@@ -285,6 +285,13 @@ class EvalConfig(_Section):
     train_prompts: int = Field(
         256, ge=0, description="Training prompts on which the divergence to the teacher is also logged (0 = off)."
     )
+    task_metrics: Literal["off", "auto", "rouge", "bleu"] = Field(
+        "off", description="Task metrics on greedy-decoded student outputs at each evaluation (world.task only): "
+        "'auto' = the task's metric (ROUGE for xsum/natural_instructions/file, BLEU for wmt14_en_de). "
+        "Scored against the dataset references and against the oracle's greedy outputs. Off by default: "
+        "decoding costs far more than a divergence evaluation.")
+    task_metric_prompts: int = Field(
+        128, ge=1, description="Held-out prompts decoded for the task metrics (at most eval.num_prompts).")
 
 
 class TrackersConfig(_Section):
@@ -321,6 +328,13 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
+        if self.eval.task_metrics != "off":
+            if self.world.task is None:
+                raise ValueError(f"eval.task_metrics={self.eval.task_metrics!r} needs world.task (text with references); "
+                                 "use 'off' in a synthetic world")
+            if self.eval.task_metric_prompts > self.eval.num_prompts:
+                raise ValueError(f"eval.task_metric_prompts={self.eval.task_metric_prompts} exceeds "
+                                 f"eval.num_prompts={self.eval.num_prompts}")
         if self.eval.num_prompts > self.world.pools.eval:
             raise ValueError(
                 f"eval.num_prompts={self.eval.num_prompts} exceeds world.pools.eval={self.world.pools.eval}"

@@ -1,4 +1,5 @@
-"""`LM`: a thin wrapper over a Hugging Face decoder-only causal LM.
+"""`LM`: a thin wrapper over a Hugging Face language model: decoder-only (causal LM) or
+encoder-decoder (T5 family, ``AutoModelForSeq2SeqLM``), behind one interface.
 
 The wrapper does three things and nothing else: it turns a (left-padded prompt, right-padded
 response) batch into one causal sequence with the right attention mask and position ids, it picks
@@ -14,7 +15,14 @@ The model input is ``concat(prompt, response[:, :-1])`` (length P+R-1): the last
 never an input because nothing is predicted from it. Output position ``P-1+t`` is the distribution
 of response token ``t``. Position ids are ``cumsum(mask) - 1`` clamped at 0, so every example sees
 positions 0, 1, 2, ... whatever its padding, and padded batches give the numbers of unpadded single
-examples. Prompts padded any other way (right padding) are repacked to the left first.
+examples. Prompts padded any other way (right padding) are repacked to the left first. Prompt columns
+that are padding in every row are dropped before the forward (a pool padded to its longest prompt
+would otherwise pay for that length in every batch).
+
+Encoder-decoder models (``config.is_encoder_decoder``): the prompt is the encoder input (with its
+mask), and the decoder reads ``concat(decoder_start, response[:, :-1])`` (T5's ``_shift_right``), so
+decoder position ``t`` is the distribution of response token ``t``. Everything downstream (losses,
+metrics, sampling) sees the same (B, R, V) logits either way.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["LM", "CheckpointError", "check_safetensors", "check_vocab_compatible", "left_pad"]
+__all__ = ["LM", "CheckpointError", "check_safetensors", "check_vocab_compatible", "left_pad", "trim_left_padding"]
 
 
 class CheckpointError(RuntimeError):
@@ -50,21 +58,45 @@ def left_pad(ids_BxL: Tensor, mask_BxL: Tensor) -> tuple[Tensor, Tensor]:
     return ids_BxL.gather(-1, order_BxL.to(ids_BxL.device)), mask_BxL.gather(-1, order_BxL)
 
 
+def trim_left_padding(ids_BxL: Tensor, mask_BxL: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop the leading columns that are padding in every row of a left-padded batch (exact: those
+    positions are masked everywhere). Keeps at least one column."""
+    any_L = mask_BxL.bool().any(0)
+    first = int(any_L.to(torch.uint8).argmax()) if bool(any_L.any()) else ids_BxL.shape[1] - 1
+    return (ids_BxL[:, first:], mask_BxL[:, first:]) if first > 0 else (ids_BxL, mask_BxL)
+
+
 class LM:
-    """Decoder-only causal LM with response-level accessors.
+    """A decoder-only or encoder-decoder LM with response-level accessors.
 
     Args:
-        hf: a ``transformers`` causal LM (``AutoModelForCausalLM`` output). Put into eval mode here:
-            none of kdlab's models use dropout, and eval mode makes logits deterministic.
+        hf: a ``transformers`` causal LM (``AutoModelForCausalLM``) or sequence-to-sequence LM
+            (``AutoModelForSeq2SeqLM``, e.g. T5). Put into eval mode here: kdlab turns dropout off
+            (eval mode makes logits deterministic; pretrained T5 checkpoints ship with dropout 0.1).
         tokenizer: optional tokenizer, saved beside the weights by :meth:`save`.
     """
 
     def __init__(self, hf: torch.nn.Module, tokenizer=None):
         self.hf = hf.eval()
         self.tokenizer = tokenizer
+        inner = getattr(hf, "module", hf)  # a DDP-wrapped model keeps its config on .module
+        self.is_encoder_decoder = bool(getattr(getattr(inner, "config", None), "is_encoder_decoder", False))
         # Not every causal LM accepts `logits_to_keep`; those that do skip the lm_head on the
         # prompt positions, which is most of the work for short responses and large vocabularies.
         self._has_logits_to_keep = "logits_to_keep" in inspect.signature(hf.forward).parameters
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The token that ends a response (generation config, else model config; the first of a list),
+        or None for models without one (the synthetic world)."""
+        inner = getattr(self.hf, "module", self.hf)
+        for source in (getattr(inner, "generation_config", None), getattr(inner, "config", None)):
+            eos = getattr(source, "eos_token_id", None)
+            if isinstance(eos, (list, tuple)):
+                eos = eos[0] if eos else None
+            if eos is not None:
+                return int(eos)
+        return None
 
     # ----------------------------------------------------------------------------------- properties
     @property
@@ -103,8 +135,9 @@ class LM:
         return out.weight
 
     # ------------------------------------------------------------------------------------- forward
-    def _inputs(self, prompt_ids_BxP, prompt_mask_BxP, response_ids_BxR, response_mask_BxR):
-        """Model inputs for ``concat(prompt, response[:, :-1])`` with mask and position ids."""
+    def _inputs(self, prompt_ids_BxP, prompt_mask_BxP, response_ids_BxR, response_mask_BxR) -> dict:
+        """Model keyword inputs: decoder-only ``concat(prompt, response[:, :-1])`` with mask and position
+        ids; encoder-decoder: the prompt as encoder input, ``concat(start, response[:, :-1])`` as decoder input."""
         B, R = response_ids_BxR.shape
         if R == 0:
             raise ValueError("response_ids_BxR has length 0: there is nothing to score.")
@@ -114,12 +147,22 @@ class LM:
         if prompt_mask_BxP is None:
             prompt_mask_BxP = torch.ones_like(prompt_ids_BxP, dtype=torch.bool)
         else:
-            prompt_ids_BxP, prompt_mask_BxP = left_pad(prompt_ids_BxP, prompt_mask_BxP)
+            prompt_ids_BxP, prompt_mask_BxP = trim_left_padding(*left_pad(prompt_ids_BxP, prompt_mask_BxP))
         if response_mask_BxR is None:
             response_mask_BxR = torch.ones_like(response_ids_BxR, dtype=torch.bool)
-        ids = torch.cat([prompt_ids_BxP.to(dev), response_ids_BxR[:, :-1].to(dev)], 1)
-        mask = torch.cat([prompt_mask_BxP.to(dev).bool(), response_mask_BxR[:, :-1].to(dev).bool()], 1)
-        return ids, mask, _position_ids(mask), R
+        p_ids, p_mask = prompt_ids_BxP.to(dev), prompt_mask_BxP.to(dev).bool()
+        r_in, r_mask = response_ids_BxR[:, :-1].to(dev), response_mask_BxR[:, :-1].to(dev).bool()
+        if self.is_encoder_decoder:
+            start = getattr(getattr(self.hf, "module", self.hf).config, "decoder_start_token_id", None)
+            if start is None:
+                raise ValueError(f"{type(self.hf).__name__} has no config.decoder_start_token_id: set it "
+                                 "(T5 uses its pad token id, 0)")
+            start_Bx1 = torch.full((B, 1), int(start), dtype=torch.long, device=dev)
+            ones_Bx1 = torch.ones(B, 1, dtype=torch.bool, device=dev)
+            return dict(input_ids=p_ids, attention_mask=p_mask, decoder_input_ids=torch.cat([start_Bx1, r_in], 1),
+                        decoder_attention_mask=torch.cat([ones_Bx1, r_mask], 1))
+        ids, mask = torch.cat([p_ids, r_in], 1), torch.cat([p_mask, r_mask], 1)
+        return dict(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask))
 
     def response_logits(
         self,
@@ -133,9 +176,10 @@ class LM:
         Positions where ``response_mask_BxR`` is False hold whatever the model outputs there; callers
         mask them (the losses do).
         """
-        ids, mask, pos, R = self._inputs(prompt_ids_BxP, prompt_mask_BxP, response_ids_BxR, response_mask_BxR)
+        R = response_ids_BxR.shape[1]
+        inputs = self._inputs(prompt_ids_BxP, prompt_mask_BxP, response_ids_BxR, response_mask_BxR)
         kw = {"logits_to_keep": R} if self._has_logits_to_keep else {}
-        logits = self.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kw).logits
+        logits = self.hf(**inputs, use_cache=False, **kw).logits
         return logits[:, -R:].float()
 
     def response_hidden(
@@ -150,9 +194,23 @@ class LM:
         Shape (B, R, H), in the model's dtype. ``response_hidden(...) @ lm_head_weight.T`` equals
         ``response_logits(...)`` up to dtype; the memory-lean loss uses this to never build B×R×V.
         """
-        ids, mask, pos, R = self._inputs(prompt_ids_BxP, prompt_mask_BxP, response_ids_BxR, response_mask_BxR)
-        out = self.hf.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
-        return out.last_hidden_state[:, -R:]
+        R = response_ids_BxR.shape[1]
+        inputs = self._inputs(prompt_ids_BxP, prompt_mask_BxP, response_ids_BxR, response_mask_BxR)
+        if not self.is_encoder_decoder:
+            return self.hf.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, -R:]
+        cfg = self.hf.config
+        if cfg.model_type not in ("t5", "mt5", "umt5"):
+            raise NotImplementedError(f"response_hidden knows how T5-family decoders feed their lm_head, not "
+                                      f"{cfg.model_type!r}; use response_logits and a dense loss (loss.lean=false)")
+        enc = self.hf.get_encoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        hidden = self.hf.get_decoder()(input_ids=inputs["decoder_input_ids"],
+                                       attention_mask=inputs["decoder_attention_mask"],
+                                       encoder_hidden_states=enc.last_hidden_state,
+                                       encoder_attention_mask=inputs["attention_mask"], use_cache=False).last_hidden_state
+        # T5 with tied embeddings rescales the decoder output by d_model^-0.5 before its lm_head.
+        if getattr(cfg, "scale_decoder_outputs", getattr(cfg, "tie_word_embeddings", False)):
+            hidden = hidden * (cfg.d_model ** -0.5)
+        return hidden
 
     def response_logprobs(
         self,
@@ -190,18 +248,21 @@ class LM:
         device: torch.device | str | None = None,
         trust_remote_code: bool = False,
     ) -> "LM":
-        """Load a causal LM from a local directory or a hub name (``AutoModelForCausalLM``).
+        """Load an LM from a local directory or a hub name: ``AutoModelForSeq2SeqLM`` when its config
+        is encoder-decoder (T5), else ``AutoModelForCausalLM``.
 
         ``dtype=None`` keeps the checkpoint's dtype. ``trust_remote_code`` stays off unless the user
         asks: it runs Python shipped with the checkpoint. The tokenizer is loaded when present.
         A truncated or corrupt ``*.safetensors`` raises :class:`CheckpointError` naming the file.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         path = Path(dir_or_name)
         if path.is_dir():
             check_safetensors(sorted(path.glob("*.safetensors")))
-        hf = AutoModelForCausalLM.from_pretrained(
+        config = AutoConfig.from_pretrained(str(dir_or_name), trust_remote_code=trust_remote_code)
+        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        hf = auto.from_pretrained(
             str(dir_or_name), dtype=dtype if dtype is not None else "auto", trust_remote_code=trust_remote_code
         )
         if device is not None:

@@ -9,7 +9,7 @@ whose mass reaches ``top_p`` (nucleus sampling, Holtzman et al. 2020), and retur
 With T = 1 and no filters q_t = p, so the returned log-probs equal ``LM.response_logprobs``.
 
 Implementation: a wrapper over ``model.generate`` (KV cache, left padding, EOS handling, any HF
-causal LM). A hand-written loop with a ``DynamicCache`` was measured against it on the bench
+causal LM or encoder-decoder LM such as T5). A hand-written loop with a ``DynamicCache`` was measured against it on the bench
 workload (bench/sampling.py): about 1.4x faster (1.38x median in the recorded run), because the
 model's own forward dominates each step of a small model and both paths pay it. That is below the 1.5x that would justify keeping
 a second decoding loop, so ``generate`` stays (numbers and the loop in bench/RESULTS.md and
@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kdlab.models.lm import LM, left_pad
+from kdlab.models.lm import LM, left_pad, trim_left_padding
 
 __all__ = ["Samples", "sample"]
 
@@ -121,8 +121,9 @@ def sample(
     if prompt_mask_BxP is None:
         mask_BxP = torch.ones_like(ids_BxP)
     else:  # generate needs left padding; accept any padding like LM does
-        ids_BxP, mask_BxP = left_pad(ids_BxP, prompt_mask_BxP.to(dev))
+        ids_BxP, mask_BxP = trim_left_padding(*left_pad(ids_BxP, prompt_mask_BxP.to(dev)))
         mask_BxP = mask_BxP.long()
+        P = ids_BxP.shape[1]
     pad = eos_token_id if eos_token_id is not None else 0
     greedy = temperature == 0
     kwargs = dict(
@@ -152,7 +153,8 @@ def sample(
             torch.manual_seed(seed)
             out = lm.hf.generate(**kwargs)
 
-    ids_BxRp = out.sequences[:, P:]
+    # A decoder-only model returns prompt + response; an encoder-decoder one decoder_start + response.
+    ids_BxRp = out.sequences[:, 1:] if lm.is_encoder_decoder else out.sequences[:, P:]
     Rp = ids_BxRp.shape[1]  # generate stops early when every row has hit EOS
     ids_BxR = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
     ids_BxR[:, :Rp] = ids_BxRp

@@ -77,8 +77,8 @@ def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | 
         sampler = sample if regime == "offline" else make_sampler(
             sp.backend, teacher=world.teacher, teacher_dir=world.directory / "teacher",
             student_dir=world.directory / "student_init", gpu_memory_utilization=sp.vllm_gpu_memory, seed=cfg.seed)
-    params = SamplingParams(max_new_tokens=cfg.world.response_length, temperature=sp.temperature,
-                            top_k=sp.top_k, top_p=sp.top_p, sampler=sampler)
+    params = SamplingParams(max_new_tokens=cfg.world.max_response_tokens, temperature=sp.temperature,
+                            top_k=sp.top_k, top_p=sp.top_p, eos_token_id=world.eos_token_id, sampler=sampler)
     if regime == "offline":
         o = s2.offline
         # The run seed chooses which prompts of the pool form the dataset (the seed varies the data).
@@ -89,9 +89,10 @@ def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | 
             log(f"[stage 2] offline dataset: {o.num_prompts} prompts x {o.generations_per_prompt} teacher samples")
             build_offline_dataset(
                 world.teacher, ids, mask, generations_per_prompt=o.generations_per_prompt,
-                max_new_tokens=cfg.world.response_length, generator=generator_for(cfg.seed, "offline-samples"),
+                max_new_tokens=params.max_new_tokens, generator=generator_for(cfg.seed, "offline-samples"),
                 out_dir=path, targets=o.targets, topk=o.topk, target_memory_mb=o.target_memory_mb,
-                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                eos_token_id=params.eos_token_id)
         return OfflineSource(load_offline_dataset(path), s2.batch_size, cfg.seed), (ids, mask)
     if regime == "online_teacher":
         return OnlineTeacherSource(world.teacher, pool_ids, pool_mask, s2.batch_size, cfg.seed, params), (pool_ids, pool_mask)
@@ -246,6 +247,9 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         model.eval()  # sampling mode for on-policy batches (no dropout in kdlab's models either way)
         batch = dist.shard(source.batch(step, student))  # this rank's rows of the global batch
         model.train()
+        # Pretrained checkpoints may train with dropout (T5: 0.1), which draws from the global RNG:
+        # seed it from (seed, step) so that a resumed run repeats the uninterrupted one.
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator_for(cfg.seed, "dropout", step))))
         loss_rank, n_rank = loss_on_batch(trainee, world.teacher, batch, loss_fn, cfg,
                                           taid.t if taid is not None else None, device)
         # Token count of the whole global batch (float64 all-reduce: exact for any realistic count).

@@ -10,9 +10,11 @@ held-out proxy falls is teacher hacking (WORLD-NOTES lesson 3).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +58,8 @@ class Evaluator:
         self.eval_prompts = (ids, mask)
         shared = world.directory / f"eval-{cfg.eval_key()}"
         shared.mkdir(parents=True, exist_ok=True)
-        build = dict(samples_per_prompt=e.samples_per_prompt, max_new_tokens=cfg.world.response_length,
-                     batch_size=e.batch_size)
+        build = dict(samples_per_prompt=e.samples_per_prompt, max_new_tokens=cfg.world.max_response_tokens,
+                     eos_token_id=world.eos_token_id, batch_size=e.batch_size)
         dev = world.teacher.device
         self.proxy_cache = _cache(shared / "teacher", lambda: ReferenceCache.build(
             world.teacher, ids.to(dev), mask.to(dev), generator=generator_for(cfg.world.seed, "eval-teacher"), **build))
@@ -69,11 +71,12 @@ class Evaluator:
             if not info_path.exists():  # the teacher's own distance to the truth: the floor it offers
                 est = sequence_fkl(world.teacher, self.golden_cache, batch_size=e.batch_size)
                 info_path.write_text(f'{{"teacher_golden_fkl": {est.mean}, "teacher_golden_fkl_se": {est.se}}}')
-            import json
-
             self.teacher_golden = json.loads(info_path.read_text())
         else:
             self.teacher_golden = {}
+        self.task = TaskScorer.create(cfg, world, shared)
+        if self.task is not None:
+            self.teacher_golden.update(self.task.reference_scores)
         self.train_cache = None
         if train_prompts is not None and e.train_prompts > 0:
             t_ids, t_mask = train_prompts
@@ -117,8 +120,91 @@ class Evaluator:
                     continue
                 est = sequence_rkl(student, ref, ids.to(student.device), mask.to(student.device),
                                    samples_per_prompt=self.cfg.eval.samples_per_prompt,
-                                   max_new_tokens=self.cfg.world.response_length,
-                                   generator=generator_for(self.cfg.seed, "eval-rkl", name, step), batch_size=bs)
+                                   max_new_tokens=self.cfg.world.max_response_tokens,
+                                   eos_token_id=self.world.eos_token_id, generator=generator_for(self.cfg.seed, "eval-rkl", name, step), batch_size=bs)
                 row[f"{name}_rkl"] = est.mean
                 row[f"{name}_rkl_se"] = est.se
+        if self.task is not None:
+            row.update(self.task(student))
         return {k: (None if v is None or not math.isfinite(v) else float(v)) for k, v in row.items()}
+
+
+class TaskScorer:
+    """Task metrics (ROUGE / BLEU, kdlab.metrics.task) of greedy decodes on held-out prompts.
+
+    The oracle's and the teacher's greedy outputs never change during stage 2: they are decoded once
+    and kept in the shared evaluation directory (`task-<metric>.json`), with the teacher's own scores
+    (the level a perfect imitation of the teacher would reach)."""
+
+    def __init__(self, metric: str, prompts, references: list[str | None], oracle_texts: list[str] | None,
+                 tokenizer, max_new_tokens: int, eos_token_id: int | None, batch_size: int):
+        self.metric, self.prompts, self.tokenizer = metric, prompts, tokenizer
+        self.references, self.oracle_texts = references, oracle_texts
+        self.max_new_tokens, self.eos_token_id, self.batch_size = max_new_tokens, eos_token_id, batch_size
+        self.reference_scores: dict[str, float] = {}
+
+    @classmethod
+    def create(cls, cfg: RunConfig, world: World, shared: Path) -> "TaskScorer | None":
+        from kdlab.metrics.task import metric_for
+
+        e = cfg.eval
+        metric = metric_for(e.task_metrics, cfg.world.task.name if cfg.world.task else None)
+        if metric is None:
+            return None
+        texts = world.eval_texts()[:e.task_metric_prompts]
+        tokenizer = world.teacher.tokenizer
+        if not texts or tokenizer is None:
+            raise ValueError("eval.task_metrics needs a task world whose teacher has a tokenizer "
+                             f"(eval texts found: {len(texts)}, tokenizer: {tokenizer is not None})")
+        ids, mask = world.prompts["eval"]
+        prompts = (ids[:len(texts)], mask[:len(texts)])
+        refs = [t["reference"] for t in texts]
+        scorer = cls(metric, prompts, refs, None, tokenizer, cfg.world.max_response_tokens, world.eos_token_id,
+                     e.batch_size)
+        path = shared / f"task-{metric}-{len(texts)}.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+        else:
+            saved = {"oracle_texts": scorer.decode(world.oracle) if world.oracle is not None else None,
+                     "teacher_texts": scorer.decode(world.teacher)}
+            scorer.oracle_texts = saved["oracle_texts"]
+            saved["teacher_scores"] = scorer.scores(saved["teacher_texts"])
+            tmp = path.with_name(f".tmp-{path.name}")
+            tmp.write_text(json.dumps(saved))
+            os.replace(tmp, path)
+        scorer.oracle_texts = saved["oracle_texts"]
+        scorer.reference_scores = {f"teacher_{k}": v for k, v in saved["teacher_scores"].items()}
+        return scorer
+
+    @torch.no_grad()
+    def decode(self, lm: LM) -> list[str]:
+        """Greedy outputs on the prompts, as text (special tokens and padding dropped)."""
+        from kdlab.models.sampling import sample
+
+        ids, mask = self.prompts
+        texts: list[str] = []
+        for i in range(0, len(ids), self.batch_size):
+            s = sample(lm, ids[i:i + self.batch_size].to(lm.device), mask[i:i + self.batch_size].to(lm.device),
+                       max_new_tokens=self.max_new_tokens, temperature=0.0, eos_token_id=self.eos_token_id)
+            for row, keep in zip(s.response_ids_BxR.cpu(), s.response_mask_BxR.cpu()):
+                texts.append(self.tokenizer.decode(row[keep].tolist(), skip_special_tokens=True).strip())
+        return texts
+
+    def scores(self, texts: list[str]) -> dict[str, float]:
+        """`task_<name>_ref` against the dataset references (where there are any), `task_<name>_oracle`
+        against the oracle's outputs (where there is an oracle)."""
+        from kdlab.metrics.task import score
+
+        out: dict[str, float] = {}
+        pairs = [(t, r) for t, r in zip(texts, self.references) if r]
+        if pairs:
+            out.update({f"task_{k}_ref": v for k, v in score(self.metric, *zip(*pairs)).items()})
+        if self.oracle_texts is not None:
+            out.update({f"task_{k}_oracle": v for k, v in score(self.metric, texts, self.oracle_texts).items()})
+        return out
+
+    def __call__(self, student: LM) -> dict[str, float]:
+        t0 = time.perf_counter()
+        out = self.scores(self.decode(student))
+        out["task_seconds"] = time.perf_counter() - t0
+        return out

@@ -32,24 +32,36 @@ POOLS = ("stage1", "stage2", "eval")
 
 @dataclass
 class World:
-    """Everything stage 2 needs from stage 1. Prompts are left-padded `ids`/`mask` pairs per pool."""
+    """Everything stage 2 needs from stage 1. Prompts are left-padded `ids`/`mask` pairs per pool.
+
+    `eos_token_id` ends every sampled response (the oracle's, else the teacher's; None in the synthetic
+    world, where every response has full length)."""
 
     directory: Path
     oracle: LM | None
     teacher: LM
     prompts: dict[str, tuple[torch.Tensor, torch.Tensor]]
     info: dict
+    eos_token_id: int | None = None
 
     def load_student_init(self, device: str | torch.device = "cpu") -> LM:
         return LM.load(self.directory / "student_init", device=device)
+
+    def eval_texts(self) -> list[dict]:
+        """Task worlds: the eval pool's prompt texts and references, in pool order (`[]` when synthetic)."""
+        path = self.directory / "eval_texts.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _hf_path(spec: str) -> str:
     return spec[len("hf:"):]
 
 
-def _new_model(spec: ArchConfig | str, vocab_size: int, max_len: int, seed: int, device) -> LM:
-    """A fresh model from an architecture (seeded init) or a pretrained one ('hf:<name or path>')."""
+def _new_model(spec: ArchConfig | str, vocab_size: int, max_len: int, seed: int, device, tokenizer=None) -> LM:
+    """A fresh model from an architecture (seeded init) or a pretrained one ('hf:<name or path>').
+    A model built from an architecture gets the oracle's tokenizer (task worlds decode its outputs)."""
     if isinstance(spec, str):
         return LM.load(_hf_path(spec), device=device)
     from transformers import LlamaForCausalLM
@@ -60,13 +72,44 @@ def _new_model(spec: ArchConfig | str, vocab_size: int, max_len: int, seed: int,
         max_position_embeddings=max(64, max_len),
     )
     torch.manual_seed(seed)
-    return LM(LlamaForCausalLM(config).to(device))
+    return LM(LlamaForCausalLM(config).to(device), tokenizer)
+
+
+def _pool_sizes(cfg: RunConfig) -> dict[str, int]:
+    p = cfg.world.pools
+    return {"stage1": p.stage1, "stage2": p.stage2, "eval": p.eval}
+
+
+def _task_prompts(cfg: RunConfig, tokenizer, directory: Path | None, log) -> tuple[dict, dict]:
+    """Disjoint pools from the task dataset (kdlab.data.tasks), tokenized with the models' tokenizer.
+
+    Returns the pools and their truncation reports; writes the eval pool's texts (prompt, reference)
+    to `eval_texts.jsonl` for the task metrics."""
+    from kdlab.data.tasks import load_pools, tokenize_prompts
+
+    task = cfg.world.task
+    if tokenizer is None:
+        raise ValueError(f"world.task={task.name!r} needs a tokenizer: the oracle (or, without one, the teacher) "
+                         "must be an 'hf:' model directory or hub name that includes its tokenizer files")
+    texts = load_pools(task, _pool_sizes(cfg), cfg.world.seed)
+    pools, reports = {}, {}
+    for name in POOLS:
+        ids, mask, report = tokenize_prompts(texts[name], tokenizer, task.max_input_tokens,
+                                             max_output_tokens=task.max_output_tokens)
+        pools[name] = (ids, mask)
+        reports[name] = report.as_dict()
+        log(f"[stage 1] {name}: {report.summary()}")
+    if directory is not None:
+        with open(directory / "eval_texts.jsonl", "w") as f:
+            for ex in texts["eval"]:
+                f.write(json.dumps({"prompt": ex.prompt, "reference": ex.reference}) + "\n")
+    return pools, reports
 
 
 def _make_prompts(cfg: RunConfig, oracle: LM, device, vocab_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Disjoint prompt pools drawn from the world's prompt distribution (duplicates removed across pools)."""
     w = cfg.world
-    sizes = {"stage1": w.pools.stage1, "stage2": w.pools.stage2, "eval": w.pools.eval}
+    sizes = _pool_sizes(cfg)
     total = sum(sizes.values())
     gen = generator_for(w.seed, "prompts")
     seen: set[tuple[int, ...]] = set()
@@ -105,9 +148,9 @@ def _make_prompts(cfg: RunConfig, oracle: LM, device, vocab_size: int) -> dict[s
 def _oracle_samples(oracle: LM, ids, mask, max_new_tokens: int, seed: int, batch_size: int = 512):
     gen = generator_for(seed, "stage1-oracle-samples")
     out_ids, out_mask = [], []
-    for i in range(0, len(ids), batch_size):
+    for i in tqdm(range(0, len(ids), batch_size), desc="stage 1: oracle samples", leave=False, disable=None):
         s = sample(oracle, ids[i:i + batch_size].to(oracle.device), mask[i:i + batch_size].to(oracle.device),
-                   max_new_tokens=max_new_tokens, generator=gen)
+                   max_new_tokens=max_new_tokens, eos_token_id=oracle.eos_token_id, generator=gen)
         out_ids.append(s.response_ids_BxR.cpu())
         out_mask.append(s.response_mask_BxR.cpu())
     return torch.cat(out_ids), torch.cat(out_mask)
@@ -168,7 +211,8 @@ def build_world(cfg: RunConfig, device="cpu", log=print, dist: Distributed | Non
     teacher = LM.load(root / "teacher", device=device)
     if oracle is not None:
         check_vocab_compatible(oracle, teacher, ("oracle", "teacher"))
-    return World(directory=root, oracle=oracle, teacher=teacher, prompts=prompts, info=info)
+    eos = (oracle or teacher).eos_token_id
+    return World(directory=root, oracle=oracle, teacher=teacher, prompts=prompts, info=info, eos_token_id=eos)
 
 
 def _build_stage1(cfg: RunConfig, root: Path, device, log, dist: Distributed) -> None:
@@ -182,8 +226,9 @@ def _build_stage1(cfg: RunConfig, root: Path, device, log, dist: Distributed) ->
         log(f"[stage 1] building the world ({root.name})")
         if w.oracle == "none":
             if tmp is not None:
-                _build_without_oracle(cfg, tmp, device, log)
-                (tmp / "world.json").write_text(json.dumps({"stage1_key": cfg.stage1_key(), "oracle": None}))
+                reports = _build_without_oracle(cfg, tmp, device, log)
+                (tmp / "world.json").write_text(json.dumps({"stage1_key": cfg.stage1_key(), "oracle": None,
+                                                            "prompt_reports": reports}))
                 os.replace(tmp, root)
             return
         if w.oracle == "synthetic":
@@ -199,19 +244,22 @@ def _build_stage1(cfg: RunConfig, root: Path, device, log, dist: Distributed) ->
                 oracle.save(tmp / "oracle")
         else:
             oracle = LM.load(_hf_path(w.oracle), device=device)
-        prompts = _make_prompts(cfg, oracle, device, oracle.vocab_size)
+        info: dict = {"stage1_key": cfg.stage1_key()}
+        if w.task is not None:
+            prompts, info["prompt_reports"] = _task_prompts(cfg, oracle.tokenizer, tmp, log)
+        else:
+            prompts = _make_prompts(cfg, oracle, device, oracle.vocab_size)
         if tmp is not None:
             _save_prompts(prompts, tmp)
         ids, mask = prompts["stage1"]
         n = max(cfg.stage1.teacher.num_samples, cfg.stage1.student.num_samples)
-        r_ids, r_mask = _oracle_samples(oracle, ids[:n], mask[:n], w.response_length, w.seed)
-        max_len = w.prompt_length + w.response_length
-        info: dict = {"stage1_key": cfg.stage1_key()}
+        r_ids, r_mask = _oracle_samples(oracle, ids[:n], mask[:n], w.max_response_tokens, w.seed)
+        max_len = w.max_prompt_tokens + w.max_response_tokens
         for who, arch, budget, seed_offset in (
             ("teacher", cfg.models.teacher, cfg.stage1.teacher, 1),
             ("student_init", cfg.models.student, cfg.stage1.student, 2),
         ):
-            lm = _new_model(arch, oracle.vocab_size, max_len, w.seed + seed_offset, device)
+            lm = _new_model(arch, oracle.vocab_size, max_len, w.seed + seed_offset, device, oracle.tokenizer)
             check_vocab_compatible(oracle, lm, ("oracle", who))
             k = budget.num_samples
             losses = sft(lm, ids[:k], mask[:k], r_ids[:k], r_mask[:k], budget, w.seed, who, dist)
@@ -242,16 +290,21 @@ def _save_prompts(prompts, directory: Path) -> None:
               str(directory / "prompts.safetensors"))
 
 
-def _build_without_oracle(cfg: RunConfig, tmp: Path, device, log) -> None:
+def _build_without_oracle(cfg: RunConfig, tmp: Path, device, log) -> dict | None:
     """No ground truth: the teacher and the student init are the given pretrained models as they are
     (there are no oracle samples to fine-tune them on); prompts come from the configured distribution
     over the teacher's vocabulary."""
     teacher = LM.load(_hf_path(cfg.models.teacher), device=device)
     student = LM.load(_hf_path(cfg.models.student), device=device)
     check_vocab_compatible(teacher, student, ("teacher", "student"))
-    if cfg.world.prompt_source == "oracle":
+    if cfg.world.task is not None:
+        prompts, reports = _task_prompts(cfg, teacher.tokenizer, tmp, log)
+    elif cfg.world.prompt_source == "oracle":
         raise ValueError("world.prompt_source='oracle' needs an oracle; use 'uniform' with world.oracle='none'")
-    _save_prompts(_make_prompts(cfg, teacher, device, teacher.vocab_size), tmp)
+    else:
+        prompts, reports = _make_prompts(cfg, teacher, device, teacher.vocab_size), None
+    _save_prompts(prompts, tmp)
     teacher.save(tmp / "teacher")
     student.save(tmp / "student_init")
     log("[stage 1] no oracle: teacher and student taken as given; golden metrics are skipped")
+    return reports
