@@ -194,7 +194,21 @@ def test_split_too_small(copies):
 def test_missing_split(copies):
     with pytest.raises(TaskDataError, match=r"no split 'validation' \(pool 'eval'\); splits available: "
                                             r"\['test', 'train'\]\. Set world\.task\.splits\.eval"):
-        load_pools(TaskConfig(name="natural_instructions", path=copies["natural_instructions"]), SIZES, seed=0)
+        load_pools(TaskConfig(name="natural_instructions", path=copies["natural_instructions"],
+                              splits={"eval": "validation"}), SIZES, seed=0)
+
+
+def test_default_eval_split_is_validation_else_test(copies):
+    """splits.eval unset: XSum evaluates on validation, Natural Instructions (no validation) on test."""
+    small = {"stage1": 12, "stage2": 10, "eval": 3}  # the test splits hold 4 rows
+    ni = load_pools(TaskConfig(name="natural_instructions", path=copies["natural_instructions"]), small, seed=0)
+    ni_test = load_pools(TaskConfig(name="natural_instructions", path=copies["natural_instructions"],
+                                    splits={"eval": "test"}), small, seed=0)
+    assert ni["eval"] == ni_test["eval"]
+    xs = load_pools(TaskConfig(name="xsum", path=copies["xsum"]), small, seed=0)
+    xs_val = load_pools(TaskConfig(name="xsum", path=copies["xsum"], splits={"eval": "validation"}), small, seed=0)
+    xs_test = load_pools(TaskConfig(name="xsum", path=copies["xsum"], splits={"eval": "test"}), small, seed=0)
+    assert xs["eval"] == xs_val["eval"] != xs_test["eval"]
 
 
 def test_missing_columns(tmp_path, copies):

@@ -69,7 +69,9 @@ class TaskSplitsConfig(_Section):
 
     stage1: str = Field("train", description="Split the stage-1 (SFT) prompts come from.")
     stage2: str = Field("train", description="Split the stage-2 training prompts come from.")
-    eval: str = Field("validation", description="Split the held-out evaluation prompts come from.")
+    eval: str | None = Field(
+        None, description="Split the held-out evaluation prompts come from (None = the task's validation split, "
+        "or its test split where it has none, as Natural Instructions).")
 
 
 class TaskConfig(_Section):

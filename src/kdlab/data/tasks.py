@@ -188,7 +188,9 @@ def load_pools(task: TaskConfig, sizes: dict[str, int], seed: int) -> dict[str, 
     else:
         spec = TASKS[task.name]
         dd, where = _load_hub(task, spec)
-        splits = {"stage1": task.splits.stage1, "stage2": task.splits.stage2, "eval": task.splits.eval}
+        # eval None: the task's validation split, or its test split where it has none (Natural Instructions).
+        eval_split = task.splits.eval or ("validation" if "validation" in spec.splits else "test")
+        splits = {"stage1": task.splits.stage1, "stage2": task.splits.stage2, "eval": eval_split}
         tables = {}
         for pool in POOLS:
             split = splits[pool]

@@ -95,7 +95,7 @@ def _task_prompts(cfg: RunConfig, tokenizer, directory: Path | None, log) -> tup
     pools, reports = {}, {}
     for name in POOLS:
         ids, mask, report = tokenize_prompts(texts[name], tokenizer, task.max_input_tokens,
-                                             max_output_tokens=task.max_output_tokens)
+                                             max_output_tokens=task.max_output_tokens, pool=name)
         pools[name] = (ids, mask)
         reports[name] = report.as_dict()
         log(f"[stage 1] {name}: {report.summary()}")
