@@ -173,6 +173,9 @@ class ModelsConfig(_Section):
         default_factory=lambda: ArchConfig(hidden_size=32, num_layers=1, num_heads=2),
         description="Student architecture, or 'hf:<name or path>'.",
     )
+    dropout: float | None = Field(
+        0.0, ge=0, lt=1, description="Dropout of every model while it trains (stage-1 SFT and stage 2); "
+        "pretrained checkpoints ship their own (T5: 0.1) and the paper trains with 0. None = keep the checkpoint's.")
 
 
 class SFTConfig(_Section):
@@ -444,19 +447,39 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None) -
         raise ConfigError(_format_validation_error(err)) from None
 
 
+def _merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, section by section (a value in `over` replaces the one in `base`)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The mapping in a YAML config file, with `base: <file>` resolved: a config may name another
+    (relative to its own directory) and give only what differs; chains are followed, cycles refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (the base of {_chain[-1]})" if _chain else ""))
+    if path.resolve() in _chain:
+        raise ConfigError(f"{path}: 'base' chain loops back on itself ({' -> '.join(str(p) for p in _chain)})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base = {base!r}: must be the path of another config file")
+    return _merge(read_config_file(path.parent / base, (*_chain, path.resolve())), data)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config file (or the defaults if `path` is None) and apply overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    data = read_config_file(path) if path is not None else {}
     return build_config(data, overrides)
 
 

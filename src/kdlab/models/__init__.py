@@ -3,7 +3,7 @@
 ``kdlab.models.sampling.sample`` is also re-exported here as ``kdlab.models.sample``.
 """
 
-from kdlab.models.lm import LM, CheckpointError, check_vocab_compatible
+from kdlab.models.lm import LM, CheckpointError, check_vocab_compatible, set_dropout
 from kdlab.models.sampling import Samples, sample
 from kdlab.models.synthetic import make_synthetic_oracle, mean_token_entropy, tiny_llama_config
 
@@ -11,6 +11,7 @@ __all__ = [
     "LM",
     "CheckpointError",
     "check_vocab_compatible",
+    "set_dropout",
     "tiny_llama_config",
     "make_synthetic_oracle",
     "mean_token_entropy",

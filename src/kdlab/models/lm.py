@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["LM", "CheckpointError", "check_safetensors", "check_vocab_compatible", "left_pad", "trim_left_padding"]
+__all__ = ["LM", "CheckpointError", "check_safetensors", "check_vocab_compatible", "left_pad", "set_dropout",
+           "trim_left_padding"]
 
 
 class CheckpointError(RuntimeError):
@@ -64,6 +65,22 @@ def trim_left_padding(ids_BxL: Tensor, mask_BxL: Tensor) -> tuple[Tensor, Tensor
     any_L = mask_BxL.bool().any(0)
     first = int(any_L.to(torch.uint8).argmax()) if bool(any_L.any()) else ids_BxL.shape[1] - 1
     return (ids_BxL[:, first:], mask_BxL[:, first:]) if first > 0 else (ids_BxL, mask_BxL)
+
+
+_DROPOUT_CONFIG_FIELDS = ("dropout_rate", "dropout", "attention_dropout", "hidden_dropout", "attention_probs_dropout_prob",
+                          "hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop", "activation_dropout")
+
+
+def set_dropout(hf: torch.nn.Module, p: float) -> None:
+    """Set every dropout of a model to ``p``: the ``nn.Dropout`` modules (T5 builds them from
+    ``dropout_rate``), the float rates modules copy from their config at init (Llama/Qwen attention's
+    ``attention_dropout``), and the config itself, so that a saved copy keeps the setting."""
+    for obj in (*hf.modules(), getattr(hf, "config", None)):
+        if isinstance(obj, torch.nn.Dropout):
+            obj.p = p
+        for name in _DROPOUT_CONFIG_FIELDS:  # float rates kept on modules (Llama attention) and configs
+            if isinstance(getattr(obj, name, None), float):
+                setattr(obj, name, p)
 
 
 class LM:

@@ -26,7 +26,7 @@ from kdlab.config import RunConfig, dump_config
 from kdlab.data.offline import build_offline_dataset, load_offline_dataset, offline_dataset_ready
 from kdlab.data.regimes import (Batch, MixedSource, OfflineSource, OnlineStudentSource, OnlineTeacherSource,
                                 SamplingParams)
-from kdlab.models import LM, check_vocab_compatible
+from kdlab.models import LM, check_vocab_compatible, set_dropout
 from kdlab.models.sampling import sample
 from kdlab.models.vllm_backend import check_backend, make_sampler
 from kdlab.pipeline.distributed import Distributed
@@ -174,6 +174,8 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         source, train_prompts = make_source(cfg, world, run_dir, log)
         evaluator = Evaluator(cfg, world, train_prompts, run_dir)
     student = world.load_student_init(device=device)
+    if cfg.models.dropout is not None:
+        set_dropout(student.hf, cfg.models.dropout)
     check_vocab_compatible(world.teacher, student, ("teacher", "student"))
     loss_fn = make_loss(cfg)
     taid = make_taid_schedule(cfg)

@@ -117,11 +117,20 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".tmp-"))
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # Tied weights (T5's shared embedding = lm_head) are one tensor under several names; safetensors
+    # stores each storage once, so the other names are recorded as aliases and restored on load.
+    weights, tied, seen = {}, {}, {}
+    for k, v in model.state_dict().items():
+        key = (v.device, v.data_ptr(), v.shape, v.stride())
+        if v.numel() and key in seen:
+            tied[k] = seen[key]
+            continue
+        seen[key] = k
+        weights[k] = v.detach().cpu().contiguous()
     save_file(weights, str(tmp / "model.safetensors"))
     opt_tensors, opt_meta = _optimizer_to_tensors(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    atomic_write_json(tmp / "state.json", {"step": step, "optimizer": opt_meta, **state})
+    atomic_write_json(tmp / "state.json", {"step": step, "optimizer": opt_meta, "tied_weights": tied, **state})
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -152,6 +161,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             f"checkpoint {path} is unreadable ({err}). It may be truncated: delete that directory "
             f"(and fix {path.parent / 'latest'} to name an older step-* directory) and resume again."
         ) from None
+    for alias, name in state.pop("tied_weights", {}).items():
+        weights[alias] = weights[name]
     model.load_state_dict(weights)
     _optimizer_from_tensors(optimizer, opt_tensors, state.pop("optimizer"))
     return state

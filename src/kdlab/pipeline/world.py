@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from kdlab.config import ArchConfig, RunConfig, SFTConfig
-from kdlab.models import LM, check_vocab_compatible, make_synthetic_oracle, tiny_llama_config
+from kdlab.models import LM, check_vocab_compatible, make_synthetic_oracle, set_dropout, tiny_llama_config
 from kdlab.models.sampling import sample
 from kdlab.pipeline.distributed import Distributed
 from kdlab.seeding import generator_for
@@ -98,7 +98,7 @@ def _task_prompts(cfg: RunConfig, tokenizer, directory: Path | None, log) -> tup
                                              max_output_tokens=task.max_output_tokens, pool=name)
         pools[name] = (ids, mask)
         reports[name] = report.as_dict()
-        log(f"[stage 1] {name}: {report.summary()}")
+        log(f"[stage 1] {report.summary()}")
     if directory is not None:
         with open(directory / "eval_texts.jsonl", "w") as f:
             for ex in texts["eval"]:
@@ -260,6 +260,8 @@ def _build_stage1(cfg: RunConfig, root: Path, device, log, dist: Distributed) ->
             ("student_init", cfg.models.student, cfg.stage1.student, 2),
         ):
             lm = _new_model(arch, oracle.vocab_size, max_len, w.seed + seed_offset, device, oracle.tokenizer)
+            if cfg.models.dropout is not None:
+                set_dropout(lm.hf, cfg.models.dropout)
             check_vocab_compatible(oracle, lm, ("oracle", who))
             k = budget.num_samples
             losses = sft(lm, ids[:k], mask[:k], r_ids[:k], r_mask[:k], budget, w.seed, who, dist)
