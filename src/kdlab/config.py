@@ -173,6 +173,10 @@ class ModelsConfig(_Section):
         default_factory=lambda: ArchConfig(hidden_size=32, num_layers=1, num_heads=2),
         description="Student architecture, or 'hf:<name or path>'.",
     )
+    dtype: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32", description="Weights of 'hf:' models as loaded (oracle, teacher, student): float32 master "
+        "weights by default (hub checkpoints may be stored in bf16); 'auto' keeps the checkpoint's. For bf16 "
+        "compute set precision: bf16.")
     dropout: float | None = Field(
         0.0, ge=0, lt=1, description="Dropout of every model while it trains (stage-1 SFT and stage 2); "
         "pretrained checkpoints ship their own (T5: 0.1) and the paper trains with 0. None = keep the checkpoint's.")
@@ -323,6 +327,9 @@ class RunConfig(_Section):
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch's default).")
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N', or 'auto'.")
+    precision: Literal["float32", "bf16"] = Field(
+        "float32", description="'bf16': forward passes of training and sampling (stage 1 and 2) run under "
+        "bfloat16 autocast; weights, optimizer state, losses and evaluation stay float32.")
     world: WorldConfig = Field(default_factory=WorldConfig, description="Oracle and prompts.")
     models: ModelsConfig = Field(default_factory=ModelsConfig, description="Teacher and student.")
     stage1: Stage1Config = Field(default_factory=Stage1Config, description="Stage-1 SFT budgets.")

@@ -34,7 +34,7 @@ from kdlab.pipeline.evaluate import Evaluator, eval_steps
 from kdlab.pipeline.rundir import (atomic_write_json, atomic_write_text, latest_checkpoint,
                                    load_checkpoint, read_metrics, save_checkpoint, truncate_metrics)
 from kdlab.pipeline.trackers import make_logger
-from kdlab.pipeline.world import World, build_world
+from kdlab.pipeline.world import World, autocast, build_world
 from kdlab.seeding import generator_for
 
 
@@ -247,13 +247,15 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         model.eval()  # sampling mode for on-policy batches (no dropout in kdlab's models either way)
-        batch = dist.shard(source.batch(step, student))  # this rank's rows of the global batch
+        with autocast(cfg, device):
+            batch = dist.shard(source.batch(step, student))  # this rank's rows of the global batch
         model.train()
         # Pretrained checkpoints may train with dropout (T5: 0.1), which draws from the global RNG:
         # seed it from (seed, step) so that a resumed run repeats the uninterrupted one.
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator_for(cfg.seed, "dropout", step))))
-        loss_rank, n_rank = loss_on_batch(trainee, world.teacher, batch, loss_fn, cfg,
-                                          taid.t if taid is not None else None, device)
+        with autocast(cfg, device):  # the losses themselves compute in float32 (kdlab.losses)
+            loss_rank, n_rank = loss_on_batch(trainee, world.teacher, batch, loss_fn, cfg,
+                                              taid.t if taid is not None else None, device)
         # Token count of the whole global batch (float64 all-reduce: exact for any realistic count).
         n_tokens = int(dist.sum(torch.tensor(float(n_rank), dtype=torch.float64, device=loss_rank.device)).item())
         loss = dist.sum(loss_rank.detach()) / max(n_tokens, 1)  # the global batch's mean per-token loss

@@ -59,11 +59,24 @@ def _hf_path(spec: str) -> str:
     return spec[len("hf:"):]
 
 
-def _new_model(spec: ArchConfig | str, vocab_size: int, max_len: int, seed: int, device, tokenizer=None) -> LM:
+def _load_hf(spec: str, cfg: RunConfig, device) -> LM:
+    """A pretrained 'hf:' model in the configured dtype (models.dtype)."""
+    dtype = None if cfg.models.dtype == "auto" else getattr(torch, cfg.models.dtype)
+    return LM.load(_hf_path(spec), device=device, dtype=dtype)
+
+
+def autocast(cfg: RunConfig, device):
+    """bfloat16 autocast for training and sampling forwards when `precision: bf16`, else a no-op."""
+    dev_type = torch.device(device).type
+    return torch.autocast(dev_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+def _new_model(spec: ArchConfig | str, cfg: RunConfig, vocab_size: int, max_len: int, seed: int, device,
+               tokenizer=None) -> LM:
     """A fresh model from an architecture (seeded init) or a pretrained one ('hf:<name or path>').
     A model built from an architecture gets the oracle's tokenizer (task worlds decode its outputs)."""
     if isinstance(spec, str):
-        return LM.load(_hf_path(spec), device=device)
+        return _load_hf(spec, cfg, device)
     from transformers import LlamaForCausalLM
 
     config = tiny_llama_config(
@@ -157,11 +170,12 @@ def _oracle_samples(oracle: LM, ids, mask, max_new_tokens: int, seed: int, batch
 
 
 def sft(lm: LM, prompt_ids, prompt_mask, response_ids, response_mask, budget: SFTConfig, seed: int,
-        desc: str, dist: Distributed | None = None) -> list[float]:
+        desc: str, dist: Distributed | None = None, bf16: bool = False) -> list[float]:
     """Stage-1 SFT: cross-entropy on response tokens, Adam, minibatches drawn with a seeded generator.
 
     With `dist` (several ranks) each rank trains on its slice of the same global minibatch and the
-    loss is the global token mean, as in stage 2 (kdlab.pipeline.distributed).
+    loss is the global token mean, as in stage 2 (kdlab.pipeline.distributed). `bf16`: the forward runs
+    under bfloat16 autocast (log-probs come out float32, weights stay float32).
     Returns the per-step training losses (nats per token)."""
     dist = dist or Distributed(None)
     n = len(prompt_ids)
@@ -177,8 +191,9 @@ def sft(lm: LM, prompt_ids, prompt_mask, response_ids, response_mask, budget: SF
     for _ in tqdm(range(budget.steps), desc=f"stage 1: {desc}", leave=False, disable=None if dist.is_main else True):
         idx = dist.shard_indices(torch.randint(0, n, (batch,), generator=gen))  # this rank's rows
         dev = lm.device
-        logp_BxR = trainee.response_logprobs(prompt_ids[idx].to(dev), prompt_mask[idx].to(dev),
-                                             response_ids[idx].to(dev), response_mask[idx].to(dev))
+        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=bf16):
+            logp_BxR = trainee.response_logprobs(prompt_ids[idx].to(dev), prompt_mask[idx].to(dev),
+                                                 response_ids[idx].to(dev), response_mask[idx].to(dev))
         count = dist.sum(response_mask[idx].sum().to(dev, torch.float64))  # tokens in the global minibatch
         loss_rank = -logp_BxR.sum()
         opt.zero_grad(set_to_none=True)
@@ -207,7 +222,7 @@ def build_world(cfg: RunConfig, device="cpu", log=print, dist: Distributed | Non
     elif (root / "oracle").exists():
         oracle = LM.load(root / "oracle", device=device)
     else:
-        oracle = LM.load(_hf_path(cfg.world.oracle), device=device)
+        oracle = _load_hf(cfg.world.oracle, cfg, device)
     teacher = LM.load(root / "teacher", device=device)
     if oracle is not None:
         check_vocab_compatible(oracle, teacher, ("oracle", "teacher"))
@@ -243,7 +258,7 @@ def _build_stage1(cfg: RunConfig, root: Path, device, log, dist: Distributed) ->
             if tmp is not None:
                 oracle.save(tmp / "oracle")
         else:
-            oracle = LM.load(_hf_path(w.oracle), device=device)
+            oracle = _load_hf(w.oracle, cfg, device)
         info: dict = {"stage1_key": cfg.stage1_key()}
         if w.task is not None:
             prompts, info["prompt_reports"] = _task_prompts(cfg, oracle.tokenizer, tmp, log)
@@ -259,12 +274,13 @@ def _build_stage1(cfg: RunConfig, root: Path, device, log, dist: Distributed) ->
             ("teacher", cfg.models.teacher, cfg.stage1.teacher, 1),
             ("student_init", cfg.models.student, cfg.stage1.student, 2),
         ):
-            lm = _new_model(arch, oracle.vocab_size, max_len, w.seed + seed_offset, device, oracle.tokenizer)
+            lm = _new_model(arch, cfg, oracle.vocab_size, max_len, w.seed + seed_offset, device, oracle.tokenizer)
             if cfg.models.dropout is not None:
                 set_dropout(lm.hf, cfg.models.dropout)
             check_vocab_compatible(oracle, lm, ("oracle", who))
             k = budget.num_samples
-            losses = sft(lm, ids[:k], mask[:k], r_ids[:k], r_mask[:k], budget, w.seed, who, dist)
+            losses = sft(lm, ids[:k], mask[:k], r_ids[:k], r_mask[:k], budget, w.seed, who, dist,
+                         bf16=cfg.precision == "bf16")
             gathered = dist.full_weights(lm.hf)  # FSDP: every rank takes part in the gather; else None
             if tmp is not None:
                 lm.save(tmp / who) if gathered is None else lm.hf.save_pretrained(tmp / who, state_dict=gathered)
@@ -296,8 +312,8 @@ def _build_without_oracle(cfg: RunConfig, tmp: Path, device, log) -> dict | None
     """No ground truth: the teacher and the student init are the given pretrained models as they are
     (there are no oracle samples to fine-tune them on); prompts come from the configured distribution
     over the teacher's vocabulary."""
-    teacher = LM.load(_hf_path(cfg.models.teacher), device=device)
-    student = LM.load(_hf_path(cfg.models.student), device=device)
+    teacher = _load_hf(cfg.models.teacher, cfg, device)
+    student = _load_hf(cfg.models.student, cfg, device)
     check_vocab_compatible(teacher, student, ("teacher", "student"))
     if cfg.world.task is not None:
         prompts, reports = _task_prompts(cfg, teacher.tokenizer, tmp, log)
