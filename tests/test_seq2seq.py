@@ -208,3 +208,10 @@ def test_stage1_sft_on_t5_lowers_the_loss():
     losses_ = sft(student, ids, mask, s.response_ids_BxR, s.response_mask_BxR,
                   SFTConfig(num_samples=32, steps=40, batch_size=16, lr=3e-3), seed=0, desc="student")
     assert sum(losses_[-5:]) / 5 < 0.8 * sum(losses_[:5]) / 5
+
+
+def test_vllm_backend_refuses_encoder_decoder_models():
+    from kdlab.models.vllm_backend import make_sampler
+
+    with pytest.raises(ValueError, match="encoder-decoder .*sampling.backend='builtin'"):
+        make_sampler("vllm", teacher=tiny_t5(16))

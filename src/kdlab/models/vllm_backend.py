@@ -163,6 +163,9 @@ def make_sampler(backend: str, *, teacher: LM | None = None, teacher_dir: str | 
     if backend == "builtin":
         return sample
     if backend == "vllm":
+        if teacher is not None and teacher.is_encoder_decoder:
+            raise ValueError("stage2.sampling.backend='vllm' serves decoder-only models; this world's models are "
+                             "encoder-decoder (T5): use stage2.sampling.backend='builtin'")
         return VLLMBackend(teacher, teacher_dir, student_dir, gpu_memory_utilization=gpu_memory_utilization,
                            seed=seed)
     raise ValueError(f"stage2.sampling.backend={backend!r}; allowed: {', '.join(BACKENDS)}")
