@@ -327,6 +327,9 @@ class RunConfig(_Section):
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch's default).")
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N', or 'auto'.")
+    generation_batch_size: int = Field(
+        512, ge=1, description="Prompts per sampling call when stage 1 samples the oracle and when an offline "
+        "dataset is built; lower it for large models (the KV cache grows with it).")
     precision: Literal["float32", "bf16"] = Field(
         "float32", description="'bf16': forward passes of training and sampling (stage 1 and 2) run under "
         "bfloat16 autocast; weights, optimizer state, losses and evaluation stay float32.")
@@ -381,8 +384,9 @@ class RunConfig(_Section):
     # -- hashing for caches -------------------------------------------------------------------
     def stage1_key(self) -> str:
         """Hash of everything stage 1 depends on (world, models, stage-1 budgets)."""
+        # generation_batch_size too: the oracle's samples are drawn batch by batch from one generator.
         return _hash({"world": self.world.model_dump(), "models": self.models.model_dump(),
-                      "stage1": self.stage1.model_dump()})
+                      "stage1": self.stage1.model_dump(), "generation_batch_size": self.generation_batch_size})
 
     def eval_key(self) -> str:
         """Hash of everything the held-out references depend on."""

@@ -92,7 +92,7 @@ def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | 
                 max_new_tokens=params.max_new_tokens, generator=generator_for(cfg.seed, "offline-samples"),
                 out_dir=path, targets=o.targets, topk=o.topk, target_memory_mb=o.target_memory_mb,
                 temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                eos_token_id=params.eos_token_id)
+                eos_token_id=params.eos_token_id, batch_size=cfg.generation_batch_size)
         return OfflineSource(load_offline_dataset(path), s2.batch_size, cfg.seed), (ids, mask)
     if regime == "online_teacher":
         return OnlineTeacherSource(world.teacher, pool_ids, pool_mask, s2.batch_size, cfg.seed, params), (pool_ids, pool_mask)

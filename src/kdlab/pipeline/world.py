@@ -268,7 +268,8 @@ def _build_stage1(cfg: RunConfig, root: Path, device, log, dist: Distributed) ->
             _save_prompts(prompts, tmp)
         ids, mask = prompts["stage1"]
         n = max(cfg.stage1.teacher.num_samples, cfg.stage1.student.num_samples)
-        r_ids, r_mask = _oracle_samples(oracle, ids[:n], mask[:n], w.max_response_tokens, w.seed)
+        r_ids, r_mask = _oracle_samples(oracle, ids[:n], mask[:n], w.max_response_tokens, w.seed,
+                                        batch_size=cfg.generation_batch_size)
         max_len = w.max_prompt_tokens + w.max_response_tokens
         for who, arch, budget, seed_offset in (
             ("teacher", cfg.models.teacher, cfg.stage1.teacher, 1),
