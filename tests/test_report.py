@@ -93,3 +93,27 @@ def test_several_directories_into_one_report(sweep, tmp_path):
     summary = json.loads((tmp_path / "both" / "summary.json").read_text())
     assert [c["condition"] for c in summary["conditions"]] == ["online_student", "offline 256×8"]
     assert len(embedded_pngs(report.read_text())) == 3
+
+
+def test_task_metrics_get_their_own_panel(tmp_path):
+    """A run that logged task metrics gets a fourth panel (a wider figure) with one curve per column."""
+    import struct
+
+    from kdlab.analysis.runs import analyse
+    from kdlab.report import plots
+
+    def png_width(path):
+        return struct.unpack(">I", path.read_bytes()[16:20])[0]  # IHDR width
+
+    run = syn.write_sweep(tmp_path / "sw", seeds=(0,), conditions=["offline 256×8"])[0]
+    plain = analyse(run)
+    assert plots._task_columns(plain) == []
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["task_rougeL_ref"], row["task_rougeL_oracle"] = 10.0 + i, 20.0 + i
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with_task = analyse(run)
+    assert [c for c, _ in plots._task_columns(with_task)] == ["task_rougeL_ref", "task_rougeL_oracle"]
+    w3 = png_width(plots.plot_run(plain, tmp_path / "plain.png"))
+    w4 = png_width(plots.plot_run(with_task, tmp_path / "with.png"))
+    assert (w3, w4) == (18 * 90, 23 * 90)

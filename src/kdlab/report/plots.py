@@ -196,12 +196,41 @@ def _loss_panel(ax, run: RunAnalysis) -> None:
     _plain_log_ticks(ax)
 
 
+TASK_COLUMNS = {"task_rougeL": "ROUGE-L", "task_bleu": "BLEU"}
+
+
+def _task_columns(run: RunAnalysis) -> list[tuple[str, str]]:
+    """(column, label) of the task metrics a run logged (eval.task_metrics), references first."""
+    return [(f"{stem}_{side}", f"{name} vs {'references' if side == 'ref' else 'oracle outputs'}")
+            for stem, name in TASK_COLUMNS.items() for side in ("ref", "oracle") if run.metrics.has(f"{stem}_{side}")]
+
+
+def _task_panel(ax, run: RunAnalysis) -> None:
+    """Task metric against the step: what a reader of the outputs sees, beside the divergences."""
+    m = run.metrics
+    for (column, label), color in zip(_task_columns(run), ("tab:blue", "tab:red", "tab:green", "tab:purple")):
+        v = m.column(column)
+        keep = np.isfinite(v) & (m.steps > 0)
+        ax.plot(m.steps[keep], v[keep], "o-", ms=3, lw=1.2, color=color, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("training step (log scale)")
+    ax.set_ylabel("score (0-100, higher is better)")
+    ax.set_title("Task metric of greedy outputs")
+    ax.grid(True, which="major", alpha=0.3)
+    _plain_log_ticks(ax, "x")
+    ax.legend(fontsize=8, loc="best")
+
+
 def plot_run(run: RunAnalysis, path: str | Path) -> Path:
-    """One PNG with the three panels of a run; returns its path."""
-    fig, axes = plt.subplots(1, 3, figsize=(18, 6.2), gridspec_kw={"width_ratios": [1.25, 1.1, 0.8]})
+    """One PNG with the panels of a run (a fourth for task metrics when logged); returns its path."""
+    task = bool(_task_columns(run))
+    ratios = [1.25, 1.1, 0.8] + ([0.9] if task else [])
+    fig, axes = plt.subplots(1, len(ratios), figsize=(18 + 5 * task, 6.2), gridspec_kw={"width_ratios": ratios})
     _curves_panel(axes[0], run)
     _u_panel(axes[1], run, fig)
     _loss_panel(axes[2], run)
+    if task:
+        _task_panel(axes[3], run)
     fig.suptitle(f"{run.name} — {run.condition}" + (f", seed {run.seed}" if run.seed is not None else "")
                  + f"\n{run.verdict_text()}", fontsize=11)
     # Fixed margins instead of tight_layout, which renders the figure once more just to measure it
