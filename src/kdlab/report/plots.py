@@ -169,13 +169,18 @@ def _residual_panel(ax, run: RunAnalysis) -> None:
     ax.plot(v.test_steps, v.thresholds, ":", color="0.35", lw=1.4, label="departure threshold (one-sided)")
     if v.detected:
         ax.axvline(v.onset_step, color=PROXY_COLOR, ls="-.", lw=1.5, label=f"departs from step {v.onset_step:,}")
+    _step_axes(ax, "log(proxy / early law)", "Proxy vs its early law (no oracle: golden not measured)", "upper left")
+
+
+def _step_axes(ax, ylabel: str, title: str, legend_loc: str) -> None:
+    """A log-scale training-step x axis with plain tick labels, a grid and a legend."""
     ax.set_xscale("log")
     ax.set_xlabel("training step (log scale)")
-    ax.set_ylabel("log(proxy / early law)")
-    ax.set_title("Proxy vs its early law (no oracle: golden not measured)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
     _plain_log_ticks(ax, "x")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc=legend_loc)
 
 
 def _loss_panel(ax, run: RunAnalysis) -> None:
@@ -212,13 +217,7 @@ def _task_panel(ax, run: RunAnalysis) -> None:
         v = m.column(column)
         keep = np.isfinite(v) & (m.steps > 0)
         ax.plot(m.steps[keep], v[keep], "o-", ms=3, lw=1.2, color=color, label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("training step (log scale)")
-    ax.set_ylabel("score (0-100, higher is better)")
-    ax.set_title("Task metric of greedy outputs")
-    ax.grid(True, which="major", alpha=0.3)
-    _plain_log_ticks(ax, "x")
-    ax.legend(fontsize=8, loc="best")
+    _step_axes(ax, "score (0-100, higher is better)", "Task metric of greedy outputs", "best")
 
 
 def plot_run(run: RunAnalysis, path: str | Path) -> Path:
