@@ -278,3 +278,30 @@ def test_truncation_counted_on_a_pool(copies):
         if n_long:  # "summarize", ":", the words, </s>
             assert report.max_tokens_before_truncation == 2 + 3 + LONG_WORDS + 1
     assert sum(len(ex.prompt.split()) > 100 for p in pools.values() for ex in p) > 0
+
+
+@pytest.mark.parametrize("append_eos", [True, False])
+def test_long_prompts_are_cut_inside_the_body_keeping_the_template(copies, append_eos):
+    """A long NI input is cut inside {inputs}: the prompt still starts with its definition and ends
+    with the 'Output:' cue (and T5's </s>), at exactly max_input_tokens; a plain end cut would lose the cue."""
+    pools = load_pools(cfg("natural_instructions", copies["natural_instructions"]), SIZES, seed=0)
+    texts = [ex.prompt for p in pools.values() for ex in p]
+    tok = make_tokenizer(texts + ["Definition Input Output :"], append_eos=append_eos)
+    long = [ex for p in pools.values() for ex in p if len(ex.prompt.split()) > 100]
+    assert long and all(ex.frame is not None and "".join(ex.frame) == ex.prompt for ex in long)
+    ids, mask, report = tokenize_prompts(long, tok, 40)
+    assert report.n_truncated == len(long)
+    cue = tok("Output:", add_special_tokens=append_eos)["input_ids"]  # "Output", ":" (+ </s>)
+    for ex, row in zip(long, ids):
+        assert row.tolist()[-len(cue):] == cue
+        assert len(row) == 40
+        head = tok(ex.frame[0], add_special_tokens=False)["input_ids"]  # "Definition: ... Input:"
+        assert row.tolist()[:len(head)] == head
+        body = tok(ex.frame[1], add_special_tokens=False)["input_ids"]
+        kept = len(row) - len(head) - len(cue)
+        assert row.tolist()[len(head):len(head) + kept] == body[:kept]  # the body's start, in order
+    # without a frame the end is cut (and the cue is lost)
+    from dataclasses import replace
+
+    plain, _, _ = tokenize_prompts([replace(ex, frame=None) for ex in long], tok, 40)
+    assert all(row.tolist()[-len(cue):] != cue for row in plain)

@@ -72,21 +72,23 @@ class TaskSpec:
     template: str  # prompt template, `{field}` placeholders (str.format syntax)
     reference: str  # field holding the reference output
     splits: tuple[str, ...]  # the splits the hub dataset has (for docs and error hints)
+    body: str  # the long source field: a too-long prompt is cut there, keeping the template around it
     unpack: str | None = None  # a struct column whose keys become fields too (WMT: translation -> en, de)
 
 
 TASKS: dict[str, TaskSpec] = {
     "xsum": TaskSpec(
         hub_name="EdinburghNLP/xsum", config_name=None, revision="refs/convert/parquet",
-        template="summarize: {document}", reference="summary", splits=("train", "validation", "test")),
+        template="summarize: {document}", reference="summary", splits=("train", "validation", "test"),
+        body="document"),
     "wmt14_en_de": TaskSpec(
         hub_name="wmt/wmt14", config_name="de-en", revision=None,
         template="translate English to German: {en}", reference="de",
-        splits=("train", "validation", "test"), unpack="translation"),
+        splits=("train", "validation", "test"), body="en", unpack="translation"),
     "natural_instructions": TaskSpec(
         hub_name="Muennighoff/natural-instructions", config_name=None, revision=None,
         template="Definition: {definition}\n\nInput: {inputs}\n\nOutput:", reference="targets",
-        splits=("train", "test")),
+        splits=("train", "test"), body="inputs"),
 }
 
 
@@ -94,6 +96,9 @@ TASKS: dict[str, TaskSpec] = {
 class TaskExample:
     prompt: str  # the templated prompt text, before tokenization
     reference: str | None  # the dataset's reference output (None: the file has none)
+    # prompt == prefix + body + suffix, where body is the task's long source field; None when the
+    # template does not hold that field exactly once (then a long prompt is cut at its end).
+    frame: tuple[str, str, str] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,6 +190,7 @@ def load_pools(task: TaskConfig, sizes: dict[str, int], seed: int) -> dict[str, 
         unpack = None
         template = task.template or "{" + task.prompt_field + "}"
         reference = task.reference_field
+        body = task.prompt_field
     else:
         spec = TASKS[task.name]
         dd, where = _load_hub(task, spec)
@@ -202,8 +208,11 @@ def load_pools(task: TaskConfig, sizes: dict[str, int], seed: int) -> dict[str, 
         unpack = spec.unpack
         template = task.template or spec.template
         reference = spec.reference
+        body = spec.body
 
     fields = _template_fields(template)
+    marker = "{" + body + "}"
+    framed = template.count(marker) == 1
     pools: dict[str, list[TaskExample]] = {pool: [] for pool in POOLS}
     seen: set[str] = set()
     for split in dict.fromkeys(splits[p] for p in POOLS):  # each split once, in pool order
@@ -239,14 +248,19 @@ def load_pools(task: TaskConfig, sizes: dict[str, int], seed: int) -> dict[str, 
                 if all(not str(row[f] or "").strip() for f in fields):
                     n_empty += 1
                     continue
-                prompt = template.format_map({f: "" if row[f] is None else row[f] for f in fields})
+                values = {f: "" if row[f] is None else str(row[f]) for f in fields}
+                prompt = template.format_map(values)
                 if prompt in seen:
                     n_dup += 1
                     continue
                 seen.add(prompt)
                 ref = None if reference is None or row[reference] is None else str(row[reference])
                 pool = queue[0]
-                pools[pool].append(TaskExample(prompt=prompt, reference=ref))
+                frame = None
+                if framed:
+                    before, after = template.split(marker)
+                    frame = (before.format_map(values), values[body], after.format_map(values))
+                pools[pool].append(TaskExample(prompt=prompt, reference=ref, frame=frame))
                 if len(pools[pool]) == sizes[pool]:
                     queue.pop(0)
                     if not queue:
@@ -315,9 +329,11 @@ def tokenize_prompts(
     """Token ids of a pool's prompts, left-padded to the longest one, and a length report.
 
     Prompts get the tokenizer's own special tokens (T5: a closing </s>; Llama: a leading <s>), as the
-    model saw them in training. A prompt longer than max_input_tokens is cut by the tokenizer
-    (truncation side: the tokenizer's, 'right' by default, keeping the start of the document) with
-    its special tokens kept, and counted in the report. Left padding puts every prompt's last token
+    model saw them in training. A prompt longer than max_input_tokens is cut inside its long source
+    field (the example's `frame`: the document, the English sentence, the task input), keeping the
+    template's text on both sides: a decoder-only template ends in a cue ('Summary:', 'Output:') that
+    a plain cut would remove. Without a frame the tokenizer cuts the end (special tokens kept).
+    Every cut prompt is counted in the report. Left padding puts every prompt's last token
     in the last column, where a decoder-only model continues it. Pad id: tokenizer.pad_token_id, or 0.
     References are kept as text; the report counts those longer than max_output_tokens, tokenized
     without special tokens.
@@ -328,11 +344,12 @@ def tokenize_prompts(
     ids = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
     lengths = [len(x) for x in ids]
     long = [i for i, n in enumerate(lengths) if n > max_input_tokens]
-    if long:
-        cut = tokenizer([texts[i] for i in long], add_special_tokens=True, truncation=True,
-                        max_length=max_input_tokens)["input_ids"]
-        for i, row in zip(long, cut):
-            ids[i] = list(row)[:max_input_tokens]  # a tokenizer whose special tokens alone exceed the limit
+    for i in long:
+        fitted = _cut_body(examples[i].frame, tokenizer, max_input_tokens)
+        if fitted is None:  # no frame, or the template alone is too long: cut the end
+            fitted = tokenizer(texts[i], add_special_tokens=True, truncation=True,
+                               max_length=max_input_tokens)["input_ids"]
+        ids[i] = list(fitted)[:max_input_tokens]  # a tokenizer whose special tokens alone exceed the limit
     P = max(len(x) for x in ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids_BxP = torch.full((len(ids), P), pad_id, dtype=torch.long)
@@ -353,3 +370,25 @@ def tokenize_prompts(
         report.n_references_over = sum(n > max_output_tokens for n in ref_lengths)
         report.max_reference_tokens = max(ref_lengths)
     return ids_BxP, mask_BxP, report
+
+
+def _cut_body(frame: tuple[str, str, str] | None, tokenizer, max_tokens: int) -> list[int] | None:
+    """Token ids of ``prefix + body[:k tokens] + suffix`` with the largest k that fits ``max_tokens``.
+
+    The body is cut in token space and decoded back to text, so the prompt is re-tokenized as a
+    whole (token boundaries at the joins can shift by a token or two: a few passes shrink k until
+    the result fits). None when there is no frame or the template's own text leaves no room."""
+    if frame is None:
+        return None
+    prefix, body, suffix = frame
+    budget = max_tokens - len(tokenizer(prefix + suffix, add_special_tokens=True)["input_ids"])
+    body_ids = tokenizer(body, add_special_tokens=False)["input_ids"]
+    for _ in range(4):
+        if budget <= 0:
+            return None
+        text = prefix + tokenizer.decode(body_ids[:budget], skip_special_tokens=True) + suffix
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if len(ids) <= max_tokens:
+            return ids
+        budget -= len(ids) - max_tokens
+    return None
