@@ -215,3 +215,10 @@ def test_vllm_backend_refuses_encoder_decoder_models():
 
     with pytest.raises(ValueError, match="encoder-decoder .*sampling.backend='builtin'"):
         make_sampler("vllm", teacher=tiny_t5(16))
+
+
+def test_missing_models_are_named(tmp_path):
+    from kdlab.models.lm import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no model directory at .*nowhere"):
+        LM.load(tmp_path / "nowhere")

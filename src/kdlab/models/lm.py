@@ -277,7 +277,15 @@ class LM:
         path = Path(dir_or_name)
         if path.is_dir():
             check_safetensors(sorted(path.glob("*.safetensors")))
-        config = AutoConfig.from_pretrained(str(dir_or_name), trust_remote_code=trust_remote_code)
+        elif str(dir_or_name).startswith(("/", ".", "~")):
+            raise CheckpointError(f"no model directory at {str(dir_or_name)!r}: check the 'hf:' path in the config")
+        try:
+            config = AutoConfig.from_pretrained(str(dir_or_name), trust_remote_code=trust_remote_code)
+        except OSError as e:  # no such directory, no network, or a hub name that does not exist
+            raise CheckpointError(
+                f"cannot load the model {str(dir_or_name)!r}: {str(e).splitlines()[0]} Give a local model "
+                "directory ('hf:/path/to/model'), or where the Hugging Face Hub cannot be reached, download the "
+                f"model elsewhere (`hf download {dir_or_name} --local-dir DIR`) and use 'hf:DIR'.") from e
         auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
         hf = auto.from_pretrained(
             str(dir_or_name), dtype=dtype if dtype is not None else "auto", trust_remote_code=trust_remote_code
