@@ -13,6 +13,7 @@ Configurations (kdlab | TRL):
   off_rkl_cached   ... reverse KL                                                      | lmbda=0, beta=1
   off_rkl_live
   on_jsd           online_student, temperature 0.9, JSD beta=0.5                       | lmbda=1, beta=0.5
+  *_ct             the live rows and on_jsd again with kdlab's stage2.compile_teacher=true (TRL as above)
 
 kdlab runs its real loop, `kdlab.pipeline.distill.run(cfg, on_step=...)` (what `kdlab run` runs); the
 step time is the gap between consecutive `on_step` calls. TRL runs `GKDTrainer.train()` with a
@@ -53,6 +54,11 @@ CONFIGS = {
     "off_rkl_cached": dict(regime="offline", targets="full", loss="reverse_kl", beta=1.0),
     "off_rkl_live": dict(regime="offline", targets="none", loss="reverse_kl", beta=1.0),
     "on_jsd": dict(regime="online_student", targets="none", loss="generalized_jsd", beta=0.5),
+    # The same rows with kdlab's stage2.compile_teacher=true (torch.compile'd teacher forward; TRL unchanged).
+    "off_fkl_live_ct": dict(regime="offline", targets="none", loss="forward_kl", beta=0.0, compile=True),
+    "off_jsd_live_ct": dict(regime="offline", targets="none", loss="generalized_jsd", beta=0.5, compile=True),
+    "off_rkl_live_ct": dict(regime="offline", targets="none", loss="reverse_kl", beta=1.0, compile=True),
+    "on_jsd_ct": dict(regime="online_student", targets="none", loss="generalized_jsd", beta=0.5, compile=True),
 }
 
 
@@ -126,6 +132,7 @@ def child_kdlab(name: str, root: Path, tag: str) -> dict:
         f"stage2.offline.targets={c['targets']}",
         f"loss.name={c['loss']}", "loss.beta=0.5", f"threads={THREADS}",
         f"output_dir={work / 'run'}", f"cache_dir={work / 'cache'}",
+        f"stage2.compile_teacher={str(c.get('compile', False)).lower()}",
     ]
     cfg = build_config({}, ov)
     stamps: dict[int, float] = {}

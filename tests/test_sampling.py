@@ -179,7 +179,9 @@ def test_checkpoint_generation_config_does_not_change_the_distribution():
     lm.hf.generation_config.pad_token_id = 3
     x = torch.randint(0, V, (64, 3), generator=torch.Generator().manual_seed(0))
     s = sample(lm, x, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(s.logprobs_BxR, lm.response_logprobs(x, None, s.response_ids_BxR), atol=1e-5, rtol=1e-5)
+    # Weights at scale 1.0: cached decoding and the full forward differ by ~2e-5 in the logits in float32
+    # (generate and kdlab's loop alike), so 5e-5 here; the point of this test is the support, below.
+    torch.testing.assert_close(s.logprobs_BxR, lm.response_logprobs(x, None, s.response_ids_BxR), atol=5e-5, rtol=1e-5)
     ids = s.response_ids_BxR
     assert s.response_mask_BxR.all()
     assert bool(((ids[:, :-1] == 2) & (ids[:, 1:] != 2) & (ids[:, 1:] != 3)).any()), "stopped at the checkpoint's EOS"

@@ -8,12 +8,12 @@ where ``filter`` keeps the ``top_k`` largest entries and/or the smallest set of 
 whose mass reaches ``top_p`` (nucleus sampling, Holtzman et al. 2020), and returns log q_t(y_t).
 With T = 1 and no filters q_t = p, so the returned log-probs equal ``LM.response_logprobs``.
 
-Implementation: a wrapper over ``model.generate`` (KV cache, left padding, EOS handling, any HF
-causal LM or encoder-decoder LM such as T5). A hand-written loop with a ``DynamicCache`` was measured against it on the bench
-workload (bench/sampling.py): about 1.4x faster (1.38x median in the recorded run), because the
-model's own forward dominates each step of a small model and both paths pay it. That is below the 1.5x that would justify keeping
-a second decoding loop, so ``generate`` stays (numbers and the loop in bench/RESULTS.md and
-bench/sampling.py). What the wrapper adds:
+Implementation: Llama models (``kdlab.models.decode.supports``) run kdlab's own decoding loop in
+``kdlab.models.decode`` (preallocated KV cache, about 2x faster than ``generate`` on bench/sampling.py,
+above issue 3's 1.5x bar for keeping a second loop); every other model (causal LMs of other
+architectures, encoder-decoder LMs such as T5) goes through ``model.generate`` (KV cache, left
+padding, EOS handling). Both return the same Samples.
+What the generate wrapper adds:
 
 - every generation option that could change the sampled distribution is set explicitly, because
   ``generate`` fills unset options from the checkpoint's ``generation_config.json`` (a hub model's
@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from kdlab.models import decode
 from kdlab.models.lm import LM, left_pad, trim_left_padding
 
 __all__ = ["Samples", "sample"]
@@ -124,6 +125,11 @@ def sample(
         ids_BxP, mask_BxP = trim_left_padding(*left_pad(ids_BxP, prompt_mask_BxP.to(dev)))
         mask_BxP = mask_BxP.long()
         P = ids_BxP.shape[1]
+    if decode.supports(lm.hf):  # Llama models: kdlab's own loop, same distribution (kdlab.models.decode)
+        return decode.sample_llama(lm.hf, ids_BxP, None if prompt_mask_BxP is None else mask_BxP,
+                                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, eos_token_id=eos_token_id, generator=generator,
+                                   return_logits=return_logits)
     pad = eos_token_id if eos_token_id is not None else 0
     greedy = temperature == 0
     kwargs = dict(
