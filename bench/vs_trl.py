@@ -14,6 +14,8 @@ Configurations (kdlab | TRL):
   off_rkl_live
   on_jsd           online_student, temperature 0.9, JSD beta=0.5                       | lmbda=1, beta=0.5
   *_ct             the live rows and on_jsd again with kdlab's stage2.compile_teacher=true (TRL as above)
+  *_cs / *_c       with stage2.compile_student=true: the cached rows (_cs); the live rows and on_jsd with
+                   both the student and the teacher compiled (_c)
 
 kdlab runs its real loop, `kdlab.pipeline.distill.run(cfg, on_step=...)` (what `kdlab run` runs); the
 step time is the gap between consecutive `on_step` calls. TRL runs `GKDTrainer.train()` with a
@@ -59,6 +61,20 @@ CONFIGS = {
     "off_jsd_live_ct": dict(regime="offline", targets="none", loss="generalized_jsd", beta=0.5, compile=True),
     "off_rkl_live_ct": dict(regime="offline", targets="none", loss="reverse_kl", beta=1.0, compile=True),
     "on_jsd_ct": dict(regime="online_student", targets="none", loss="generalized_jsd", beta=0.5, compile=True),
+    # stage2.compile_student=true (the student's training forward/backward compiled), with the teacher
+    # compiled too where it runs live.
+    "off_fkl_cached_cs": dict(regime="offline", targets="full", loss="forward_kl", beta=0.0, compile_student=True),
+    "off_jsd_cached_cs": dict(regime="offline", targets="full", loss="generalized_jsd", beta=0.5,
+                              compile_student=True),
+    "off_rkl_cached_cs": dict(regime="offline", targets="full", loss="reverse_kl", beta=1.0, compile_student=True),
+    "off_fkl_live_c": dict(regime="offline", targets="none", loss="forward_kl", beta=0.0, compile=True,
+                           compile_student=True),
+    "off_jsd_live_c": dict(regime="offline", targets="none", loss="generalized_jsd", beta=0.5, compile=True,
+                           compile_student=True),
+    "off_rkl_live_c": dict(regime="offline", targets="none", loss="reverse_kl", beta=1.0, compile=True,
+                           compile_student=True),
+    "on_jsd_c": dict(regime="online_student", targets="none", loss="generalized_jsd", beta=0.5, compile=True,
+                     compile_student=True),
 }
 
 
@@ -133,6 +149,7 @@ def child_kdlab(name: str, root: Path, tag: str) -> dict:
         f"loss.name={c['loss']}", "loss.beta=0.5", f"threads={THREADS}",
         f"output_dir={work / 'run'}", f"cache_dir={work / 'cache'}",
         f"stage2.compile_teacher={str(c.get('compile', False)).lower()}",
+        f"stage2.compile_student={str(c.get('compile_student', False)).lower()}",
     ]
     cfg = build_config({}, ov)
     stamps: dict[int, float] = {}

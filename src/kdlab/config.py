@@ -264,6 +264,10 @@ class Stage2Config(_Section):
         False, description="torch.compile the teacher forward that makes live targets (offline without cached "
         "targets, on-policy): ~20% faster per forward on the issue-7 CPU workload, for a compile of ~15 s in the "
         "first step (needs a C++ compiler on CPU). Off by default: every run pays that warm-up.")
+    compile_student: bool = Field(
+        False, description="torch.compile the student's training forward (and so its backward): ~1.2x per "
+        "training step on the issue-7 CPU workload, for a compile of ~15 s in the first step. Single-process "
+        "runs only. Sampling and evaluation keep the eager student (same weights).")
 
 
 class LossConfig(_Section):

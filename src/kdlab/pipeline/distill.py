@@ -120,16 +120,19 @@ def make_optimizer(params, cfg: RunConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, **kw)
 
 
-def compiled_teacher(teacher: LM) -> LM:
-    """``teacher`` with a ``torch.compile``d forward, for the loss's live targets (``stage2.compile_teacher``).
+def compiled(lm: LM) -> LM:
+    """``lm`` with a ``torch.compile``d forward (``stage2.compile_teacher`` / ``compile_student``).
 
-    Shares the weights; sampling and evaluation keep using the eager ``teacher``. Shapes are static
-    (``dynamic=False``): a stage-2 batch always has the same (B, P+R-1). Inductor fuses the norms, rotary
-    and SwiGLU element-wise ops that an eager forward runs one kernel at a time: 53 -> 42 ms median for the
-    issue-7 teacher (batch 16 x 63 tokens, 2 CPU threads), 13.5 s to compile (docs/LOG.md, 2026-11-23).
+    Shares the weights (a compiled module wraps the original, so gradients, the optimizer and
+    checkpoints see the same parameters); sampling and evaluation keep the eager model. Inductor fuses
+    the norms, rotary and SwiGLU element-wise ops that an eager forward runs one kernel at a time:
+    53 -> 42 ms median for the issue-7 teacher forward (batch 16 x 63 tokens, 2 CPU threads), and
+    32 -> 26 ms for a student training step (forward, loss, backward, AdamW), each for about 15 s of
+    compilation (docs/LOG.md, 2026-11-23). Shapes: the first graph is static; a batch of another shape
+    (task prompts trimmed to their batch's longest) recompiles once with dynamic shapes.
     """
-    out = LM(torch.compile(teacher.hf, dynamic=False), teacher.tokenizer)
-    out._has_logits_to_keep = teacher._has_logits_to_keep
+    out = LM(torch.compile(lm.hf), lm.tokenizer)
+    out._has_logits_to_keep = lm._has_logits_to_keep
     return out
 
 
@@ -207,12 +210,17 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
     check_vocab_compatible(world.teacher, student, ("teacher", "student"))
     loss_fn = make_loss(cfg)
     taid = make_taid_schedule(cfg)
-    target_teacher = compiled_teacher(world.teacher) if cfg.stage2.compile_teacher else world.teacher
+    target_teacher = compiled(world.teacher) if cfg.stage2.compile_teacher else world.teacher
     optimizer = make_optimizer(student.hf.parameters(), cfg)
     # `model` is what trains (DDP/FSDP-wrapped under accelerate, else student.hf itself); `student`
     # keeps the plain module for sampling, evaluation and checkpoints.
     model, optimizer = dist.prepare(student.hf, optimizer)
     trainee = dist.trainee(student, model)
+    if cfg.stage2.compile_student:
+        if dist.enabled:
+            raise ValueError("stage2.compile_student supports single-process runs; under accelerate launch "
+                             "set it to false")
+        trainee = compiled(student)  # the same parameters: the optimizer and checkpoints are unchanged
     model.train()
     logger = make_logger(cfg, run_dir) if dist.is_main else None
 
