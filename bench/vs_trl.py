@@ -174,7 +174,7 @@ def fixed_responses(root: Path):
 
     path = root / "fixed.pt"
     if path.exists():
-        return torch.load(path)
+        return torch.load(path, weights_only=True)
     from kdlab.models import LM
     from kdlab.models.sampling import sample
 

@@ -13,48 +13,43 @@ from kdlab.pipeline.world import build_world
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
-def test_compiled_teacher_gives_the_eager_loss_and_gradients(tmp_path):
-    cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
-                             "stage2.regime=online_student", "stage2.compile_teacher=true"])
+def _setup(tmp_path, *overrides):
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", *overrides])
     world = build_world(cfg, log=lambda m: None)
     source, _ = make_source(cfg, world, Path(cfg.output_dir), log=lambda m: None)
-    student = world.load_student_init()
-    loss_fn = make_loss(cfg)
-    fast = compiled(world.teacher)
-    assert fast.hf is not world.teacher.hf and fast.device == world.teacher.device
-    grads = []
-    for teacher in (world.teacher, fast, fast):  # twice compiled: the second call reuses the graph
-        batch = source.batch(3, student)
-        student.hf.zero_grad(set_to_none=True)
-        loss, n = loss_on_batch(student, teacher, batch, loss_fn, cfg, None, "cpu")
-        (loss / n).backward()
-        grads.append((loss.detach(), [p.grad.clone() for p in student.hf.parameters()]))
-    for loss, g in grads[1:]:
-        torch.testing.assert_close(loss, grads[0][0], rtol=1e-5, atol=1e-6)
-        for a, b in zip(g, grads[0][1]):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    return cfg, world, source, world.load_student_init()
 
 
-def test_compiled_student_gives_the_eager_loss_and_gradients(tmp_path):
-    cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
-                             "stage2.regime=offline", "stage2.offline.targets=full"])
-    world = build_world(cfg, log=lambda m: None)
-    source, _ = make_source(cfg, world, Path(cfg.output_dir), log=lambda m: None)
-    student = world.load_student_init()
-    fast = compiled(student)
-    assert fast.hf is not student.hf and list(fast.hf.parameters())[0] is list(student.hf.parameters())[0]
+def _assert_same_loss_and_grads(pairs, cfg, source, student, step):
+    """Each (trainee, teacher) pair gives the first pair's loss and student gradients on the same batch;
+    a compiled model appears twice, so its second call reuses the compiled graph."""
     loss_fn = make_loss(cfg)
     results = []
-    for trainee in (student, fast, fast):
-        batch = source.batch(2)
+    for trainee, teacher in pairs:
+        batch = source.batch(step, student)
         student.hf.zero_grad(set_to_none=True)
-        loss, n = loss_on_batch(trainee, world.teacher, batch, loss_fn, cfg, None, "cpu")
+        loss, n = loss_on_batch(trainee, teacher, batch, loss_fn, cfg, None, "cpu")
         (loss / n).backward()
         results.append((loss.detach(), [p.grad.clone() for p in student.hf.parameters()]))
     for loss, grads in results[1:]:
         torch.testing.assert_close(loss, results[0][0], rtol=1e-5, atol=1e-6)
         for a, b in zip(grads, results[0][1]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_teacher_gives_the_eager_loss_and_gradients(tmp_path):
+    cfg, world, source, student = _setup(tmp_path, "stage2.regime=online_student", "stage2.compile_teacher=true")
+    fast = compiled(world.teacher)
+    assert fast.hf is not world.teacher.hf and fast.device == world.teacher.device
+    _assert_same_loss_and_grads([(student, world.teacher), (student, fast), (student, fast)], cfg, source, student, 3)
+
+
+def test_compiled_student_gives_the_eager_loss_and_gradients(tmp_path):
+    cfg, world, source, student = _setup(tmp_path, "stage2.regime=offline", "stage2.offline.targets=full")
+    fast = compiled(student)
+    assert fast.hf is not student.hf and list(fast.hf.parameters())[0] is list(student.hf.parameters())[0]
+    _assert_same_loss_and_grads([(student, world.teacher), (fast, world.teacher), (fast, world.teacher)],
+                                cfg, source, student, 2)
 
 
 def test_a_run_with_compiled_models_tracks_the_eager_run(tmp_path):
