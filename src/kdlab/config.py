@@ -520,11 +520,13 @@ def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> lis
         default = field.get_default(call_default_factory=True)
         if isinstance(default, BaseModel):
             default = "{...}"
+        required = field.is_required()
         if get_origin(annotation) is Literal:
             type_name = "one of " + "|".join(str(a) for a in get_args(annotation))
         else:
             type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-        lines.append(f"{dotted} ({type_name}, default {default!r}): {field.description}")
+        lines.append(f"{dotted} ({type_name}, {'required' if required else f'default {default!r}'}): "
+                     f"{field.description}")
         if sub is not None:
             lines.extend(describe_fields(sub, dotted + "."))
     return lines
