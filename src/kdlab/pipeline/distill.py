@@ -34,7 +34,7 @@ from kdlab.pipeline.evaluate import Evaluator, eval_steps
 from kdlab.pipeline.rundir import (atomic_write_json, atomic_write_text, latest_checkpoint,
                                    load_checkpoint, read_metrics, save_checkpoint, truncate_metrics)
 from kdlab.pipeline.trackers import make_logger
-from kdlab.pipeline.world import World, autocast, build_world
+from kdlab.pipeline.world import World, bf16_autocast, build_world
 from kdlab.seeding import generator_for
 
 
@@ -211,6 +211,9 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
     loss_fn = make_loss(cfg)
     taid = make_taid_schedule(cfg)
     target_teacher = compiled(world.teacher) if cfg.stage2.compile_teacher else world.teacher
+    bf16 = cfg.precision == "bf16"
+    # dropout None keeps the checkpoints' own rates, which may be non-zero (T5: 0.1)
+    dropout_active = cfg.models.dropout != 0.0
     optimizer = make_optimizer(student.hf.parameters(), cfg)
     # `model` is what trains (DDP/FSDP-wrapped under accelerate, else student.hf itself); `student`
     # keeps the plain module for sampling, evaluation and checkpoints.
@@ -284,13 +287,14 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         model.eval()  # sampling mode for on-policy batches (no dropout in kdlab's models either way)
-        with autocast(cfg, device):
+        with bf16_autocast(device, bf16):
             batch = dist.shard(source.batch(step, student))  # this rank's rows of the global batch
         model.train()
-        # Pretrained checkpoints may train with dropout (T5: 0.1), which draws from the global RNG:
-        # seed it from (seed, step) so that a resumed run repeats the uninterrupted one.
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator_for(cfg.seed, "dropout", step))))
-        with autocast(cfg, device):  # the losses themselves compute in float32 (kdlab.losses)
+        if dropout_active:
+            # Dropout draws from the global RNG: seed it from (seed, step) so that a resumed run repeats
+            # the uninterrupted one. (With dropout 0, the default, the caller's global RNG is left alone.)
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator_for(cfg.seed, "dropout", step))))
+        with bf16_autocast(device, bf16):  # the losses themselves compute in float32 (kdlab.losses)
             loss_rank, n_rank = loss_on_batch(trainee, target_teacher, batch, loss_fn, cfg,
                                               taid.t if taid is not None else None, device)
         # Token count of the whole global batch (float64 all-reduce: exact for any realistic count).

@@ -136,10 +136,10 @@ class TaskScorer:
     and kept in the shared evaluation directory (`task-<metric>.json`), with the teacher's own scores
     (the level a perfect imitation of the teacher would reach)."""
 
-    def __init__(self, metric: str, prompts, references: list[str | None], oracle_texts: list[str] | None,
-                 tokenizer, max_new_tokens: int, eos_token_id: int | None, batch_size: int):
-        self.metric, self.prompts, self.tokenizer = metric, prompts, tokenizer
-        self.references, self.oracle_texts = references, oracle_texts
+    def __init__(self, metric: str, prompts, references: list[str | None], tokenizer, max_new_tokens: int,
+                 eos_token_id: int | None, batch_size: int):
+        self.metric, self.prompts, self.tokenizer, self.references = metric, prompts, tokenizer, references
+        self.oracle_texts: list[str] | None = None  # the oracle's greedy outputs, decoded once (create)
         self.max_new_tokens, self.eos_token_id, self.batch_size = max_new_tokens, eos_token_id, batch_size
         self.reference_scores: dict[str, float] = {}
 
@@ -159,7 +159,7 @@ class TaskScorer:
         ids, mask = world.prompts["eval"]
         prompts = (ids[:len(texts)], mask[:len(texts)])
         refs = [t["reference"] for t in texts]
-        scorer = cls(metric, prompts, refs, None, tokenizer, cfg.world.max_response_tokens, world.eos_token_id,
+        scorer = cls(metric, prompts, refs, tokenizer, cfg.world.max_response_tokens, world.eos_token_id,
                      e.batch_size)
         path = shared / f"task-{metric}-{len(texts)}.json"
         if path.exists():
@@ -167,7 +167,7 @@ class TaskScorer:
         else:
             saved = {"oracle_texts": scorer.decode(world.oracle) if world.oracle is not None else None,
                      "teacher_texts": scorer.decode(world.teacher)}
-            scorer.oracle_texts = saved["oracle_texts"]
+            scorer.oracle_texts = saved["oracle_texts"]  # the teacher is scored against them too
             saved["teacher_scores"] = scorer.scores(saved["teacher_texts"])
             tmp = path.with_name(f".tmp-{path.name}")
             tmp.write_text(json.dumps(saved))

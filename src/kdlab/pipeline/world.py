@@ -65,10 +65,9 @@ def _load_hf(spec: str, cfg: RunConfig, device) -> LM:
     return LM.load(_hf_path(spec), device=device, dtype=dtype)
 
 
-def autocast(cfg: RunConfig, device):
-    """bfloat16 autocast for training and sampling forwards when `precision: bf16`, else a no-op."""
-    dev_type = torch.device(device).type
-    return torch.autocast(dev_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+def bf16_autocast(device, enabled: bool):
+    """bfloat16 autocast for training and sampling forwards (`precision: bf16`), else a no-op."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _new_model(spec: ArchConfig | str, cfg: RunConfig, vocab_size: int, max_len: int, seed: int, device,
@@ -191,7 +190,7 @@ def sft(lm: LM, prompt_ids, prompt_mask, response_ids, response_mask, budget: SF
     for _ in tqdm(range(budget.steps), desc=f"stage 1: {desc}", leave=False, disable=None if dist.is_main else True):
         idx = dist.shard_indices(torch.randint(0, n, (batch,), generator=gen))  # this rank's rows
         dev = lm.device
-        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=bf16):
+        with bf16_autocast(dev, bf16):
             logp_BxR = trainee.response_logprobs(prompt_ids[idx].to(dev), prompt_mask[idx].to(dev),
                                                  response_ids[idx].to(dev), response_mask[idx].to(dev))
         count = dist.sum(response_mask[idx].sum().to(dev, torch.float64))  # tokens in the global minibatch
