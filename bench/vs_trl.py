@@ -83,29 +83,95 @@ def timed_steps(stamps: dict[int, float]) -> list[float]:
     return [stamps[k] - stamps[k - 1] for k in range(WARMUP + 1, STEPS)]
 
 
-def wrap_timer(owner, attr: str, log: list, static: bool = False) -> None:
-    """Replace owner.attr by a wrapper appending each call's wall time to `log` (phase breakdown)."""
-    fn = getattr(owner, attr)
-
-    def timed(*a, **k):
-        t = time.perf_counter()
-        try:
-            return fn(*a, **k)
-        finally:
-            log.append(time.perf_counter() - t)
-
-    setattr(owner, attr, staticmethod(timed) if static else timed)
+PHASES = ("sampling", "teacher forward", "student forward + loss", "backward", "optimizer step")
 
 
-def phase_medians(phases: dict[str, list], steps: list[float]) -> dict:
-    """Median per timed step of each phase; phase lists hold one entry per training step (index k-1 = step k)."""
-    out = {}
-    for name, log in phases.items():
-        vals = log[WARMUP:STEPS - 1]
-        out[name] = statistics.median(vals) if len(vals) == len(steps) else None
-    if all(v is not None for v in out.values()):
-        out["rest (backward, optimizer, overhead)"] = statistics.median(steps) - sum(out.values())
+class PhaseClock:
+    """Wall time per phase and training step: `wrap` a callable, and every call adds its duration to
+    the phase's entry for the step in progress (= steps completed so far, set by `step_done`).
+
+    The same wrappers time both tools: `torch.Tensor.backward` (kdlab's `loss.backward()`, TRL's
+    `accelerator.backward`) and `torch.optim.AdamW.step` (both optimizers). Wrappers sit outside any
+    compiled region, so compiled rows are timed the same way.
+    """
+
+    def __init__(self):
+        self.done = 0
+        self.log = {name: {} for name in PHASES}
+
+    def step_done(self, n: int) -> None:
+        self.done = n
+
+    def wrap(self, owner, attr: str, phase: str, static: bool = False, when=None) -> None:
+        fn = getattr(owner, attr)
+        clock = self
+
+        def timed(*a, **k):
+            if when is not None and not when(*a):
+                return fn(*a, **k)
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                d = clock.log[phase]
+                d[clock.done] = d.get(clock.done, 0.0) + time.perf_counter() - t
+
+        setattr(owner, attr, staticmethod(timed) if static else timed)
+
+    def medians(self, steps: list[float], inner: tuple[str, str] | None = None) -> dict:
+        """Median per timed step of each phase (0 where a phase never ran); `inner` = (outer, part):
+        the outer timer includes the part, which is subtracted. "rest" = step − the phases: grad clip,
+        zero_grad, the LR schedule, logging, the loop itself."""
+        per_step = {name: [self.log[name].get(k - 1, 0.0) for k in range(WARMUP + 1, STEPS)] for name in PHASES}
+        if inner is not None:
+            outer, part = inner
+            per_step[outer] = [o - i for o, i in zip(per_step[outer], per_step[part])]
+        out = {name: statistics.median(v) for name, v in per_step.items()}
+        out["rest"] = statistics.median([s - sum(v[i] for v in per_step.values()) for i, s in enumerate(steps)])
+        return out
+
+
+def is_teacher(module) -> bool:
+    return getattr(module, "config", None) is not None and module.config.hidden_size == TEACHER[0]
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+TEACHER, STUDENT = (256, 4, 8, 1024), (128, 2, 4, 512)  # hidden, layers, heads, intermediate
+
+
+def forward_flops(model: tuple, positions: int, keys: float, logits: int) -> float:
+    """Matmul FLOPs of a Llama forward: `positions` query positions attending to `keys` keys on
+    average, the lm_head on `logits` positions (multiply-add = 2 FLOPs; element-wise work not counted)."""
+    h, layers, heads, inter = model
+    per_position = layers * (2 * 4 * h * h + 2 * 3 * h * inter + 2 * 2 * keys * h)
+    return positions * per_position + logits * 2 * h * V
+
+
+def step_flops(regime: str, targets: str) -> dict[str, float]:
+    """The matmul FLOPs of one training step, by phase: B rows of P + R tokens, loss on R of them."""
+    n, causal = B * (P + R), (P + R + 1) / 2
+    out = {"student forward + backward": 3 * forward_flops(STUDENT, n, causal, B * R)}
+    if targets == "none":
+        out["teacher forward"] = forward_flops(TEACHER, n, causal, B * R)
+    if regime == "online_student":  # a P-token prefill, then R single-position steps over the cache
+        out["sampling"] = (forward_flops(STUDENT, B * P, (P + 1) / 2, B)
+                           + sum(forward_flops(STUDENT, B, P + t + 1, B) for t in range(R - 1)))
     return out
+
+
+def matmul_rate(n: int = 2048, repeats: int = 7) -> dict[str, float]:
+    """float32 FLOP/s of an n³ matmul through torch on THREADS threads (best and median of `repeats`)."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        rates.append(2 * n ** 3 / (time.perf_counter() - t))
+    return {"best": max(rates), "median": statistics.median(rates)}
 
 
 def make_models(root: Path) -> tuple[Path, Path]:
@@ -115,7 +181,7 @@ def make_models(root: Path) -> tuple[Path, Path]:
     from kdlab.models import LM, tiny_llama_config
 
     out = []
-    for name, (h, L, nh, inter) in {"teacher": (256, 4, 8, 1024), "student": (128, 2, 4, 512)}.items():
+    for name, (h, L, nh, inter) in {"teacher": TEACHER, "student": STUDENT}.items():
         d = root / name
         if not (d / "config.json").exists():
             torch.manual_seed(0 if name == "teacher" else 1)
@@ -128,7 +194,10 @@ def make_models(root: Path) -> tuple[Path, Path]:
 
 # ------------------------------------------------------------------------------------------ kdlab
 def child_kdlab(name: str, root: Path, tag: str) -> dict:
+    import torch
+
     import kdlab.pipeline.distill as D
+    from kdlab.models import LM
     from kdlab.config import build_config
     from kdlab.data import regimes
     from kdlab.pipeline.distill import run
@@ -153,18 +222,23 @@ def child_kdlab(name: str, root: Path, tag: str) -> dict:
     ]
     cfg = build_config({}, ov)
     stamps: dict[int, float] = {}
+    clock = PhaseClock()
 
     def on_step(step, total):
         stamps[step] = time.perf_counter()
+        clock.step_done(step)
 
-    phases = {"batch (incl. sampling)": [], "teacher + student forward + loss": []}
     source_cls = regimes.OfflineSource if c["regime"] == "offline" else regimes.OnlineStudentSource
-    wrap_timer(source_cls, "batch", phases["batch (incl. sampling)"])
-    wrap_timer(D, "loss_on_batch", phases["teacher + student forward + loss"])
+    clock.wrap(source_cls, "batch", "sampling")
+    clock.wrap(D, "loss_on_batch", "student forward + loss")
+    clock.wrap(LM, "response_logits", "teacher forward", when=lambda lm, *a: is_teacher(lm.hf))
+    clock.wrap(torch.Tensor, "backward", "backward")
+    clock.wrap(torch.optim.AdamW, "step", "optimizer step")
     t0 = time.perf_counter()
     run(cfg, progress=False, on_step=on_step, log=lambda m: None)
     steps = timed_steps(stamps)
-    return {"steps": steps, "wall": time.perf_counter() - t0, "phases": phase_medians(phases, steps)}
+    return {"steps": steps, "wall": time.perf_counter() - t0,
+            "phases": clock.medians(steps, inner=("student forward + loss", "teacher forward"))}
 
 
 # ------------------------------------------------------------------------------------------ TRL
@@ -237,23 +311,25 @@ def child_trl(name: str, root: Path, tag: str) -> dict:
         disable_tqdm=True,
     )
     stamps: dict[int, float] = {}
+    clock = PhaseClock()
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             stamps[state.global_step] = time.perf_counter()
+            clock.step_done(state.global_step)
 
-    phases = {"batch (incl. sampling)": [], "teacher + student forward + loss": []}
-    if c["regime"] == "online_student":
-        wrap_timer(GKDTrainer, "generate_on_policy_outputs", phases["batch (incl. sampling)"], static=True)
-    else:
-        del phases["batch (incl. sampling)"]
-    wrap_timer(GKDTrainer, "compute_loss", phases["teacher + student forward + loss"])
+    clock.wrap(GKDTrainer, "generate_on_policy_outputs", "sampling", static=True)
+    clock.wrap(GKDTrainer, "compute_loss", "student forward + loss")
+    clock.wrap(teacher, "forward", "teacher forward")
+    clock.wrap(torch.Tensor, "backward", "backward")
+    clock.wrap(torch.optim.AdamW, "step", "optimizer step")
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
                          data_collator=collate, processing_class=tiny_tokenizer(), callbacks=[Timer()])
     t0 = time.perf_counter()
     trainer.train()
     steps = timed_steps(stamps)
-    return {"steps": steps, "wall": time.perf_counter() - t0, "phases": phase_medians(phases, steps)}
+    return {"steps": steps, "wall": time.perf_counter() - t0,
+            "phases": clock.medians(steps, inner=("student forward + loss", "teacher forward"))}
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -295,28 +371,39 @@ def main() -> None:
     import torch
     torch.set_num_threads(THREADS)
     fixed_responses(root)  # made before any timing
+    rate = matmul_rate()
+    print(f"float32 2048^3 matmul on {THREADS} threads: {rate['best'] / 1e9:.0f} GFLOP/s best, "
+          f"{rate['median'] / 1e9:.0f} median; FLOP bounds below use the best", flush=True)
     results = []
-    print(f"{'config':16} {'rep':>3} {'kdlab ms':>9} {'TRL ms':>9} {'TRL/kdlab':>9} "
-          f"{'kdlab tok/s':>11} {'TRL tok/s':>9} {'kdlab MB':>8} {'TRL MB':>7}", flush=True)
+    print(f"{'config':18} {'rep':>3} {'kdlab ms':>9} {'TRL ms':>9} {'TRL/kdlab':>9} {'bound ms':>8} "
+          f"{'kdlab %lim':>10} {'TRL %lim':>8} {'kdlab tok/s':>11} {'TRL tok/s':>9} {'kdlab MB':>8} {'TRL MB':>7}",
+          flush=True)
     for rep in range(a.repeats):
         for name in a.configs.split(","):
             k = run_child("kdlab", name, root, f"r{rep}")
             t = run_child("trl", name, root, f"r{rep}")
             km, tm = statistics.median(k["steps"]), statistics.median(t["steps"])
+            flops = step_flops(CONFIGS[name]["regime"], CONFIGS[name]["targets"])
+            bound = sum(flops.values()) / rate["best"]
             row = {"config": name, "repeat": rep, **CONFIGS[name],
                    "kdlab_median_s": km, "trl_median_s": tm, "speedup": tm / km,
+                   "flops_per_step": flops, "flop_bound_s": bound,
+                   "kdlab_fraction_of_limit": bound / km, "trl_fraction_of_limit": bound / tm,
                    "kdlab_tokens_per_s": B * R / km, "trl_tokens_per_s": B * R / tm,
                    "kdlab_peak_rss_mb": k["peak_rss_mb"], "trl_peak_rss_mb": t["peak_rss_mb"],
                    "kdlab_steps_s": k["steps"], "trl_steps_s": t["steps"],
                    "kdlab_wall_s": k["wall"], "trl_wall_s": t["wall"],
                    "kdlab_phases_s": k["phases"], "trl_phases_s": t["phases"]}
             results.append(row)
-            print(f"{name:16} {rep:>3} {km * 1e3:9.1f} {tm * 1e3:9.1f} {tm / km:8.2f}x "
-                  f"{B * R / km:11.0f} {B * R / tm:9.0f} {k['peak_rss_mb']:8.0f} {t['peak_rss_mb']:7.0f}",
-                  flush=True)
+            print(f"{name:18} {rep:>3} {km * 1e3:9.1f} {tm * 1e3:9.1f} {tm / km:8.2f}x {bound * 1e3:8.1f} "
+                  f"{bound / km:10.0%} {bound / tm:8.0%} {B * R / km:11.0f} {B * R / tm:9.0f} "
+                  f"{k['peak_rss_mb']:8.0f} {t['peak_rss_mb']:7.0f}", flush=True)
             for side, ph in (("kdlab", k["phases"]), ("TRL", t["phases"])):
-                print("    " + side + ": " + ", ".join(f"{n} {v * 1e3:.1f} ms" if v is not None else f"{n} ?"
-                                                      for n, v in ph.items()), flush=True)
+                print(f"    {side:5}: " + ", ".join(f"{n} {v * 1e3:.1f}" for n, v in ph.items()) + " ms", flush=True)
+            if "sampling" in flops:
+                print(f"    sampling bound {flops['sampling'] / rate['best'] * 1e3:.1f} ms: kdlab "
+                      f"{flops['sampling'] / rate['best'] / k['phases']['sampling']:.0%}, TRL "
+                      f"{flops['sampling'] / rate['best'] / t['phases']['sampling']:.0%} of the limit", flush=True)
     if a.json:
         import platform
 
@@ -324,7 +411,8 @@ def main() -> None:
         import trl
         meta = {"python": platform.python_version(), "torch": torch.__version__,
                 "transformers": transformers.__version__, "trl": trl.__version__, "threads": THREADS,
-                "batch": B, "prompt": P, "response": R, "steps": STEPS, "warmup": WARMUP}
+                "batch": B, "prompt": P, "response": R, "steps": STEPS, "warmup": WARMUP,
+                "matmul_flops_per_s": rate, "cpu": platform.processor() or platform.machine()}
         Path(a.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from kdlab.config import load_config
@@ -52,16 +53,24 @@ def test_compiled_student_gives_the_eager_loss_and_gradients(tmp_path):
                                 cfg, source, student, 2)
 
 
-def test_a_run_with_compiled_models_tracks_the_eager_run(tmp_path):
-    """Same seed, same data: the compiled run's metrics follow the eager run's (float reassociation only)."""
+@pytest.mark.parametrize("regime", [["stage2.regime=offline", "stage2.offline.targets=none"],
+                                    ["stage2.regime=online_student"]], ids=["offline-live", "on-policy"])
+def test_a_run_with_compiled_models_tracks_the_eager_run(tmp_path, regime, monkeypatch):
+    """Same seed, same data: the compiled run's metrics follow the eager run's (float reassociation only).
+    On-policy, the student's samples come from the compiled decode step as well."""
     import json
 
+    from kdlab.models import decode
+
+    steps_used = []
+    make_step = decode._compiled_step
+    monkeypatch.setattr(decode, "_compiled_step", lambda hf: steps_used.append(hf) or make_step(hf))
     rows = {}
     for name, extra in (("eager", []), ("compiled", ["stage2.compile_student=true", "stage2.compile_teacher=true"])):
         cfg = load_config(TINY, [f"output_dir={tmp_path / name}", f"cache_dir={tmp_path / 'cache'}",
-                                 "stage2.regime=offline", "stage2.offline.targets=none", "stage2.steps=6",
-                                 "eval.num_points=3", *extra])
+                                 *regime, "stage2.steps=6", "eval.num_points=3", *extra])
         run(cfg, log=lambda m: None, progress=False)
+        assert bool(steps_used) == (name == "compiled" and "stage2.regime=online_student" in regime)
         rows[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows["eager"]] == [r["step"] for r in rows["compiled"]]
     for a, b in zip(rows["eager"], rows["compiled"]):

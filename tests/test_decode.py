@@ -95,3 +95,35 @@ def test_dispatch_rule():
 def test_generate_path_keeps_sampling_properties(test, monkeypatch):
     monkeypatch.setattr(decode, "supports", lambda hf: False)
     test()
+
+
+def test_compiled_step_draws_what_the_eager_loop_draws_and_follows_weight_updates():
+    """`compile_step=True` (stage2.compile_student/compile_teacher in the online regimes): the same
+    tokens from the same generator state, log-probs and logits equal to rounding, on padded prompts,
+    grouped-query attention, top-k/top-p and EOS, and greedy; after an in-place weight update (what
+    AdamW does) the compiled graph uses the new weights."""
+    lm = llama(kv_heads=2, seed=3)
+    x, mask = padded_prompts()
+
+    def both(**kw):
+        out = [sample(lm, x, mask, max_new_tokens=9, generator=torch.Generator().manual_seed(7), return_logits=True,
+                      compile_step=c, **kw) for c in (False, True)]
+        eager, comp = out
+        assert torch.equal(eager.response_ids_BxR, comp.response_ids_BxR)
+        assert torch.equal(eager.response_mask_BxR, comp.response_mask_BxR)
+        torch.testing.assert_close(comp.logprobs_BxR, eager.logprobs_BxR, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(comp.logits_BxRxV, eager.logits_BxRxV, rtol=1e-5, atol=1e-5)
+        return eager
+
+    kw = dict(temperature=0.8, top_k=20, top_p=0.9)
+    # EOS = a token that row 0 draws third, so that one row ends early and the mask path runs.
+    kw["eos_token_id"] = int(sample(lm, x, mask, max_new_tokens=9, generator=torch.Generator().manual_seed(7),
+                                    **kw).response_ids_BxR[0, 2])
+    before = both(**kw)
+    assert not before.response_mask_BxR.all()  # some row hit EOS: the mask path ran
+    with torch.no_grad():
+        for p in lm.hf.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    after = both(**kw)
+    assert not torch.equal(before.logits_BxRxV, after.logits_BxRxV)
+    both(temperature=0.0)

@@ -262,12 +262,14 @@ class Stage2Config(_Section):
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (also at the end).")
     compile_teacher: bool = Field(
         False, description="torch.compile the teacher forward that makes live targets (offline without cached "
-        "targets, on-policy): ~20% faster per forward on the issue-7 CPU workload, for a compile of ~15 s in the "
-        "first step (needs a C++ compiler on CPU). Off by default: every run pays that warm-up.")
+        "targets, on-policy), and in the online_teacher regime its decode step: ~20% faster per forward on the "
+        "issue-7 CPU workload, for a compile of ~15 s in the first step (needs a C++ compiler on CPU). Off by "
+        "default: every run pays that warm-up.")
     compile_student: bool = Field(
-        False, description="torch.compile the student's training forward (and so its backward): ~1.2x per "
-        "training step on the issue-7 CPU workload, for a compile of ~15 s in the first step. Single-process "
-        "runs only. Sampling and evaluation keep the eager student (same weights).")
+        False, description="torch.compile the student's training forward (and so its backward), and in the "
+        "on-policy and mixed regimes its decode step: ~1.2x per training step and ~1.4x per on-policy sample on "
+        "the issue-7 CPU workload, for a compile of ~15-25 s in the first step. Single-process runs only. "
+        "Evaluation keeps the eager student (same weights).")
 
 
 class LossConfig(_Section):

@@ -42,6 +42,7 @@ class SamplingParams:
     top_p: float | None = None
     eos_token_id: int | None = None
     sampler: Callable[..., Samples] = sample  # the backend (kdlab.models.vllm_backend.make_sampler)
+    compile_step: bool = False  # the builtin sampler's compiled decode step (kdlab.models.decode)
 
 
 class OfflineSource:
@@ -84,10 +85,11 @@ class _OnlineSource:
         gen = generator_for(self.seed, self.stream, step)
         ids, mask = self._prompts(step, gen)
         p = self.params
+        extra = {"compile_step": True} if p.compile_step else {}
         with torch.no_grad():
             s = p.sampler(model, ids.to(model.device), mask.to(model.device), max_new_tokens=p.max_new_tokens,
                        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, eos_token_id=p.eos_token_id,
-                       generator=gen, return_logits=keep_logits)
+                       generator=gen, return_logits=keep_logits, **extra)
         return Batch(ids, mask, s.response_ids_BxR.cpu(), s.response_mask_BxR.cpu(), on_policy=on_policy,
                      teacher_target=s.logits_BxRxV)
 

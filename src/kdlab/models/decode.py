@@ -26,11 +26,16 @@ logit post-processing, layer types), and tests pin the log-probs to `LM.response
 
 from __future__ import annotations
 
+import importlib
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["supports", "sample_llama"]
+
+_COMPILED_STEPS: "weakref.WeakKeyDictionary" = None  # hf model -> its compiled one-token step (made on first use)
 
 
 def supports(hf: torch.nn.Module) -> bool:
@@ -106,9 +111,7 @@ def _layer(layer, fused, h_BxLxH: Tensor, cos: Tensor, sin: Tensor, k_cache: Ten
 
 @torch.inference_mode()
 def _decode(hf, ids_BxP: Tensor, mask_BxP: Tensor | None, R: int, temperature: float, top_k, top_p,
-            eos_token_id, generator, return_logits: bool):
-    import importlib
-
+            eos_token_id, generator, return_logits: bool, compile_step: bool):
     rotary = importlib.import_module(type(hf).__module__).apply_rotary_pos_emb
     model, head = hf.get_decoder(), hf.get_output_embeddings()
     dev = ids_BxP.device
@@ -130,7 +133,9 @@ def _decode(hf, ids_BxP: Tensor, mask_BxP: Tensor | None, R: int, temperature: f
     fused = [(_fuse(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj), _fuse(l.mlp.gate_proj, l.mlp.up_proj),
               [l.self_attn.q_proj.out_features, l.self_attn.k_proj.out_features, l.self_attn.v_proj.out_features])
              for l in layers]
-    caches = [(h.new_empty(B, H_kv, P + R, a0.head_dim), h.new_empty(B, H_kv, P + R, a0.head_dim)) for _ in layers]
+    # Zeros for the compiled step, which attends over every slot (masked, but 0 x NaN garbage would be NaN).
+    new = h.new_zeros if compile_step else h.new_empty
+    caches = [(new(B, H_kv, P + R, a0.head_dim), new(B, H_kv, P + R, a0.head_dim)) for _ in layers]
     if mask_BxP is None:
         prefill_mask, key_mask = "causal", None
     else:
@@ -147,30 +152,31 @@ def _decode(hf, ids_BxP: Tensor, mask_BxP: Tensor | None, R: int, temperature: f
             h = _layer(layer, fz, h, cos, sin, kc, vc, start, mask, rotary)
         return head(_rms_norm(model.norm, h[:, -1])).float()  # lm_head on the last position only
 
-    greedy = temperature == 0
     ids_BxR = torch.empty(B, R, dtype=torch.long, device=dev)
     logp_BxR = torch.zeros(B, R, dtype=torch.float32, device=dev)
     logits_BxRxV = None
     done_B = torch.zeros(B, dtype=torch.bool, device=dev) if eos_token_id is not None else None
+    draw = (temperature, top_k, top_p)
+    if compile_step:
+        step = _compiled_step(hf)
+        key_ok_BxPR = keep_BxPR if mask_BxP is not None else torch.ones(B, P + R, dtype=torch.bool, device=dev)
     z_BxV = run(h, 0, prefill_mask)
+    tok_B, lq_B = _draw(z_BxV, _uniforms(B, temperature, generator, dev), *draw)
     for t in range(R):
+        if t > 0:
+            mask = key_mask[..., :P + t] if key_mask is not None else None
+            if compile_step:  # the same position as the eager branch, in one compiled call
+                pos_1 = torch.full((1,), P + t - 1, dtype=torch.long, device=dev)
+                z_BxV, tok_B, lq_B = step(tok_B, pos_1, cos_all, sin_all, key_ok_BxPR, fused, caches,
+                                          _uniforms(B, temperature, generator, dev), draw)
+            else:
+                z_BxV = run(model.embed_tokens(tok_B[:, None]), P + t - 1, mask)
+                tok_B, lq_B = _draw(z_BxV, _uniforms(B, temperature, generator, dev), *draw)
         if return_logits:
             if logits_BxRxV is None:
                 logits_BxRxV = z_BxV.new_zeros(B, R, z_BxV.shape[-1])
             logits_BxRxV[:, t] = z_BxV
-        if greedy:
-            tok_B = z_BxV.argmax(-1)
-        else:
-            logq_BxV = _filter(z_BxV / temperature, top_k, top_p).log_softmax(-1)
-            # Inverse-CDF draw in float64: one uniform per row from the caller's generator.
-            cdf_BxV = logq_BxV.double().exp().cumsum(-1)
-            u_B = 1.0 - torch.rand(B, generator=generator, dtype=torch.float64,
-                                   device=generator.device if generator is not None else dev).to(dev)
-            tok_B = (cdf_BxV < (u_B * cdf_BxV[:, -1]).unsqueeze(-1)).sum(-1)
-            # A draw past the last kept token (rounding) takes the last token with mass.
-            last_B = (cdf_BxV < cdf_BxV[:, -1:]).sum(-1)
-            tok_B = torch.minimum(tok_B, last_B)
-            logp_BxR[:, t] = logq_BxV.gather(-1, tok_B[:, None])[:, 0]
+        logp_BxR[:, t] = lq_B
         if done_B is not None:
             tok_B = tok_B.masked_fill(done_B, eos_token_id)  # finished rows repeat EOS (masked below)
             done_B = done_B | (tok_B == eos_token_id)
@@ -178,25 +184,95 @@ def _decode(hf, ids_BxP: Tensor, mask_BxP: Tensor | None, R: int, temperature: f
         if t == R - 1 or (done_B is not None and bool(done_B.all())):
             ids_BxR[:, t + 1:] = eos_token_id if eos_token_id is not None else 0
             break
-        mask = key_mask[..., :P + t + 1] if key_mask is not None else None
-        z_BxV = run(model.embed_tokens(tok_B[:, None]), P + t, mask)
     return ids_BxR, logp_BxR, logits_BxRxV
+
+
+def _uniforms(B: int, temperature: float, generator, dev) -> Tensor | None:
+    """B uniforms in (0, 1] from the caller's generator (float64), one per row and step; None when greedy."""
+    if temperature == 0:
+        return None
+    return 1.0 - torch.rand(B, generator=generator, dtype=torch.float64,
+                            device=generator.device if generator is not None else dev).to(dev)
+
+
+def _draw(z_BxV: Tensor, u_B: Tensor | None, temperature: float, top_k, top_p) -> tuple[Tensor, Tensor]:
+    """The next tokens and their log q: argmax (u None), else the inverse-CDF draw of ``u_B``."""
+    if u_B is None:
+        return z_BxV.argmax(-1), z_BxV.new_zeros(z_BxV.shape[0])
+    logq_BxV = _filter(z_BxV / temperature, top_k, top_p).log_softmax(-1)
+    # Inverse-CDF draw in float64: one uniform per row from the caller's generator.
+    cdf_BxV = logq_BxV.double().exp().cumsum(-1)
+    tok_B = (cdf_BxV < (u_B * cdf_BxV[:, -1]).unsqueeze(-1)).sum(-1)
+    # A draw past the last kept token (rounding) takes the last token with mass.
+    last_B = (cdf_BxV < cdf_BxV[:, -1:]).sum(-1)
+    tok_B = torch.minimum(tok_B, last_B)
+    return tok_B, logq_BxV.gather(-1, tok_B[:, None])[:, 0]
+
+
+def _compiled_step(hf):
+    """``hf``'s one-token decode step (embed the last token, every layer over the whole preallocated
+    cache, lm_head, draw), ``torch.compile``d with static shapes: one graph per (batch, length) in
+    which Inductor fuses the norms, rotary, cache write, attention and SwiGLU of each layer around
+    its matmuls. Compiled once per model and shape; the weights are graph inputs, so training
+    updates need no recompilation.
+
+    The position is a tensor and attention covers every cache slot with keys after it masked, so
+    all R − 1 steps share one graph (eager slices the cache to the keys seen so far instead).
+    """
+    global _COMPILED_STEPS
+    if _COMPILED_STEPS is None:
+        _COMPILED_STEPS = weakref.WeakKeyDictionary()
+    if hf not in _COMPILED_STEPS:
+        rotary = importlib.import_module(type(hf).__module__).apply_rotary_pos_emb
+        model, head = hf.get_decoder(), hf.get_output_embeddings()
+        layers = model.layers[: hf.config.num_hidden_layers]
+
+        def step(tok_B, pos_1, cos_all, sin_all, key_ok_BxL, fused, caches, u_B, draw):
+            B = tok_B.shape[0]
+            cos, sin = cos_all.index_select(1, pos_1), sin_all.index_select(1, pos_1)
+            L = key_ok_BxL.shape[1]
+            mask = (key_ok_BxL & (torch.arange(L, device=tok_B.device) <= pos_1))[:, None, None, :]
+            h = model.embed_tokens(tok_B[:, None])
+            for layer, ((w_qkv, b_qkv), (w_gu, b_gu), sizes), (k_cache, v_cache) in zip(layers, fused, caches):
+                attn, mlp = layer.self_attn, layer.mlp
+                q, k, v = F.linear(_rms_norm(layer.input_layernorm, h), w_qkv, b_qkv).split(sizes, -1)
+                q, k, v = (y.view(B, 1, -1, attn.head_dim).transpose(1, 2) for y in (q, k, v))
+                q, k = rotary(q, k, cos, sin)
+                k_cache.index_copy_(2, pos_1, k)
+                v_cache.index_copy_(2, pos_1, v)
+                if q.shape[1] != k_cache.shape[1]:  # grouped-query attention: repeat the KV heads
+                    rep = q.shape[1] // k_cache.shape[1]
+                    keys, values = k_cache.repeat_interleave(rep, 1), v_cache.repeat_interleave(rep, 1)
+                else:
+                    keys, values = k_cache, v_cache
+                # One query: the plain formula, which Inductor fuses (its flash kernel is a library call).
+                scores = (q @ keys.transpose(-1, -2)) * attn.scaling
+                a = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ values
+                h = h + attn.o_proj(a.transpose(1, 2).reshape(B, 1, -1))
+                gate, up = F.linear(_rms_norm(layer.post_attention_layernorm, h), w_gu, b_gu).chunk(2, -1)
+                h = h + mlp.down_proj(mlp.act_fn(gate) * up)
+            z_BxV = head(_rms_norm(model.norm, h[:, -1])).float()
+            return (z_BxV, *_draw(z_BxV, u_B, *draw))
+
+        _COMPILED_STEPS[hf] = torch.compile(step, dynamic=False, fullgraph=True)
+    return _COMPILED_STEPS[hf]
 
 
 def sample_llama(hf, ids_BxP: Tensor, mask_BxP: Tensor | None, *, max_new_tokens: int, temperature: float,
                  top_k: int | None, top_p: float | None, eos_token_id: int | None,
-                 generator: torch.Generator | None, return_logits: bool):
+                 generator: torch.Generator | None, return_logits: bool, compile_step: bool = False):
     """`sample`'s result for a model that :func:`supports` accepts (arguments as `sample` validates them).
 
     ``ids_BxP`` is left-padded with ``mask_BxP`` (None: no padding). Without a generator the global
-    RNG is used (and advanced).
+    RNG is used (and advanced). ``compile_step`` runs the R − 1 single-token steps through
+    :func:`_compiled_step` (the same draws from the same uniforms; logits equal to rounding).
     """
     from kdlab.models.sampling import Samples
 
     if mask_BxP is not None and bool(mask_BxP.all()):
         mask_BxP = None  # no padding: causal SDPA without a mask tensor
     out = _decode(hf, ids_BxP, mask_BxP, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
-                  return_logits)
+                  return_logits, compile_step)
     # Inference-mode tensors cannot enter autograd, and callers train on these: clone outside that mode.
     ids_BxR, logp_BxR, logits_BxRxV = (t.clone() if t is not None else None for t in out)
     if eos_token_id is None:

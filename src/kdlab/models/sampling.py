@@ -99,6 +99,7 @@ def sample(
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
     return_logits: bool = False,
+    compile_step: bool = False,
 ) -> Samples:
     """Sample ``max_new_tokens`` continuations of left-padded prompts.
 
@@ -106,6 +107,9 @@ def sample(
     every row runs ``max_new_tokens``). The result is always ``max_new_tokens`` wide so batches
     concatenate. With a ``generator`` the same generator state gives the same samples (on the same
     device and library versions); without one, the global RNG is used and advanced.
+    ``compile_step`` (Llama models; ignored by ``generate``) runs kdlab's decode step through
+    ``torch.compile``: the same draws, compiled once per model and batch shape
+    (``stage2.compile_student`` / ``compile_teacher`` for the online regimes' samplers).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -129,7 +133,7 @@ def sample(
         return decode.sample_llama(lm.hf, ids_BxP, None if prompt_mask_BxP is None else mask_BxP,
                                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                    top_p=top_p, eos_token_id=eos_token_id, generator=generator,
-                                   return_logits=return_logits)
+                                   return_logits=return_logits, compile_step=compile_step)
     pad = eos_token_id if eos_token_id is not None else 0
     greedy = temperature == 0
     kwargs = dict(

@@ -77,8 +77,11 @@ def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | 
         sampler = sample if regime == "offline" else make_sampler(
             sp.backend, teacher=world.teacher, teacher_dir=world.directory / "teacher",
             student_dir=world.directory / "student_init", gpu_memory_utilization=sp.vllm_gpu_memory, seed=cfg.seed)
+    # The sampling model's compile switch compiles its decode step (builtin sampler only).
+    compile_step = sp.backend == "builtin" and (s2.compile_teacher if regime == "online_teacher" else s2.compile_student)
     params = SamplingParams(max_new_tokens=cfg.world.max_response_tokens, temperature=sp.temperature,
-                            top_k=sp.top_k, top_p=sp.top_p, eos_token_id=world.eos_token_id, sampler=sampler)
+                            top_k=sp.top_k, top_p=sp.top_p, eos_token_id=world.eos_token_id, sampler=sampler,
+                            compile_step=compile_step and regime != "offline")
     if regime == "offline":
         o = s2.offline
         # The run seed chooses which prompts of the pool form the dataset (the seed varies the data).
