@@ -15,7 +15,8 @@ Configurations (kdlab | TRL):
   on_jsd           online_student, temperature 0.9, JSD beta=0.5                       | lmbda=1, beta=0.5
   *_ct             the live rows and on_jsd again with kdlab's stage2.compile_teacher=true (TRL as above)
   *_cs / *_c       with stage2.compile_student=true: the cached rows (_cs); the live rows and on_jsd with
-                   both the student and the teacher compiled (_c)
+                   both the student and the teacher compiled (_c; on-policy this includes the student's
+                   compiled decode step)
 
 kdlab runs its real loop, `kdlab.pipeline.distill.run(cfg, on_step=...)` (what `kdlab run` runs); the
 step time is the gap between consecutive `on_step` calls. TRL runs `GKDTrainer.train()` with a
@@ -25,6 +26,14 @@ teacher responses (sampled once at temperature 0.9; kdlab samples its own offlin
 before step 1, outside the timing).
 
 Every measurement runs in its own child process (clean peak RSS), alternating kdlab, TRL, kdlab, TRL...
+
+Where the time goes (both tools, the same wrappers where the code is shared): sampling (kdlab's
+regime `batch`, TRL's `generate_on_policy_outputs`), teacher forward (kdlab's `LM.response_logits` on
+the teacher, TRL's teacher module), student forward + loss (kdlab's `loss_on_batch`, TRL's
+`compute_loss`, less the teacher), backward (`torch.Tensor.backward`), optimizer step
+(`torch.optim.AdamW.step`), rest (clip, zero_grad, schedule, loop). The FLOP bound of a step is its
+matmul FLOPs (`step_flops`) at the best rate of a 2048^3 float32 matmul measured at the start of the
+run; "% of limit" = bound / median step.
 
     .venv/bin/python bench/vs_trl.py [--configs off_fkl_cached,on_jsd] [--repeats 2] [--json out.json]
 """
