@@ -146,8 +146,9 @@ def report(rows: list[dict], total_seconds: float) -> list[str]:
         f"torch {info['torch']}, {THREADS} torch threads. Command: `.venv/bin/python bench/losses.py --write-results`.",
         f"Forward + backward, tokens = {TOKENS}, V = {VOCAB}, hidden = {HIDDEN}, float32; lean chunk = {CHUNK} "
         "tokens. One run per case in a fresh process; peak extra = peak RSS − RSS after the inputs (the 1 GiB "
-        "teacher logits included in the inputs). The machine is shared with other jobs (see the load column), "
-        f"so times are noisy; the whole benchmark took {total_seconds:.0f} s.",
+        "teacher logits included in the inputs). The load column is the 1-min load average before each case "
+        "(the previous cases of this benchmark count; above ≈ 2.5 on 2 cores means other jobs ran and the "
+        f"times are noisy); the whole benchmark took {total_seconds:.0f} s.",
         "",
         "| loss | path | time (s) | peak extra memory (MiB) | loss value | 1-min load before |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
