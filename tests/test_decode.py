@@ -90,6 +90,7 @@ def test_dispatch_rule():
     ts.test_first_and_second_token_frequencies_match_the_model,
     ts.test_greedy_is_argmax_with_zero_logprobs,
     ts.test_eos_stops_and_masks,
+    ts.test_any_of_several_eos_ids_ends_a_row,
     ts.test_returned_logits_are_the_model_logits_along_the_samples,
 ], ids=lambda f: f.__name__)
 def test_generate_path_keeps_sampling_properties(test, monkeypatch):

@@ -108,3 +108,23 @@ def test_stop_on_hacking_in_a_plain_trainer_restores_the_pre_onset_weights(tmp_p
     row = next(r for r in monitor.history if r["step"] == best)
     assert sequence_fkl(LM(trainer.model), monitor.caches["proxy"]).mean == pytest.approx(row["proxy_fkl"], rel=1e-5)
     assert trainer.state.log_history[-2].get("teacher_hacking/hacking_detected") == 1.0
+
+
+def test_reference_samples_end_at_the_tokenizer_eos_and_every_eos_the_teacher_lists():
+    """A chat teacher lists several EOS ids (Llama 3: three); the monitor's reference responses end at any
+    of them and at the tokenizer's, which comes first (it pads finished rows)."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaForCausalLM
+
+    from kdlab.models import tiny_llama_config
+
+    torch.manual_seed(0)
+    teacher = LM(LlamaForCausalLM(tiny_llama_config(12, 16, 1, 2)))
+    teacher.hf.generation_config.eos_token_id = [5, 6]
+    tokenizer = SimpleNamespace(eos_token_id=1, pad_token_id=0)
+    monitor = TeacherHackingMonitor(teacher, [[3, 4], [7, 8, 9]], tokenizer=tokenizer, max_new_tokens=4)
+    assert monitor.eos_token_id == (1, 5, 6)
+    teacher.hf.generation_config.eos_token_id = 1  # the same id twice is listed once
+    assert TeacherHackingMonitor(teacher, [[3, 4]], tokenizer=tokenizer, max_new_tokens=4).eos_token_id == (1,)
+    assert TeacherHackingMonitor(teacher, [[3, 4]], max_new_tokens=4).eos_token_id == (1,)

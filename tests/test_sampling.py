@@ -148,6 +148,33 @@ def test_eos_stops_and_masks():
     assert s2.response_ids_BxR.shape == (2, R)
 
 
+def test_any_of_several_eos_ids_ends_a_row():
+    """Chat models (Llama 3: three ids) list several EOS ids in their generation config; each ends a row.
+    Slots after the end hold the first id, masked; the model's own list is what `LM.eos_token_id` gives."""
+    eos = (1, 3)
+    lm = tiny_lm(scale=0.3)  # near-uniform over 8 tokens: a row ends with probability ≈ 1/4 per step
+    lm.hf.generation_config.eos_token_id = list(eos)
+    assert lm.eos_token_id == eos
+    N, R = 128, 10
+    x = torch.randint(0, V, (N, 3), generator=torch.Generator().manual_seed(0))
+    ids, mask, logp, _ = sample(lm, x, max_new_tokens=R, eos_token_id=lm.eos_token_id,
+                                generator=torch.Generator().manual_seed(1))
+    is_end = (ids == eos[0]) | (ids == eos[1])
+    first = torch.where(is_end.any(1), is_end.float().argmax(1), torch.full((N,), R))
+    ended_by = ids.gather(1, first.clamp_max(R - 1)[:, None])[:, 0][first < R]
+    assert (ended_by == eos[0]).any() and (ended_by == eos[1]).any(), "test setup: both ids should end rows"
+    assert (first == R).any(), "test setup: some row should run to full length"
+    assert torch.equal(mask, torch.arange(R)[None] <= first[:, None])  # True through the first end, then False
+    assert torch.all(ids[~mask] == eos[0]) and torch.all(logp[~mask] == 0)
+    torch.testing.assert_close(logp, lm.response_logprobs(x, None, ids, mask), atol=1e-5, rtol=1e-5)
+    # With one id only that id ends a row: the other stays inside kept responses. An int and a
+    # one-element list are the same request.
+    one = sample(lm, x, max_new_tokens=R, eos_token_id=eos[1], generator=torch.Generator().manual_seed(1))
+    assert (one.response_ids_BxR[one.response_mask_BxR] == eos[0]).any()
+    assert torch.equal(one.response_mask_BxR, sample(lm, x, max_new_tokens=R, eos_token_id=[eos[1]],
+                       generator=torch.Generator().manual_seed(1)).response_mask_BxR)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_prompts_sample_the_unpadded_distribution(side):
     lm = tiny_lm(scale=1.0)

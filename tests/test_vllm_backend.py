@@ -59,6 +59,10 @@ def test_samples_from_vllm_outputs_pad_and_mask_after_eos():
     assert s.response_mask_BxR.tolist() == [[True, True, True, False], [True] * 4]
     torch.testing.assert_close(s.logprobs_BxR, torch.tensor([[-0.1, -0.2, -0.3, 0.0], [-1.0, -1.1, -1.2, -1.3]]))
     assert s.logits_BxRxV is None  # vLLM gives no full-vocabulary logits: the step runs a teacher forward
+    # Several EOS ids (chat models): padding uses the first, whichever ended the row.
+    s = samples_from_outputs([out([5, 3], [-0.1, -0.2])], max_new_tokens=4, eos_token_id=(2, 3), device="cpu")
+    assert s.response_ids_BxR.tolist() == [[5, 3, 2, 2]]
+    assert s.response_mask_BxR.tolist() == [[True, True, False, False]]
 
 
 def _fake_vllm(created: list):
@@ -85,6 +89,7 @@ def _fake_vllm(created: list):
             pass
 
         def generate(self, prompts, params, use_tqdm=True):
+            self.last_params = params
             outs = []
             for p, sp in zip(prompts, params):
                 ids = torch.tensor([p["prompt_token_ids"]])
@@ -125,6 +130,9 @@ def test_vllm_backend_glue_with_a_stand_in_engine(tmp_path, monkeypatch):
     torch.testing.assert_close(s1.logprobs_BxR, ref, rtol=1e-4, atol=1e-5)
     engine = created[0]
     assert engine.kwargs["logprobs_mode"] == "processed_logprobs" and engine.kwargs["skip_tokenizer_init"]
+    assert all(p.ignore_eos and p.stop_token_ids is None for p in engine.last_params)  # no EOS: full length
+    backend(teacher, prompts, mask, generator=torch.Generator().manual_seed(1), eos_token_id=(4, 7), **kw)
+    assert all(not p.ignore_eos and p.stop_token_ids == [4, 7] for p in engine.last_params)
     # On-policy: the student engine gets the training weights before sampling.
     with torch.no_grad():
         for p in student.hf.parameters():

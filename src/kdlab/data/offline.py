@@ -80,7 +80,7 @@ def build_offline_dataset(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | tuple[int, ...] | None = None,
     batch_size: int = 256,
 ) -> Path:
     """Sample the teacher on each prompt `generations_per_prompt` times, compute its targets, save."""

@@ -40,7 +40,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
     sampler: Callable[..., Samples] = sample  # the backend (kdlab.models.vllm_backend.make_sampler)
     compile_step: bool = False  # the builtin sampler's compiled decode step (kdlab.models.decode)
 

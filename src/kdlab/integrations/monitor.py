@@ -48,6 +48,7 @@ from transformers import TrainerCallback
 from kdlab.analysis.detectors import detect_golden, detect_proxy_deviation
 from kdlab.metrics import ReferenceCache, sequence_fkl
 from kdlab.models import LM
+from kdlab.models.sampling import eos_ids
 from kdlab.seeding import generator_for
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ class TeacherHackingMonitor(TrainerCallback):
         eval_prompts: held-out prompts: strings (with ``tokenizer``), lists of token ids, or a
             left- or right-padded ``(ids_NxP, mask_NxP)`` pair. A few hundred give usable error bars.
         oracle: optional ground-truth model; enables the golden metric and the golden detector.
-        tokenizer: tokenizes string prompts; its ``eos_token_id`` ends sampled responses.
+        tokenizer: tokenizes string prompts; its ``eos_token_id`` and every EOS id the teacher's generation
+            config lists end sampled responses.
         max_new_tokens: length of the reference responses.
         samples_per_prompt: reference samples per prompt (SEs are clustered by prompt).
         num_points: log-spaced measurements after step 0 (the proxy detector needs ≥ 8 with step > 0).
@@ -156,10 +158,12 @@ class TeacherHackingMonitor(TrainerCallback):
         self.teacher = _as_lm(teacher)
         self.oracle = _as_lm(oracle) if oracle is not None else None
         self.tokenizer = tokenizer
-        eos = getattr(tokenizer, "eos_token_id", None)
+        # The tokenizer's EOS first (it pads finished rows), then any other the teacher lists (chat models
+        # end a turn with one of several).
+        eos = dict.fromkeys(eos_ids(getattr(tokenizer, "eos_token_id", None)) + eos_ids(self.teacher.eos_token_id))
         pad = getattr(tokenizer, "pad_token_id", None)
         self.prompt_ids, self.prompt_mask = _left_padded(eval_prompts, tokenizer, pad if pad is not None else 0)
-        self.eos_token_id = eos
+        self.eos_token_id = tuple(eos) or None
         self.max_new_tokens = max_new_tokens
         self.samples_per_prompt = samples_per_prompt
         self.num_points = num_points

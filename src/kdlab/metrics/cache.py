@@ -106,7 +106,7 @@ class ReferenceCache:
         samples_per_prompt: int = 1,
         max_new_tokens: int,
         temperature: float = 1.0,
-        eos_token_id: int | None = None,
+        eos_token_id: int | tuple[int, ...] | None = None,
         generator: torch.Generator | None = None,
         batch_size: int = 64,
         memory_budget_bytes: int = 1 << 30,

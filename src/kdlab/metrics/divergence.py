@@ -170,7 +170,7 @@ def sample_responses(
     samples_per_prompt: int = 1,
     max_new_tokens: int,
     temperature: float = 1.0,
-    eos_token_id: int | None = None,
+    eos_token_id: int | tuple[int, ...] | None = None,
     generator: torch.Generator | None = None,
     batch_size: int = 64,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -207,7 +207,7 @@ def sequence_rkl(
     max_new_tokens: int,
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
-    eos_token_id: int | None = None,
+    eos_token_id: int | tuple[int, ...] | None = None,
     batch_size: int = 64,
 ) -> DivergenceEstimate:
     """rkl = E_x E_{y~S} Σ_t KL(S_t ‖ A_t) on fresh student samples (they change as S trains).

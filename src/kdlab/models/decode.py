@@ -111,7 +111,7 @@ def _layer(layer, fused, h_BxLxH: Tensor, cos: Tensor, sin: Tensor, k_cache: Ten
 
 @torch.inference_mode()
 def _decode(hf, ids_BxP: Tensor, mask_BxP: Tensor | None, R: int, temperature: float, top_k, top_p,
-            eos_token_id, generator, return_logits: bool, compile_step: bool):
+            eos: tuple[int, ...], generator, return_logits: bool, compile_step: bool):
     rotary = importlib.import_module(type(hf).__module__).apply_rotary_pos_emb
     model, head = hf.get_decoder(), hf.get_output_embeddings()
     dev = ids_BxP.device
@@ -155,7 +155,8 @@ def _decode(hf, ids_BxP: Tensor, mask_BxP: Tensor | None, R: int, temperature: f
     ids_BxR = torch.empty(B, R, dtype=torch.long, device=dev)
     logp_BxR = torch.zeros(B, R, dtype=torch.float32, device=dev)
     logits_BxRxV = None
-    done_B = torch.zeros(B, dtype=torch.bool, device=dev) if eos_token_id is not None else None
+    eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
+    done_B = torch.zeros(B, dtype=torch.bool, device=dev) if eos else None
     draw = (temperature, top_k, top_p)
     if compile_step:
         step = _compiled_step(hf)
@@ -178,11 +179,11 @@ def _decode(hf, ids_BxP: Tensor, mask_BxP: Tensor | None, R: int, temperature: f
             logits_BxRxV[:, t] = z_BxV
         logp_BxR[:, t] = lq_B
         if done_B is not None:
-            tok_B = tok_B.masked_fill(done_B, eos_token_id)  # finished rows repeat EOS (masked below)
-            done_B = done_B | (tok_B == eos_token_id)
+            tok_B = tok_B.masked_fill(done_B, eos[0])  # finished rows repeat the first EOS (masked below)
+            done_B = done_B | torch.isin(tok_B, eos_t)
         ids_BxR[:, t] = tok_B
         if t == R - 1 or (done_B is not None and bool(done_B.all())):
-            ids_BxR[:, t + 1:] = eos_token_id if eos_token_id is not None else 0
+            ids_BxR[:, t + 1:] = eos[0] if eos else 0
             break
     return ids_BxR, logp_BxR, logits_BxRxV
 
@@ -259,7 +260,7 @@ def _compiled_step(hf):
 
 
 def sample_llama(hf, ids_BxP: Tensor, mask_BxP: Tensor | None, *, max_new_tokens: int, temperature: float,
-                 top_k: int | None, top_p: float | None, eos_token_id: int | None,
+                 top_k: int | None, top_p: float | None, eos_token_id: int | tuple[int, ...] | None,
                  generator: torch.Generator | None, return_logits: bool, compile_step: bool = False):
     """`sample`'s result for a model that :func:`supports` accepts (arguments as `sample` validates them).
 
@@ -267,17 +268,13 @@ def sample_llama(hf, ids_BxP: Tensor, mask_BxP: Tensor | None, *, max_new_tokens
     RNG is used (and advanced). ``compile_step`` runs the R − 1 single-token steps through
     :func:`_compiled_step` (the same draws from the same uniforms; logits equal to rounding).
     """
-    from kdlab.models.sampling import Samples
+    from kdlab.models.sampling import Samples, eos_ids, response_mask
 
     if mask_BxP is not None and bool(mask_BxP.all()):
         mask_BxP = None  # no padding: causal SDPA without a mask tensor
-    out = _decode(hf, ids_BxP, mask_BxP, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
+    out = _decode(hf, ids_BxP, mask_BxP, max_new_tokens, temperature, top_k, top_p, eos_ids(eos_token_id), generator,
                   return_logits, compile_step)
     # Inference-mode tensors cannot enter autograd, and callers train on these: clone outside that mode.
     ids_BxR, logp_BxR, logits_BxRxV = (t.clone() if t is not None else None for t in out)
-    if eos_token_id is None:
-        mask_BxR = torch.ones_like(ids_BxR, dtype=torch.bool)
-    else:  # True up to and including the first EOS: no EOS strictly before t.
-        is_eos = (ids_BxR == eos_token_id).long()
-        mask_BxR = (is_eos.cumsum(-1) - is_eos) == 0
+    mask_BxR = response_mask(ids_BxR, eos_token_id)
     return Samples(ids_BxR, mask_BxR, logp_BxR.masked_fill(~mask_BxR, 0.0), logits_BxRxV)

@@ -103,16 +103,17 @@ class LM:
         self._has_logits_to_keep = "logits_to_keep" in inspect.signature(hf.forward).parameters
 
     @property
-    def eos_token_id(self) -> int | None:
-        """The token that ends a response (generation config, else model config; the first of a list),
-        or None for models without one (the synthetic world)."""
+    def eos_token_id(self) -> int | tuple[int, ...] | None:
+        """The token that ends a response (generation config, else model config), a tuple when the model
+        lists several (Llama 3 and most chat models end a turn with any of them), or None for models
+        without one (the synthetic world). `sample` accepts each form."""
         inner = getattr(self.hf, "module", self.hf)
         for source in (getattr(inner, "generation_config", None), getattr(inner, "config", None)):
             eos = getattr(source, "eos_token_id", None)
             if isinstance(eos, (list, tuple)):
-                eos = eos[0] if eos else None
+                eos = tuple(int(e) for e in eos) if len(eos) > 1 else (eos[0] if eos else None)
             if eos is not None:
-                return int(eos)
+                return eos if isinstance(eos, tuple) else int(eos)
         return None
 
     # ----------------------------------------------------------------------------------- properties

@@ -34,7 +34,27 @@ from torch import Tensor
 from kdlab.models import decode
 from kdlab.models.lm import LM, left_pad, trim_left_padding
 
-__all__ = ["Samples", "sample"]
+__all__ = ["Samples", "sample", "eos_ids", "response_mask"]
+
+EOS = int | tuple[int, ...] | list[int] | None  # one end-of-response token, several (Llama 3, chat models), or none
+
+
+def eos_ids(eos_token_id: EOS) -> tuple[int, ...]:
+    """``eos_token_id`` as a tuple (empty: no EOS). The first id pads the slots after a response ends."""
+    if eos_token_id is None:
+        return ()
+    if isinstance(eos_token_id, (list, tuple)):
+        return tuple(int(e) for e in eos_token_id)
+    return (int(eos_token_id),)
+
+
+def response_mask(ids_BxR: Tensor, eos_token_id: EOS) -> Tensor:
+    """True up to and including each row's first end-of-response token (any of ``eos_token_id``)."""
+    eos = eos_ids(eos_token_id)
+    if not eos:
+        return torch.ones_like(ids_BxR, dtype=torch.bool)
+    is_eos = torch.isin(ids_BxR, torch.tensor(eos, device=ids_BxR.device)).long()
+    return (is_eos.cumsum(-1) - is_eos) == 0  # no EOS strictly before t
 
 # Options of transformers' GenerationConfig that alter the next-token distribution or the length,
 # pinned to their neutral values (an explicit kwarg overrides the checkpoint's generation_config).
@@ -96,15 +116,15 @@ def sample(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: EOS = None,
     generator: torch.Generator | None = None,
     return_logits: bool = False,
     compile_step: bool = False,
 ) -> Samples:
     """Sample ``max_new_tokens`` continuations of left-padded prompts.
 
-    ``temperature=0`` is greedy decoding. Rows stop at their first ``eos_token_id`` (None: no EOS,
-    every row runs ``max_new_tokens``). The result is always ``max_new_tokens`` wide so batches
+    ``temperature=0`` is greedy decoding. Rows stop at their first ``eos_token_id`` (one id or a
+    list, any of which ends a row; None: no EOS, every row runs ``max_new_tokens``). The result is always ``max_new_tokens`` wide so batches
     concatenate. With a ``generator`` the same generator state gives the same samples (on the same
     device and library versions); without one, the global RNG is used and advanced.
     ``compile_step`` (Llama models; ignored by ``generate``) runs kdlab's decode step through
@@ -134,7 +154,8 @@ def sample(
                                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                    top_p=top_p, eos_token_id=eos_token_id, generator=generator,
                                    return_logits=return_logits, compile_step=compile_step)
-    pad = eos_token_id if eos_token_id is not None else 0
+    eos = eos_ids(eos_token_id)
+    pad = eos[0] if eos else 0
     greedy = temperature == 0
     kwargs = dict(
         _NEUTRAL_GENERATION,
@@ -145,7 +166,7 @@ def sample(
         temperature=None if greedy else temperature,
         top_k=None if greedy else top_k,
         top_p=None if greedy else top_p,
-        eos_token_id=eos_token_id,
+        eos_token_id=list(eos) or None,
         pad_token_id=pad,
         output_scores=not greedy,
         output_logits=return_logits,
@@ -168,12 +189,7 @@ def sample(
     Rp = ids_BxRp.shape[1]  # generate stops early when every row has hit EOS
     ids_BxR = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
     ids_BxR[:, :Rp] = ids_BxRp
-    if eos_token_id is None:
-        mask_BxR = torch.ones(B, max_new_tokens, dtype=torch.bool, device=dev)
-    else:
-        # True up to and including the first EOS: no EOS strictly before t.
-        is_eos = (ids_BxR == eos_token_id).long()
-        mask_BxR = (is_eos.cumsum(-1) - is_eos) == 0
+    mask_BxR = response_mask(ids_BxR, eos)
     logp_BxR = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)
     if not greedy:
         # One (B, V) step at a time: stacking all scores would materialise B×R×V.

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from kdlab.models.lm import LM, left_pad
-from kdlab.models.sampling import Samples, sample
+from kdlab.models.sampling import Samples, eos_ids, sample
 
 BACKENDS = ("builtin", "vllm")
 
@@ -107,7 +107,7 @@ class VLLMBackend:
     @torch.no_grad()
     def __call__(self, lm: LM, prompt_ids_BxP: Tensor, prompt_mask_BxP: Tensor | None = None, *,
                  max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_token_id: int | None = None,
+                 top_p: float | None = None, eos_token_id: int | tuple[int, ...] | None = None,
                  generator: torch.Generator | None = None, return_logits: bool = False) -> Samples:
         role = "teacher" if lm is self.teacher else "student"
         if role == "student":
@@ -120,9 +120,9 @@ class VLLMBackend:
         prompts = [{"prompt_token_ids": ids[b][mask[b]].tolist()} for b in range(B)]
         # One seed per request, drawn from the source's generator: reproducible from (seed, step).
         seeds = torch.randint(0, 2**31 - 1, (B,), generator=generator).tolist()
+        eos = eos_ids(eos_token_id)
         options = dict(max_tokens=max_new_tokens, temperature=temperature, logprobs=0, detokenize=False,
-                       ignore_eos=eos_token_id is None,
-                       stop_token_ids=[eos_token_id] if eos_token_id is not None else None)
+                       ignore_eos=not eos, stop_token_ids=list(eos) or None)
         if top_k is not None:
             options["top_k"] = top_k
         if top_p is not None:
@@ -132,10 +132,13 @@ class VLLMBackend:
         return samples_from_outputs(outputs, max_new_tokens, eos_token_id, lm.device)
 
 
-def samples_from_outputs(outputs, max_new_tokens: int, eos_token_id: int | None, device) -> Samples:
-    """vLLM `RequestOutput`s -> `Samples` (right-padded to ``max_new_tokens``; mask True through the EOS)."""
+def samples_from_outputs(outputs, max_new_tokens: int, eos_token_id: int | tuple[int, ...] | None,
+                         device) -> Samples:
+    """vLLM `RequestOutput`s -> `Samples` (right-padded with the first EOS to ``max_new_tokens``; mask True
+    through the EOS)."""
     B, R = len(outputs), max_new_tokens
-    pad = eos_token_id if eos_token_id is not None else 0
+    eos = eos_ids(eos_token_id)
+    pad = eos[0] if eos else 0
     ids = torch.full((B, R), pad, dtype=torch.long)
     mask = torch.zeros(B, R, dtype=torch.bool)
     logp = torch.zeros(B, R, dtype=torch.float32)

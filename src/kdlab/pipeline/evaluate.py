@@ -137,7 +137,7 @@ class TaskScorer:
     (the level a perfect imitation of the teacher would reach)."""
 
     def __init__(self, metric: str, prompts, references: list[str | None], tokenizer, max_new_tokens: int,
-                 eos_token_id: int | None, batch_size: int):
+                 eos_token_id: int | tuple[int, ...] | None, batch_size: int):
         self.metric, self.prompts, self.tokenizer, self.references = metric, prompts, tokenizer, references
         self.oracle_texts: list[str] | None = None  # the oracle's greedy outputs, decoded once (create)
         self.max_new_tokens, self.eos_token_id, self.batch_size = max_new_tokens, eos_token_id, batch_size

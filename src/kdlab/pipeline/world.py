@@ -34,15 +34,16 @@ POOLS = ("stage1", "stage2", "eval")
 class World:
     """Everything stage 2 needs from stage 1. Prompts are left-padded `ids`/`mask` pairs per pool.
 
-    `eos_token_id` ends every sampled response (the oracle's, else the teacher's; None in the synthetic
-    world, where every response has full length)."""
+    `eos_token_id` ends every sampled response (the oracle's, else the teacher's; a tuple when the model
+    lists several, any of which ends a response; None in the synthetic world, where every response has
+    full length)."""
 
     directory: Path
     oracle: LM | None
     teacher: LM
     prompts: dict[str, tuple[torch.Tensor, torch.Tensor]]
     info: dict
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
 
     def load_student_init(self, device: str | torch.device = "cpu") -> LM:
         return LM.load(self.directory / "student_init", device=device)
