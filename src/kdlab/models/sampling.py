@@ -124,8 +124,8 @@ def sample(
     """Sample ``max_new_tokens`` continuations of left-padded prompts.
 
     ``temperature=0`` is greedy decoding. Rows stop at their first ``eos_token_id`` (one id or a
-    list, any of which ends a row; None: no EOS, every row runs ``max_new_tokens``). The result is always ``max_new_tokens`` wide so batches
-    concatenate. With a ``generator`` the same generator state gives the same samples (on the same
+    list, any of which ends a row; None: no EOS, every row runs ``max_new_tokens``). The result is
+    always ``max_new_tokens`` wide so batches concatenate. With a ``generator`` the same generator state gives the same samples (on the same
     device and library versions); without one, the global RNG is used and advanced.
     ``compile_step`` (Llama models; ignored by ``generate``) runs kdlab's decode step through
     ``torch.compile``: the same draws, compiled once per model and batch shape
