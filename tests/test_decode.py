@@ -91,6 +91,8 @@ def test_dispatch_rule():
     ts.test_greedy_is_argmax_with_zero_logprobs,
     ts.test_eos_stops_and_masks,
     ts.test_any_of_several_eos_ids_ends_a_row,
+    ts.test_row_seeds_draw_each_row_as_the_whole_batch_does,
+    ts.test_row_seeded_draws_follow_the_model,
     ts.test_returned_logits_are_the_model_logits_along_the_samples,
 ], ids=lambda f: f.__name__)
 def test_generate_path_keeps_sampling_properties(test, monkeypatch):
@@ -128,3 +130,24 @@ def test_compiled_step_draws_what_the_eager_loop_draws_and_follows_weight_update
     after = both(**kw)
     assert not torch.equal(before.logits_BxRxV, after.logits_BxRxV)
     both(temperature=0.0)
+
+
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_row_seeded_generate_and_loop_draw_the_same_tokens(compile_step, monkeypatch):
+    """With `row_seeds` both paths (and the compiled step) draw by the same inverse-CDF rule from the same
+    per-row uniforms, so a Llama model gives the same tokens through kdlab's loop and through `generate`."""
+    lm = llama(kv_heads=2, seed=4)
+    x, mask = padded_prompts()
+    seeds = torch.randint(0, 2**62, (len(x),), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=9, temperature=0.8, top_k=20, top_p=0.9, return_logits=True, row_seeds=seeds)
+    loop = sample(lm, x, mask, compile_step=compile_step, **kw)
+    kw["eos_token_id"] = int(loop.response_ids_BxR[0, 2])  # row 0 ends at its third token
+    loop = sample(lm, x, mask, compile_step=compile_step, **kw)
+    monkeypatch.setattr(decode, "supports", lambda hf: False)
+    gen = sample(lm, x, mask, **kw)
+    assert not loop.response_mask_BxR[0, 3:].any() and loop.response_mask_BxR.any(1).all()
+    assert torch.equal(loop.response_ids_BxR, gen.response_ids_BxR)
+    assert torch.equal(loop.response_mask_BxR, gen.response_mask_BxR)
+    torch.testing.assert_close(loop.logprobs_BxR, gen.logprobs_BxR, rtol=1e-5, atol=1e-5)
+    kept = loop.response_mask_BxR
+    torch.testing.assert_close(loop.logits_BxRxV[kept], gen.logits_BxRxV[kept], rtol=1e-5, atol=1e-5)

@@ -115,3 +115,49 @@ def test_shard_takes_equal_contiguous_slices_of_every_field():
     # One process: no accelerate state, every call a no-op.
     single = Distributed(None)
     assert single.shard(batch) is batch and single.world_size == 1 and single.is_main
+    # A batch the source sampled for this rank alone is kept as it is.
+    local = Batch(*(getattr(s, f) for f in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")),
+                  local=True)
+    assert d.shard(local) is local
+
+
+@pytest.mark.parametrize("regime", ["online_student", "online_teacher"])
+def test_online_sources_sample_only_this_ranks_rows(regime):
+    """Rank r of W samples B/W rows, and they are rows [r·B/W, (r+1)·B/W) of what one process samples."""
+    from transformers import LlamaForCausalLM
+
+    from kdlab.data.regimes import OnlineStudentSource, OnlineTeacherSource, SamplingParams
+    from kdlab.models import LM, tiny_llama_config
+    from kdlab.models.sampling import sample
+
+    torch.manual_seed(0)
+    lm = LM(LlamaForCausalLM(tiny_llama_config(16, 16, 1, 2)))
+    pool = torch.randint(0, 16, (40, 4), generator=torch.Generator().manual_seed(1))
+    pool_mask = torch.ones_like(pool, dtype=torch.bool)
+    pool_mask[::3, :2] = False
+    rows_sampled = []
+
+    def counting(model, ids, *args, **kwargs):
+        rows_sampled.append(len(ids))
+        return sample(model, ids, *args, **kwargs)
+
+    params = SamplingParams(max_new_tokens=5, temperature=0.9, top_k=8, eos_token_id=3, sampler=counting)
+
+    def source(shard):
+        if regime == "online_teacher":
+            return OnlineTeacherSource(lm, pool, pool_mask, 8, 7, params, shard)
+        return OnlineStudentSource(pool, pool_mask, 8, 7, params, shard)
+
+    for step in (0, 5):
+        whole = source((0, 1)).batch(step, lm)
+        parts = [source((r, 4)).batch(step, lm) for r in range(4)]
+        assert rows_sampled[-5:] == [8, 2, 2, 2, 2]
+        assert all(p.local for p in parts)
+        for f in ("prompt_ids", "prompt_mask", "response_ids", "response_mask"):
+            assert torch.equal(torch.cat([getattr(p, f) for p in parts]), getattr(whole, f)), f
+        if regime == "online_teacher":  # the targets come out of the sampling pass
+            kept = whole.response_mask
+            torch.testing.assert_close(torch.cat([p.teacher_target for p in parts])[kept], whole.teacher_target[kept])
+    assert not whole.response_mask.all()  # EOS ended some rows
+    with pytest.raises(ValueError, match="batch size 8 is not divisible by the number of processes \\(3\\)"):
+        source((0, 3))

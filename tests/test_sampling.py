@@ -175,6 +175,50 @@ def test_any_of_several_eos_ids_ends_a_row():
                        generator=torch.Generator().manual_seed(1)).response_mask_BxR)
 
 
+def test_row_seeds_draw_each_row_as_the_whole_batch_does():
+    """With ``row_seeds`` a row's sample depends on its prompt and seed only, not on the rows beside it:
+    a rank that samples its slice of a global batch draws what one process sampling all of it draws."""
+    lm = tiny_lm(scale=1.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, V, (8, 3), generator=g)
+    seeds = torch.randint(0, 2**62, (8,), generator=g)
+    kw = dict(max_new_tokens=6, temperature=0.8, top_k=5, eos_token_id=2, return_logits=True)
+    state = torch.get_rng_state()
+    whole = sample(lm, x, row_seeds=seeds, **kw)
+    assert torch.equal(torch.get_rng_state(), state)  # no global RNG involved
+    assert not whole.response_mask_BxR.all() and whole.response_mask_BxR[:, 1].any()  # EOS ended some rows
+    for part in (slice(2, 6), slice(7, 8)):
+        alone = sample(lm, x[part], row_seeds=seeds[part], **kw)
+        assert torch.equal(alone.response_ids_BxR, whole.response_ids_BxR[part])
+        assert torch.equal(alone.response_mask_BxR, whole.response_mask_BxR[part])
+        torch.testing.assert_close(alone.logprobs_BxR, whole.logprobs_BxR[part], rtol=1e-5, atol=1e-6)
+        kept = alone.response_mask_BxR  # after a row's end its logits depend on when the batch stopped
+        torch.testing.assert_close(alone.logits_BxRxV[kept], whole.logits_BxRxV[part][kept], rtol=1e-5, atol=1e-5)
+    # The seeds decide: other seeds, other samples; a generator is ignored when seeds are given.
+    other = sample(lm, x, row_seeds=seeds + 1, **kw)
+    assert not torch.equal(other.response_ids_BxR, whole.response_ids_BxR)
+    with_gen = sample(lm, x, row_seeds=seeds, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(with_gen.response_ids_BxR, whole.response_ids_BxR)
+    with pytest.raises(ValueError, match="row_seeds has 3 seeds for 8 rows"):
+        sample(lm, x, row_seeds=seeds[:3], **kw)
+
+
+def test_row_seeded_draws_follow_the_model():
+    lm = tiny_lm()
+    N = 6000
+    x = repeated_prompt(N)
+    s = sample(lm, x, max_new_tokens=2, row_seeds=torch.arange(N) * 7919)
+    y0, y1 = s.response_ids_BxR[:, 0], s.response_ids_BxR[:, 1]
+    with torch.no_grad():
+        p0 = lm.hf(x[:1]).logits[0, -1].softmax(-1)
+        assert chisq_pvalue(y0, p0) > P_MIN
+        a = int(torch.mode(y0).values)
+        p1 = lm.hf(torch.cat([x[:1], torch.tensor([[a]])], 1)).logits[0, -1].softmax(-1)
+    assert chisq_pvalue(y1[y0 == a], p1) > P_MIN
+    torch.testing.assert_close(s.logprobs_BxR, lm.response_logprobs(x, None, s.response_ids_BxR),
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_prompts_sample_the_unpadded_distribution(side):
     lm = tiny_lm(scale=1.0)

@@ -133,6 +133,13 @@ def test_vllm_backend_glue_with_a_stand_in_engine(tmp_path, monkeypatch):
     assert all(p.ignore_eos and p.stop_token_ids is None for p in engine.last_params)  # no EOS: full length
     backend(teacher, prompts, mask, generator=torch.Generator().manual_seed(1), eos_token_id=(4, 7), **kw)
     assert all(not p.ignore_eos and p.stop_token_ids == [4, 7] for p in engine.last_params)
+    # Per-row seeds (the online regimes under several processes): each request is seeded by its row's seed,
+    # so a row asked for alone samples what it samples in the whole batch.
+    seeds = torch.tensor([2**40 + 3, 17])
+    s3 = backend(teacher, prompts, mask, row_seeds=seeds, **kw)
+    assert [p.seed for p in engine.last_params] == [(2**40 + 3) % (2**31 - 1), 17]
+    alone = backend(teacher, prompts[1:], mask[1:], row_seeds=seeds[1:], **kw)
+    assert torch.equal(alone.response_ids_BxR, s3.response_ids_BxR[1:])
     # On-policy: the student engine gets the training weights before sampling.
     with torch.no_grad():
         for p in student.hf.parameters():

@@ -32,6 +32,7 @@ class Batch:
     response_mask: Tensor
     teacher_target: Tensor | SparseTarget | None = None  # cached targets, or None = live teacher forward
     on_policy: bool = False
+    local: bool = False  # already this rank's rows of the global batch (the online sources sample only those)
 
 
 @dataclass
@@ -69,29 +70,40 @@ class OfflineSource:
 
 
 class _OnlineSource:
-    """Fresh prompts from a pool every step, answered by a sampler model."""
+    """Fresh prompts from a pool every step, answered by a sampler model.
+
+    Step t's global batch is a function of (seed, t): its prompts and one seed per row come from the
+    step's generator, and each row is sampled from its own seed (``sample(row_seeds=...)``). Rank r of
+    W (``shard=(r, W)``) samples only its rows ``[r·B/W, (r+1)·B/W)`` and returns them as a local
+    batch: the same rows one process sampling the whole batch would give it, at 1/W of the sampling.
+    """
 
     stream = "online"
 
-    def __init__(self, prompt_ids: Tensor, prompt_mask: Tensor, batch_size: int, seed: int, params: SamplingParams):
+    def __init__(self, prompt_ids: Tensor, prompt_mask: Tensor, batch_size: int, seed: int, params: SamplingParams,
+                 shard: tuple[int, int] = (0, 1)):
+        rank, world_size = shard
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by the number of processes ({world_size})")
         self.prompt_ids, self.prompt_mask = prompt_ids, prompt_mask
         self.batch_size, self.seed, self.params = batch_size, seed, params
-
-    def _prompts(self, step: int, gen: torch.Generator):
-        idx = torch.randint(0, len(self.prompt_ids), (self.batch_size,), generator=gen)
-        return self.prompt_ids[idx], self.prompt_mask[idx]
+        per = batch_size // world_size
+        self.rows = slice(rank * per, (rank + 1) * per)
 
     def _answer(self, model: LM, step: int, on_policy: bool, keep_logits: bool = False) -> Batch:
         gen = generator_for(self.seed, self.stream, step)
-        ids, mask = self._prompts(step, gen)
+        idx = torch.randint(0, len(self.prompt_ids), (self.batch_size,), generator=gen)
+        row_seeds = torch.randint(0, 2**62, (self.batch_size,), generator=gen)
+        idx, row_seeds = idx[self.rows], row_seeds[self.rows]
+        ids, mask = self.prompt_ids[idx], self.prompt_mask[idx]
         p = self.params
         extra = {"compile_step": True} if p.compile_step else {}
         with torch.no_grad():
             s = p.sampler(model, ids.to(model.device), mask.to(model.device), max_new_tokens=p.max_new_tokens,
-                       temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, eos_token_id=p.eos_token_id,
-                       generator=gen, return_logits=keep_logits, **extra)
+                          temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, eos_token_id=p.eos_token_id,
+                          generator=gen, return_logits=keep_logits, row_seeds=row_seeds, **extra)
         return Batch(ids, mask, s.response_ids_BxR.cpu(), s.response_mask_BxR.cpu(), on_policy=on_policy,
-                     teacher_target=s.logits_BxRxV)
+                     teacher_target=s.logits_BxRxV, local=True)
 
 
 class OnlineTeacherSource(_OnlineSource):

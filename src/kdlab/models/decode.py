@@ -111,7 +111,7 @@ def _layer(layer, fused, h_BxLxH: Tensor, cos: Tensor, sin: Tensor, k_cache: Ten
 
 @torch.inference_mode()
 def _decode(hf, ids_BxP: Tensor, mask_BxP: Tensor | None, R: int, temperature: float, top_k, top_p,
-            eos: tuple[int, ...], generator, return_logits: bool, compile_step: bool):
+            eos: tuple[int, ...], generator, row_seeds, return_logits: bool, compile_step: bool):
     rotary = importlib.import_module(type(hf).__module__).apply_rotary_pos_emb
     model, head = hf.get_decoder(), hf.get_output_embeddings()
     dev = ids_BxP.device
@@ -158,21 +158,22 @@ def _decode(hf, ids_BxP: Tensor, mask_BxP: Tensor | None, R: int, temperature: f
     eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
     done_B = torch.zeros(B, dtype=torch.bool, device=dev) if eos else None
     draw = (temperature, top_k, top_p)
+    uniforms = uniform_stream(B, R, temperature, generator, row_seeds, dev)
     if compile_step:
         step = _compiled_step(hf)
         key_ok_BxPR = keep_BxPR if mask_BxP is not None else torch.ones(B, P + R, dtype=torch.bool, device=dev)
     z_BxV = run(h, 0, prefill_mask)
-    tok_B, lq_B = _draw(z_BxV, _uniforms(B, temperature, generator, dev), *draw)
+    tok_B, lq_B = _draw(z_BxV, uniforms(0), *draw)
     for t in range(R):
         if t > 0:
             mask = key_mask[..., :P + t] if key_mask is not None else None
             if compile_step:  # the same position as the eager branch, in one compiled call
                 pos_1 = torch.full((1,), P + t - 1, dtype=torch.long, device=dev)
                 z_BxV, tok_B, lq_B = step(tok_B, pos_1, cos_all, sin_all, key_ok_BxPR, fused, caches,
-                                          _uniforms(B, temperature, generator, dev), draw)
+                                          uniforms(t), draw)
             else:
                 z_BxV = run(model.embed_tokens(tok_B[:, None]), P + t - 1, mask)
-                tok_B, lq_B = _draw(z_BxV, _uniforms(B, temperature, generator, dev), *draw)
+                tok_B, lq_B = _draw(z_BxV, uniforms(t), *draw)
         if return_logits:
             if logits_BxRxV is None:
                 logits_BxRxV = z_BxV.new_zeros(B, R, z_BxV.shape[-1])
@@ -188,12 +189,24 @@ def _decode(hf, ids_BxP: Tensor, mask_BxP: Tensor | None, R: int, temperature: f
     return ids_BxR, logp_BxR, logits_BxRxV
 
 
-def _uniforms(B: int, temperature: float, generator, dev) -> Tensor | None:
-    """B uniforms in (0, 1] from the caller's generator (float64), one per row and step; None when greedy."""
+def uniform_stream(B: int, R: int, temperature: float, generator, row_seeds: Tensor | None, dev):
+    """``t -> `` the B uniforms in (0, 1] (float64) that draw response token t of each row; None when greedy.
+
+    Without ``row_seeds`` they come from the caller's generator, B per step, in step order (each t is
+    asked for once, in order). With ``row_seeds`` (B ints) row b's R uniforms come from its own stream
+    seeded by ``row_seeds[b]``, so a row draws the same tokens whichever rows share its batch: a rank
+    that samples only its slice of a global batch draws what one process sampling all of it would.
+    """
     if temperature == 0:
-        return None
-    return 1.0 - torch.rand(B, generator=generator, dtype=torch.float64,
-                            device=generator.device if generator is not None else dev).to(dev)
+        return lambda t: None
+    if row_seeds is None:
+        gen_dev = generator.device if generator is not None else dev
+        return lambda t: 1.0 - torch.rand(B, generator=generator, dtype=torch.float64, device=gen_dev).to(dev)
+    if len(row_seeds) != B:
+        raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {B} rows")
+    u_BxR = 1.0 - torch.stack([torch.rand(R, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+                               for s in row_seeds.tolist()]).to(dev)
+    return lambda t: u_BxR[:, t]
 
 
 def _draw(z_BxV: Tensor, u_B: Tensor | None, temperature: float, top_k, top_p) -> tuple[Tensor, Tensor]:
@@ -261,7 +274,8 @@ def _compiled_step(hf):
 
 def sample_llama(hf, ids_BxP: Tensor, mask_BxP: Tensor | None, *, max_new_tokens: int, temperature: float,
                  top_k: int | None, top_p: float | None, eos_token_id: int | tuple[int, ...] | None,
-                 generator: torch.Generator | None, return_logits: bool, compile_step: bool = False):
+                 generator: torch.Generator | None, return_logits: bool, compile_step: bool = False,
+                 row_seeds: Tensor | None = None):
     """`sample`'s result for a model that :func:`supports` accepts (arguments as `sample` validates them).
 
     ``ids_BxP`` is left-padded with ``mask_BxP`` (None: no padding). Without a generator the global
@@ -273,7 +287,7 @@ def sample_llama(hf, ids_BxP: Tensor, mask_BxP: Tensor | None, *, max_new_tokens
     if mask_BxP is not None and bool(mask_BxP.all()):
         mask_BxP = None  # no padding: causal SDPA without a mask tensor
     out = _decode(hf, ids_BxP, mask_BxP, max_new_tokens, temperature, top_k, top_p, eos_ids(eos_token_id), generator,
-                  return_logits, compile_step)
+                  row_seeds, return_logits, compile_step)
     # Inference-mode tensors cannot enter autograd, and callers train on these: clone outside that mode.
     ids_BxR, logp_BxR, logits_BxRxV = (t.clone() if t is not None else None for t in out)
     mask_BxR = response_mask(ids_BxR, eos_token_id)

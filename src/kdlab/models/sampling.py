@@ -30,11 +30,26 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from kdlab.models import decode
 from kdlab.models.lm import LM, left_pad, trim_left_padding
 
 __all__ = ["Samples", "sample", "eos_ids", "response_mask"]
+
+
+class _RowDraw(LogitsProcessor):
+    """A logits processor that draws each row's next token by kdlab's inverse-CDF draw from its own
+    uniforms (``uniforms(t)``, t = the response position) and leaves only that token finite, so that
+    greedy ``generate`` emits it; it records log q of the drawn tokens."""
+
+    def __init__(self, uniforms, draw: tuple):
+        self.uniforms, self.draw, self.logq_B = uniforms, draw, []
+
+    def __call__(self, input_ids, scores_BxV: Tensor) -> Tensor:
+        tok_B, lq_B = decode._draw(scores_BxV.float(), self.uniforms(len(self.logq_B)), *self.draw)
+        self.logq_B.append(lq_B)
+        return torch.full_like(scores_BxV, float("-inf")).scatter_(1, tok_B[:, None], 0.0)
 
 EOS = int | tuple[int, ...] | list[int] | None  # one end-of-response token, several (Llama 3, chat models), or none
 
@@ -120,13 +135,17 @@ def sample(
     generator: torch.Generator | None = None,
     return_logits: bool = False,
     compile_step: bool = False,
+    row_seeds: Tensor | None = None,
 ) -> Samples:
     """Sample ``max_new_tokens`` continuations of left-padded prompts.
 
     ``temperature=0`` is greedy decoding. Rows stop at their first ``eos_token_id`` (one id or a
     list, any of which ends a row; None: no EOS, every row runs ``max_new_tokens``). The result is
-    always ``max_new_tokens`` wide so batches concatenate. With a ``generator`` the same generator state gives the same samples (on the same
-    device and library versions); without one, the global RNG is used and advanced.
+    always ``max_new_tokens`` wide so batches concatenate. With a ``generator`` the same generator
+    state gives the same samples (on the same device and library versions); without one, the global
+    RNG is used and advanced. ``row_seeds`` (B ints) instead gives each row its own random stream: a
+    row then draws the same tokens whichever rows share its batch (the online regimes use this so that
+    each rank samples only its rows of the global batch), on both paths below.
     ``compile_step`` (Llama models; ignored by ``generate``) runs kdlab's decode step through
     ``torch.compile``: the same draws, compiled once per model and batch shape
     (``stage2.compile_student`` / ``compile_teacher`` for the online regimes' samplers).
@@ -153,7 +172,7 @@ def sample(
         return decode.sample_llama(lm.hf, ids_BxP, None if prompt_mask_BxP is None else mask_BxP,
                                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                    top_p=top_p, eos_token_id=eos_token_id, generator=generator,
-                                   return_logits=return_logits, compile_step=compile_step)
+                                   return_logits=return_logits, compile_step=compile_step, row_seeds=row_seeds)
     eos = eos_ids(eos_token_id)
     pad = eos[0] if eos else 0
     greedy = temperature == 0
@@ -173,7 +192,15 @@ def sample(
         return_dict_in_generate=True,
         use_cache=True,
     )
-    if generator is None:
+    row_draw = None
+    if row_seeds is not None and not greedy:
+        # generate has no per-row RNG: it decodes greedily over scores on which kdlab's own draw has
+        # already chosen the token (decode._draw, the same draw as kdlab's loop from the same uniforms).
+        row_draw = _RowDraw(decode.uniform_stream(B, max_new_tokens, temperature, None, row_seeds, dev),
+                            (temperature, top_k, top_p))
+        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None, output_scores=False,
+                      logits_processor=LogitsProcessorList([row_draw]))
+    if generator is None or row_draw is not None:
         with torch.no_grad():
             out = lm.hf.generate(**kwargs)
     else:
@@ -191,7 +218,11 @@ def sample(
     ids_BxR[:, :Rp] = ids_BxRp
     mask_BxR = response_mask(ids_BxR, eos)
     logp_BxR = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)
-    if not greedy:
+    if row_draw is not None:
+        logq_BxRp = torch.stack(row_draw.logq_B, 1)
+        logp_BxR[:, :Rp] = logq_BxRp[:, :Rp]
+        logp_BxR = logp_BxR.masked_fill(~mask_BxR, 0.0)
+    elif not greedy:
         # One (B, V) step at a time: stacking all scores would materialise B×R×V.
         for t, scores_BxV in enumerate(out.scores):
             logq_BxV = scores_BxV.float().log_softmax(-1)

@@ -108,7 +108,8 @@ class VLLMBackend:
     def __call__(self, lm: LM, prompt_ids_BxP: Tensor, prompt_mask_BxP: Tensor | None = None, *,
                  max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | tuple[int, ...] | None = None,
-                 generator: torch.Generator | None = None, return_logits: bool = False) -> Samples:
+                 generator: torch.Generator | None = None, return_logits: bool = False,
+                 row_seeds: Tensor | None = None) -> Samples:
         role = "teacher" if lm is self.teacher else "student"
         if role == "student":
             self.sync_weights(lm)
@@ -118,8 +119,12 @@ class VLLMBackend:
         ids, mask = left_pad(prompt_ids_BxP.cpu(), prompt_mask_BxP.cpu().bool())
         B = ids.shape[0]
         prompts = [{"prompt_token_ids": ids[b][mask[b]].tolist()} for b in range(B)]
-        # One seed per request, drawn from the source's generator: reproducible from (seed, step).
-        seeds = torch.randint(0, 2**31 - 1, (B,), generator=generator).tolist()
+        # One seed per request: the caller's per-row seeds (a row samples the same whichever rank asks),
+        # else drawn from the source's generator; reproducible from (seed, step) either way.
+        if row_seeds is not None:
+            seeds = (row_seeds.cpu() % (2**31 - 1)).tolist()
+        else:
+            seeds = torch.randint(0, 2**31 - 1, (B,), generator=generator).tolist()
         eos = eos_ids(eos_token_id)
         options = dict(max_tokens=max_new_tokens, temperature=temperature, logprobs=0, detokenize=False,
                        ignore_eos=not eos, stop_token_ids=list(eos) or None)

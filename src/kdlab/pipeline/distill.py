@@ -67,8 +67,10 @@ def make_taid_schedule(cfg: RunConfig):
                                alpha=c.taid_step_size, beta=c.taid_momentum)
 
 
-def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | None = None, sampler=None):
-    """The stage-2 batch source of the configured regime, and the prompts it trains on."""
+def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | None = None, sampler=None,
+                shard: tuple[int, int] = (0, 1)):
+    """The stage-2 batch source of the configured regime, and the prompts it trains on. ``shard`` =
+    (rank, number of processes): the online sources sample only this rank's rows."""
     s2 = cfg.stage2
     regime = regime or s2.regime
     pool_ids, pool_mask = world.prompts["stage2"]
@@ -98,12 +100,13 @@ def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | 
                 eos_token_id=params.eos_token_id, batch_size=cfg.generation_batch_size)
         return OfflineSource(load_offline_dataset(path), s2.batch_size, cfg.seed), (ids, mask)
     if regime == "online_teacher":
-        return OnlineTeacherSource(world.teacher, pool_ids, pool_mask, s2.batch_size, cfg.seed, params), (pool_ids, pool_mask)
+        return (OnlineTeacherSource(world.teacher, pool_ids, pool_mask, s2.batch_size, cfg.seed, params, shard),
+                (pool_ids, pool_mask))
     if regime == "online_student":
-        return OnlineStudentSource(pool_ids, pool_mask, s2.batch_size, cfg.seed, params), (pool_ids, pool_mask)
+        return OnlineStudentSource(pool_ids, pool_mask, s2.batch_size, cfg.seed, params, shard), (pool_ids, pool_mask)
     if regime == "mixed":
-        other, prompts = make_source(cfg, world, run_dir, log, regime=s2.mixed.other, sampler=sampler)
-        on_policy = OnlineStudentSource(pool_ids, pool_mask, s2.batch_size, cfg.seed, params)
+        other, prompts = make_source(cfg, world, run_dir, log, regime=s2.mixed.other, sampler=sampler, shard=shard)
+        on_policy = OnlineStudentSource(pool_ids, pool_mask, s2.batch_size, cfg.seed, params, shard)
         return MixedSource(on_policy, other, s2.mixed.lmbda, cfg.seed), prompts
     raise ValueError(f"unknown regime {regime!r}")
 
@@ -205,7 +208,7 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
 
     world = build_world(cfg, device=device, log=log, dist=dist)  # stage 1: every rank trains, rank 0 writes
     with dist.main_first():  # rank 0 builds (or loads) the caches, the others then load them
-        source, train_prompts = make_source(cfg, world, run_dir, log)
+        source, train_prompts = make_source(cfg, world, run_dir, log, shard=(dist.rank, dist.world_size))
         evaluator = Evaluator(cfg, world, train_prompts, run_dir)
     student = world.load_student_init(device=device)
     if cfg.models.dropout is not None:

@@ -11,6 +11,8 @@ as one process would (it is a function of (seed, step)), and rank r trains on ro
 count of the whole global batch (all-reduced). DDP (and FSDP) *average* gradients over ranks, so each
 rank backpropagates W × its share, and the averaged gradient is the gradient of the global mean:
 2 processes × batch 8 give the loss and gradients of 1 process × batch 16, up to float summation order.
+The online sources sample only the rank's rows (each row of the global batch is sampled from its own
+seed, so the rank's rows are the ones one process would sample) and hand them over as a local batch.
 
 A single process (no ``accelerate launch``, ``WORLD_SIZE`` unset or 1) creates no accelerate state and
 no process group at all: `Distributed(None)` is a no-op on every call, so single-process runs are
@@ -120,8 +122,9 @@ class Distributed:
                 "each rank trains on an equal slice of the global batch")
 
     def shard(self, batch: Batch) -> Batch:
-        """This rank's rows of the global batch (the whole batch in a single process)."""
-        if not self.enabled:
+        """This rank's rows of the global batch (the whole batch in a single process; a batch the source
+        already sampled for this rank alone, ``batch.local``, as it is)."""
+        if not self.enabled or batch.local:
             return batch
         B = batch.prompt_ids.shape[0]
         per = B // self.world_size
