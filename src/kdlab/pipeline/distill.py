@@ -32,7 +32,7 @@ from kdlab.models.vllm_backend import check_backend, make_sampler
 from kdlab.pipeline.distributed import Distributed
 from kdlab.pipeline.evaluate import Evaluator, eval_steps
 from kdlab.pipeline.rundir import (atomic_write_json, atomic_write_text, latest_checkpoint,
-                                   load_checkpoint, read_metrics, save_checkpoint, truncate_metrics)
+                                   read_metrics, save_checkpoint, truncate_metrics)
 from kdlab.pipeline.trackers import make_logger
 from kdlab.pipeline.world import World, bf16_autocast, build_world
 from kdlab.seeding import generator_for
@@ -236,8 +236,7 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
     step, tokens, loss_sum, loss_count = 0, 0, 0.0, 0
     ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
     if ckpt is not None:
-        dist.check_resume()
-        state = load_checkpoint(ckpt, student.hf, optimizer)
+        state = dist.load_checkpoint(ckpt, student.hf, model, optimizer)
         step, tokens = state["step"], state["tokens"]
         loss_sum, loss_count = state["loss_sum"], state["loss_count"]
         if taid is not None:

@@ -182,14 +182,26 @@ class Distributed:
     def checkpoint_views(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """What `save_checkpoint` should read the weights and optimizer state from.
 
-        DDP and one process: the plain module and the optimizer. FSDP: the whole-model weights,
-        gathered from the shards (a collective: every rank must call this), and no optimizer state —
-        gathering sharded optimizer state is not implemented, so an FSDP run cannot be resumed yet
-        (`check_resume` refuses it) but its checkpoints load as ordinary models."""
+        DDP and one process: the plain module and the optimizer. FSDP: the whole-model weights and
+        optimizer state, gathered from the shards onto rank 0 (a collective: every rank must call this)
+        in a single process's layout, so the checkpoint resumes under FSDP, DDP or one process alike."""
         if not self.uses_fsdp():
             return self.unwrap(model), optimizer
-        weights = self.accelerator.get_state_dict(model)
-        return _StateOnly(weights), _StateOnly({"state": {}, "param_groups": []})
+        weights, optimizer_state = gather_sharded_state(model, optimizer)
+        return _StateOnly(weights), _StateOnly(optimizer_state)
+
+    def load_checkpoint(self, path, lm_module: torch.nn.Module, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer) -> dict:
+        """Restore a checkpoint into the training state; returns its JSON state. Under FSDP every rank
+        reads the whole checkpoint and keeps its shards (`load_sharded_state`); otherwise the plain
+        module `lm_module` and the optimizer load it directly."""
+        from kdlab.pipeline.rundir import load_checkpoint, read_checkpoint
+
+        if not self.uses_fsdp():
+            return load_checkpoint(path, lm_module, optimizer)
+        weights, optimizer_state, state = read_checkpoint(path)
+        load_sharded_state(model, optimizer, weights, optimizer_state)
+        return state
 
     def full_weights(self, module: torch.nn.Module) -> dict[str, Tensor] | None:
         """Under FSDP the whole model's weights, gathered from the shards (every rank must call);
@@ -204,12 +216,55 @@ class Distributed:
 
         return bool(broadcast_object_list([flag], from_process=0)[0])
 
-    def check_resume(self) -> None:
-        if self.uses_fsdp():
-            raise NotImplementedError(
-                "resuming an FSDP run is not supported yet: its checkpoints hold the full model weights but "
-                "not the sharded optimizer state. Start a new run from the weights (models.student: hf:<dir>) "
-                "or train with DDP (one process per GPU) when the student fits one GPU.")
+
+
+def _parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter the optimizer holds, in the order of its state_dict's indices."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    missing = sum(id(p) not in names for p in params)
+    if missing:
+        raise ValueError(f"{missing} optimizer parameters are not parameters of the model being checkpointed")
+    return [names[id(p)] for p in params]
+
+
+def gather_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    """Whole-model weights and optimizer state of an FSDP-sharded ``model``, gathered to full CPU tensors
+    on rank 0 (a collective: every rank must call it; the other ranks get empty dicts).
+
+    The optimizer state comes back in ``torch.optim.Optimizer.state_dict()``'s own layout (parameters
+    by index, in the optimizer's order), i.e. what one process would save, so `save_checkpoint` writes
+    the same checkpoint as a single-process run and any world size can resume from it.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=full)
+    by_name = get_optimizer_state_dict(model, optimizer, options=full)
+    if not by_name:  # not rank 0
+        return weights, {"state": {}, "param_groups": []}
+    index = {n: i for i, n in enumerate(_parameter_names(model, optimizer))}
+    unknown = sorted(set(by_name["state"]) - set(index))
+    if unknown:
+        raise ValueError(f"optimizer state for parameters the model does not name: {unknown[:3]}")
+    return weights, {"state": {index[n]: s for n, s in by_name["state"].items()},
+                     "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
+
+
+def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, Tensor],
+                       optimizer_state: dict) -> None:
+    """The inverse of `gather_sharded_state`: every rank passes the whole checkpoint and keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    names = _parameter_names(model, optimizer)
+    by_name = {"state": {names[int(i)]: s for i, s in optimizer_state["state"].items()},
+               "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
+                                for g in optimizer_state["param_groups"]]}
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=full)
+    set_optimizer_state_dict(model, optimizer, by_name, options=full)
 
 
 class _StateOnly:

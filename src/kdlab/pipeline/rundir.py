@@ -103,12 +103,13 @@ def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     return tensors, {"param_groups": sd["param_groups"], "plain_state": plain_state}
 
 
-def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The optimizer state_dict (torch's layout: parameters by index) that `_optimizer_to_tensors` split."""
     state: dict[int, dict] = {int(pid): dict(v) for pid, v in meta["plain_state"].items()}
     for name, value in tensors.items():
         _, pid, key = name.split(".", 2)
         state.setdefault(int(pid), {})[key] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -152,6 +153,15 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model and optimizer in place; returns the JSON state (step, schedule, ...)."""
+    weights, optimizer_state, state = read_checkpoint(path)
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(optimizer_state)
+    return state
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any]]:
+    """A checkpoint's whole-model weights, optimizer state_dict (torch's layout) and JSON state; a clear
+    error naming what to delete when any part is unreadable (truncated)."""
     try:
         weights = load_file(str(path / "model.safetensors"))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
@@ -163,6 +173,4 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         ) from None
     for alias, name in state.pop("tied_weights", {}).items():
         weights[alias] = weights[name]
-    model.load_state_dict(weights)
-    _optimizer_from_tensors(optimizer, opt_tensors, state.pop("optimizer"))
-    return state
+    return weights, _optimizer_state_from_tensors(opt_tensors, state.pop("optimizer")), state
