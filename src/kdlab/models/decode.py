@@ -204,9 +204,9 @@ def uniform_stream(B: int, R: int, temperature: float, generator, row_seeds: Ten
         return lambda t: 1.0 - torch.rand(B, generator=generator, dtype=torch.float64, device=gen_dev).to(dev)
     if len(row_seeds) != B:
         raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {B} rows")
-    u_BxR = 1.0 - torch.stack([torch.rand(R, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
-                               for s in row_seeds.tolist()]).to(dev)
-    return lambda t: u_BxR[:, t]
+    u_RxB = 1.0 - torch.stack([torch.rand(R, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+                               for s in row_seeds.tolist()], 1).to(dev)
+    return lambda t: u_RxB[t]  # contiguous, like the generator's draws (the compiled step sees the same strides)
 
 
 def _draw(z_BxV: Tensor, u_B: Tensor | None, temperature: float, top_k, top_p) -> tuple[Tensor, Tensor]:

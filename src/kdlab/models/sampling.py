@@ -51,6 +51,7 @@ class _RowDraw(LogitsProcessor):
         self.logq_B.append(lq_B)
         return torch.full_like(scores_BxV, float("-inf")).scatter_(1, tok_B[:, None], 0.0)
 
+
 EOS = int | tuple[int, ...] | list[int] | None  # one end-of-response token, several (Llama 3, chat models), or none
 
 
