@@ -122,6 +122,25 @@ def test_sampling_logprobs_and_eos_mask():
     assert torch.equal(s.response_ids_BxR, s2.response_ids_BxR)
 
 
+def test_row_seeded_sampling_on_t5():
+    """The online regimes sample with one seed per row (each rank its own rows): on T5's generate path a
+    row alone draws what it draws in the batch, with the model's own log-probs and logits."""
+    lm = tiny_t5(6)
+    ids, mask = prompts(8)
+    seeds = torch.randint(0, 2**62, (8,), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=10, eos_token_id=EOS, return_logits=True, row_seeds=seeds)
+    s = sample(lm, ids, mask, **kw)
+    m = s.response_mask_BxR
+    assert not m.all() and m.sum() > 16  # some rows ended at EOS, and the rows are not all empty
+    torch.testing.assert_close(s.logprobs_BxR, lm.response_logprobs(ids, mask, s.response_ids_BxR, m),
+                               atol=1e-5, rtol=1e-5)
+    full = lm.response_logits(ids, mask, s.response_ids_BxR, m)
+    torch.testing.assert_close(s.logits_BxRxV[m], full[m], atol=1e-4, rtol=1e-4)
+    alone = sample(lm, ids[3:5], mask[3:5], **{**kw, "row_seeds": seeds[3:5]})
+    assert torch.equal(alone.response_ids_BxR, s.response_ids_BxR[3:5])
+    assert torch.equal(alone.response_mask_BxR, m[3:5])
+
+
 def test_eos_stops_rows():
     """Greedy decoding with EOS set to the token row 0 emits first: row 0 stops after one token, the
     other rows at their own first occurrence of it, and the tokens before are the EOS-free decode's."""
