@@ -248,8 +248,8 @@ def gather_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     unknown = sorted(set(by_name["state"]) - set(index))
     if unknown:
         raise ValueError(f"optimizer state for parameters the model does not name: {unknown[:3]}")
-    return weights, {"state": {index[n]: s for n, s in by_name["state"].items()},
-                     "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]
+    return weights, {"state": {index[n]: s for n, s in by_name["state"].items()}, "param_groups": groups}
 
 
 def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, Tensor],
