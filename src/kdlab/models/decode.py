@@ -35,7 +35,7 @@ from torch import Tensor
 
 __all__ = ["supports", "sample_llama"]
 
-_COMPILED_STEPS: "weakref.WeakKeyDictionary" = None  # hf model -> its compiled one-token step (made on first use)
+_COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # hf model -> its compiled one-token step
 
 
 def supports(hf: torch.nn.Module) -> bool:
@@ -214,7 +214,7 @@ def _draw(z_BxV: Tensor, u_B: Tensor | None, temperature: float, top_k, top_p) -
     if u_B is None:
         return z_BxV.argmax(-1), z_BxV.new_zeros(z_BxV.shape[0])
     logq_BxV = _filter(z_BxV / temperature, top_k, top_p).log_softmax(-1)
-    # Inverse-CDF draw in float64: one uniform per row from the caller's generator.
+    # Inverse-CDF draw in float64: one uniform per row (from `uniform_stream`).
     cdf_BxV = logq_BxV.double().exp().cumsum(-1)
     tok_B = (cdf_BxV < (u_B * cdf_BxV[:, -1]).unsqueeze(-1)).sum(-1)
     # A draw past the last kept token (rounding) takes the last token with mass.
@@ -233,9 +233,6 @@ def _compiled_step(hf):
     The position is a tensor and attention covers every cache slot with keys after it masked, so
     all R − 1 steps share one graph (eager slices the cache to the keys seen so far instead).
     """
-    global _COMPILED_STEPS
-    if _COMPILED_STEPS is None:
-        _COMPILED_STEPS = weakref.WeakKeyDictionary()
     if hf not in _COMPILED_STEPS:
         rotary = importlib.import_module(type(hf).__module__).apply_rotary_pos_emb
         model, head = hf.get_decoder(), hf.get_output_embeddings()
