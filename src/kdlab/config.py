@@ -191,6 +191,25 @@ class SFTConfig(_Section):
     lr: float = Field(1e-3, gt=0, le=10, description="Adam learning rate.")
 
 
+class TeacherErrorConfig(_Section):
+    """A systematic, learnable teacher error on a known subset of prompts (synthetic worlds).
+
+    The prompts whose first token is below `fraction` x vocab_size form the subset S (the prompt itself
+    says whether it is in S, so a model can learn the error). On S the teacher's SFT samples come from
+    the oracle at `temperature` instead of 1: below 1 the teacher learns an over-sharp oracle there,
+    above 1 an over-flat one. The student's initialisation always trains on clean oracle samples.
+    `fraction: 0` (the default) is a teacher trained on clean samples only."""
+
+    fraction: float = Field(0.0, ge=0, le=1, description="Share of the vocabulary whose first-token prompts "
+                            "form the error subset S (0 = no injected error).")
+    temperature: float = Field(1.0, gt=0, le=100, description="Oracle sampling temperature of the teacher's "
+                               "SFT samples on S (1 = no error; <1 over-sharp, >1 over-flat).")
+
+    def subset_size(self, vocab_size: int) -> int:
+        """First-token ids 0 .. k-1 form S."""
+        return int(round(self.fraction * vocab_size))
+
+
 class Stage1Config(_Section):
     """Stage 1: the teacher and the student initialisation, both SFT on oracle samples."""
 
@@ -199,6 +218,9 @@ class Stage1Config(_Section):
         default_factory=lambda: SFTConfig(num_samples=500, steps=300),
         description="Student initialisation SFT budget.",
     )
+    teacher_error: TeacherErrorConfig = Field(
+        default_factory=TeacherErrorConfig,
+        description="Synthetic worlds: a systematic teacher error on a known prompt subset (off by default).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,6 +405,9 @@ class RunConfig(_Section):
                 f"stage2.batch_size={self.stage2.batch_size} exceeds the offline dataset "
                 f"(stage2.offline.num_prompts x generations_per_prompt = {o.num_prompts * o.generations_per_prompt})"
             )
+        if self.stage1.teacher_error.fraction > 0 and self.world.oracle != "synthetic":
+            raise ValueError("stage1.teacher_error needs the synthetic world (world.oracle: synthetic): it "
+                             "resamples the oracle on prompts chosen by their first token")
         for who in ("teacher", "student"):
             n = getattr(self.stage1, who).num_samples
             if n > self.world.pools.stage1:
@@ -395,8 +420,11 @@ class RunConfig(_Section):
     def stage1_key(self) -> str:
         """Hash of everything stage 1 depends on (world, models, stage-1 budgets)."""
         # generation_batch_size too: the oracle's samples are drawn batch by batch from one generator.
+        stage1 = self.stage1.model_dump()
+        if self.stage1.teacher_error.fraction == 0:
+            del stage1["teacher_error"]  # off: the same key (and cache) as before the lever existed
         return _hash({"world": self.world.model_dump(), "models": self.models.model_dump(),
-                      "stage1": self.stage1.model_dump(), "generation_batch_size": self.generation_batch_size})
+                      "stage1": stage1, "generation_batch_size": self.generation_batch_size})
 
     def eval_key(self) -> str:
         """Hash of everything the held-out references depend on."""

@@ -169,6 +169,32 @@ def _oracle_samples(oracle: LM, ids, mask, max_new_tokens: int, seed: int, batch
     return torch.cat(out_ids), torch.cat(out_mask)
 
 
+def error_subset(prompt_ids: torch.Tensor, vocab_size: int, cfg: RunConfig) -> torch.Tensor:
+    """Rows of left-padded synthetic prompts in the teacher-error subset S (stage1.teacher_error):
+    their first token is below fraction x vocab_size. All False when the lever is off."""
+    k = cfg.stage1.teacher_error.subset_size(vocab_size)
+    return prompt_ids[:, 0] < k
+
+
+def _with_teacher_error(oracle: LM, ids, mask, r_ids, r_mask, cfg: RunConfig):
+    """The teacher's SFT responses: the clean oracle samples, except on the subset S, where they are
+    redrawn from the oracle at stage1.teacher_error.temperature (a systematic error of known place)."""
+    err = cfg.stage1.teacher_error
+    in_s = error_subset(ids, oracle.vocab_size, cfg)
+    if err.fraction == 0 or err.temperature == 1 or not in_s.any():
+        return r_ids, r_mask
+    gen = generator_for(cfg.world.seed, "stage1-teacher-error")
+    r_ids, r_mask = r_ids.clone(), r_mask.clone()
+    rows = in_s.nonzero().squeeze(1)
+    for i in range(0, len(rows), cfg.generation_batch_size):
+        sel = rows[i:i + cfg.generation_batch_size]
+        s = sample(oracle, ids[sel].to(oracle.device), mask[sel].to(oracle.device),
+                   max_new_tokens=r_ids.shape[1], temperature=err.temperature,
+                   eos_token_id=oracle.eos_token_id, generator=gen)
+        r_ids[sel], r_mask[sel] = s.response_ids_BxR.cpu(), s.response_mask_BxR.cpu()
+    return r_ids, r_mask
+
+
 def sft(lm: LM, prompt_ids, prompt_mask, response_ids, response_mask, budget: SFTConfig, seed: int,
         desc: str, dist: Distributed | None = None, bf16: bool = False) -> list[float]:
     """Stage-1 SFT: cross-entropy on response tokens, Adam, minibatches drawn with a seeded generator.
@@ -280,7 +306,14 @@ def _build_stage1(cfg: RunConfig, root: Path, device, log, dist: Distributed) ->
                 set_dropout(lm.hf, cfg.models.dropout)
             check_vocab_compatible(oracle, lm, ("oracle", who))
             k = budget.num_samples
-            losses = sft(lm, ids[:k], mask[:k], r_ids[:k], r_mask[:k], budget, w.seed, who, dist,
+            y_ids, y_mask = r_ids[:k], r_mask[:k]
+            if who == "teacher":
+                y_ids, y_mask = _with_teacher_error(oracle, ids[:k], mask[:k], y_ids, y_mask, cfg)
+                info["teacher_error"] = {**cfg.stage1.teacher_error.model_dump(),
+                                         "subset_first_tokens": cfg.stage1.teacher_error.subset_size(oracle.vocab_size),
+                                         "subset_share_of_sft": float(error_subset(ids[:k], oracle.vocab_size, cfg)
+                                                                      .float().mean())}
+            losses = sft(lm, ids[:k], mask[:k], y_ids, y_mask, budget, w.seed, who, dist,
                          bf16=cfg.precision == "bf16")
             gathered = dist.full_weights(lm.hf)  # FSDP: every rank takes part in the gather; else None
             if tmp is not None:
