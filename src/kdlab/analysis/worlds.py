@@ -109,6 +109,8 @@ def assess_runs(runs: list[RunAnalysis], control: str | None = None) -> WorldAss
                       for r in members],
             "rise_z": [r.golden.rise_z for r in members],
             "rise": _mean_se(rises), "proxy_change": _mean_se(dps),
+            # the SE of the mean rise from each run's own (paired, per-prompt) SE
+            "rise_paired_se": float(np.sqrt(np.sum(np.square([r.golden.rise_se for r in members]))) / len(members)),
             "golden_start": _mean_se([c.golden[0] for c in curves]),
             "golden_min": _mean_se([c.golden.min() for c in curves]),
             "golden_end": _mean_se([c.golden[-1] for c in curves]),

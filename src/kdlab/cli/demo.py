@@ -54,6 +54,18 @@ def command(
         status = {True: "HOLDS", False: "DOES NOT HOLD", None: "UNDECIDED"}[f.holds]
         window = ", ".join(f"{b}: {'yes' if v else 'no' if v is False else '?'}" for b, v in f.by_budget.items())
         typer.echo(f"  [{status}] {f.title}\n      {f.evidence}\n      by budget (steps): {window}")
+    from kdlab.analysis.worlds import assess_runs
+    from kdlab.pipeline.demo import attribution_lines, evidence_lines
+
+    assessment = assess_runs(runs, control="online_teacher")
+    offline_names = [c.name for c in conditions if c.name not in ("online_teacher", "online_student")]
+    typer.echo("\nAttribution of the golden rises (vs the online_teacher control; kdlab.analysis.attribution):")
+    for line in attribution_lines(assessment, offline_names):
+        typer.echo(f"  {line}")
+    evidence = evidence_lines()
+    if evidence and not quick:
+        typer.echo("")
+        typer.echo("\n".join(evidence))
     seconds = round(time.time() - t0, 1)
     typer.echo(f"\nreport: {report}  ({seconds:.0f} s)")
 
@@ -64,6 +76,7 @@ def command(
         "budget": {"steps": s2.steps, "batch_size": s2.batch_size, "response_length": cfg.world.response_length,
                    "epochs_by_condition": epochs},
         "conditions": rows, "findings": [f.to_dict() for f in findings],
+        "attribution": assessment.to_dict(),
     }
     from kdlab.pipeline.rundir import atomic_write_json
 
