@@ -49,8 +49,9 @@ def main():
             conds = [condition(c, cfg.stage2.offline.num_prompts) for c in a.conditions.split(",")]
             wdir = out / f"{name}-w{ws}"
             configs = study_configs(cfg, conds, [int(s) for s in a.seeds.split(",")], wdir)
-            for c in configs:
-                c.cache_dir = cfg.cache_dir
+            for c in configs:  # one stage-1 cache for every study of the search (else OUT/<world>/.kdlab-cache)
+                if cfg.cache_dir:
+                    c.cache_dir = cfg.cache_dir
             t0 = time.time()
             run_study(configs, jobs=a.jobs, log=lambda m: print(m, file=sys.stderr))
             assessment = assess_world([wdir])
