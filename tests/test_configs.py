@@ -12,7 +12,8 @@ from standins import family_of, write_standins
 from task_data import write_task_data
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"accelerate", "studies"} & set(p.parts))
+STUDIES = sorted((ROOT / "configs/studies").glob("*.yaml"))
 SHIPPED += sorted((ROOT / "src/kdlab/pipeline/demo_configs").glob("*.yaml"))
 PAPER = sorted((ROOT / "configs/paper").rglob("*.yaml"))
 EXPECTED_METRIC = {"xsum": "rouge", "wmt14_en_de": "bleu", "natural_instructions": "rouge"}
@@ -32,6 +33,14 @@ def test_the_paper_directory_has_every_setup():
 def test_every_shipped_config_resolves(path):
     cfg = load_config(path)
     assert cfg.stage2.steps >= 1
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_every_shipped_study_resolves(path):
+    from kdlab.pipeline.phase import load_phase_spec, world_configs
+
+    spec = load_phase_spec(path)  # validates every cell's config
+    assert world_configs(spec) and spec.columns
 
 
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.relative_to(ROOT / "configs/paper").as_posix())
