@@ -147,6 +147,17 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     return cfg.stage2.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
 
+def lr_sum_at(step: int, cfg: RunConfig) -> float:
+    """Σ_{t<step} lr_at(t): the optimisation time the proxy-only detector measures convergence in
+    (`kdlab.analysis.sequential`, issue 16), so that a schedule is not read as a departure. Closed form
+    of the linear warm-up: lr · m(m+1) / 2W over its first m = min(step, W) steps."""
+    warm, lr = cfg.stage2.warmup_steps, cfg.stage2.lr
+    if not warm:
+        return lr * step
+    m = min(step, warm)
+    return lr * (m * (m + 1) / (2 * warm) + max(step - warm, 0))
+
+
 def loss_on_batch(student: LM, teacher: LM, batch: Batch, loss_fn, cfg: RunConfig, taid_t: float | None,
                   device) -> tuple[torch.Tensor, int]:
     """Sum of per-token losses over the batch's response tokens, and the number of those tokens.
@@ -264,7 +275,9 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         model.eval()
         row = {"step": step, "tokens": tokens, "regime": regime, "condition": cfg.name, "seed": cfg.seed,
                "train_loss": loss_sum / loss_count if loss_count else None,
-               "epochs": step * epochs_per_step if epochs_per_step is not None else None}
+               "epochs": step * epochs_per_step if epochs_per_step is not None else None,
+               # the rate of the last step taken, and the cumulative rate (the detector's time axis)
+               "lr": lr_at(max(step - 1, 0), cfg), "lr_sum": lr_sum_at(step, cfg)}
         row.update(evaluator(student, step, per_prompt_dir=run_dir / "per_prompt" if dist.is_main else None))
         if taid is not None:
             row["taid_t"] = taid.t
