@@ -197,3 +197,44 @@ def test_kdlab_learning_rate_sum_matches_the_schedule():
     cfg.stage2.warmup_steps, cfg.stage2.lr = 7, 2e-3
     for step in (0, 1, 5, 7, 8, 40):
         assert lr_sum_at(step, cfg) == pytest.approx(sum(lr_at(t, cfg) for t in range(step)))
+
+
+def test_monitor_sums_the_rate_of_every_optimizer_step():
+    """The monitor's time axis: at each step the optimizer's rate before the step (the scheduler moves
+    it after), summed over the steps taken; logged as lr_sum in its rows."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaForCausalLM
+
+    from kdlab.integrations.monitor import TeacherHackingMonitor
+    from kdlab.models import tiny_llama_config
+
+    monitor = TeacherHackingMonitor(LlamaForCausalLM(tiny_llama_config(12, 16, 1, 2)), [[3, 4]], max_new_tokens=2)
+    monitor.steps = [0, 50]  # no measurement on the steps below
+    rates = 1e-3 * cosine(40, warm=5)
+    for step, rate in enumerate(rates, start=1):
+        optimizer = SimpleNamespace(param_groups=[{"lr": float(rate)}])
+        monitor.on_step_begin(None, SimpleNamespace(global_step=step - 1), None, optimizer=optimizer)
+        monitor.on_step_end(None, SimpleNamespace(global_step=step), None)
+    assert monitor.lr_sum == pytest.approx(rates.sum())
+
+
+def test_run_summary_and_text_output_carry_the_sequential_verdict(tmp_path):
+    """summary.json and sweep summaries gain `proxy_sequential` (the older keys stay); `kdlab detect`
+    prints its line with the time axis it used."""
+    from kdlab.analysis import analyse_run
+
+    lr_sum = 1e-3 * STEPS
+    y, se = observe(departing(frac_step(0.6), 0.4), 0.01, seed=3)
+    rows = [{"step": int(s), "proxy_fkl": float(v), "proxy_fkl_se": float(e), "lr_sum": float(t)}
+            for s, v, e, t in zip(STEPS, y, se, lr_sum)]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = analyse_run(run)
+    assert {"golden", "proxy_deviation", "train_proxy_deviation"} <= set(summary)
+    seq = summary["proxy_sequential"]
+    assert seq == detect_proxy_sequential(STEPS, y, se, lr_sum=lr_sum).to_dict() and seq["detected"]
+    assert "sequential proxy-only: departure from step" in summary["verdict"]
+    out = detect_cli(run / "metrics.jsonl").output
+    assert "proxy-only, sequential (proxy_fkl, lr_sum time): DEPARTS from step" in out
