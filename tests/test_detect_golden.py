@@ -55,15 +55,32 @@ def test_flat_proxy_is_still_hacking_and_rising_proxy_is_overfitting():
     assert v_over.proxy_trend == "rising"
 
 
-def test_small_proxy_rise_relative_to_golden_is_hacking():
-    """WORLD-NOTES: held-out proxy rose +0.10 to +0.27 while golden rose +0.5 to +0.85 in w0's
-    hacking runs. That ratio (< overfit_ratio = 0.5) is hacking, not over-fitting."""
+def test_small_but_significant_proxy_rise_is_overfitting_in_the_papers_terms():
+    """Issue 16: the paper's hacking is golden rising while the held-out proxy falls or stays flat.
+    A proxy rising beyond its noise by a quarter of golden's rise (w0's "hacking" runs had 0.2–0.35)
+    is over-fitting, described as partial; the same rise buried in noise stays hacking."""
     k, sigma = 20, 0.005
     g = v_curve(STEPS, k, rise=0.15, g_min=4.0)  # +0.6 nats
     p = np.where(np.arange(len(STEPS)) <= k, line(STEPS), line(STEPS)[k] + 0.25 * (g - g[k]))
     v = detect_golden(STEPS, g, sigma * g, p, sigma * p)
-    assert v.kind == "hacking" and v.proxy_trend == "rising"
-    assert 0 < v.proxy_change < 0.5 * v.rise
+    assert v.kind == "overfitting" and not v.detected and v.proxy_trend == "rising"
+    assert 0 < v.proxy_change < 0.5 * v.rise and "partly" in v.reason
+    assert v.proxy_golden_ratio == pytest.approx(v.proxy_change / v.rise)
+    # The same proxy change measured with errors of 0.2 nats is flat within its noise: hacking.
+    noisy = detect_golden(STEPS, g, sigma * g, p, np.full(len(p), 0.2))
+    assert noisy.kind == "hacking" and noisy.proxy_trend == "flat" and noisy.detected
+
+
+def test_proxy_rising_while_golden_does_not_is_named_as_such():
+    """Neither hacking nor over-fitting: the held-out proxy rises, golden keeps falling."""
+    rng = np.random.default_rng(3)
+    sigma = 0.01
+    g = line(STEPS, 8.0, 0.3) * np.exp(sigma * rng.standard_normal(len(STEPS)))
+    p = line(STEPS)
+    p = np.where(np.arange(len(STEPS)) <= 20, p, p[20] * 1.3)  # +30 % over the last evaluations
+    v = detect_golden(STEPS, g, sigma * g, p * np.exp(sigma * rng.standard_normal(len(STEPS))), sigma * p)
+    assert v.kind == "proxy_rise" and not v.detected and "not hacking" in v.reason
+    assert detect_golden(STEPS, g, sigma * g, line(STEPS), sigma * line(STEPS)).kind == "none"
 
 
 def test_single_outlier_at_the_end_does_not_fire():

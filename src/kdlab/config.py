@@ -333,6 +333,11 @@ class EvalConfig(_Section):
         "decoding costs far more than a divergence evaluation.")
     task_metric_prompts: int = Field(
         128, ge=1, description="Held-out prompts decoded for the task metrics (at most eval.num_prompts).")
+    grad_alignment: bool = Field(
+        False, description="At each evaluation step, log the cosine between the training batch's gradient and "
+        "the gradient on fresh prompts with fresh teacher samples (grad_cos_fresh) and, with an oracle, fresh "
+        "oracle samples (grad_cos_golden): an oracle-free early warning (kdlab.pipeline.alignment). Costs two "
+        "extra forward/backward passes per evaluation; single-process runs only.")
 
 
 class TrackersConfig(_Section):

@@ -113,9 +113,10 @@ class GoldenConfig:
     proxy_z: float = 2.0
     """The proxy is "flat" when its change over the same span is within proxy_z SEs of zero."""
     overfit_ratio: float = 0.5
-    """A significantly rising held-out proxy whose rise is at least this fraction of golden's is
-    over-fitting, not hacking. In world w0 hacking runs had ratios 0.2–0.35 and the tiny offline
-    sets that over-fit 0.57–0.77 (docs/WORLD-NOTES)."""
+    """No longer decides the verdict (issue 16): a significantly rising held-out proxy is over-fitting
+    whatever its share of golden's rise, as the paper defines hacking (golden rises while the proxy
+    falls or stays flat). Over-fitting with a proxy rise below this fraction of golden's is *described*
+    as partial in the reason, since w0's hacking-like runs had ratios 0.2–0.35 (docs/WORLD-NOTES)."""
 
 
 @dataclass
@@ -123,7 +124,7 @@ class GoldenVerdict:
     """Outcome of `detect_golden`. `detected` is True only for kind == "hacking"."""
 
     detected: bool
-    kind: str  # "hacking" | "overfitting" | "none" | "rise" (significant rise, no proxy given)
+    kind: str  # "hacking" | "overfitting" | "none" | "rise" (no proxy given) | "proxy_rise" (see detect_golden)
     onset_step: int | None  # the golden minimum (when hacking or over-fitting starts)
     min_step: int | None
     min_value: float | None
@@ -137,6 +138,7 @@ class GoldenVerdict:
     proxy_change: float | None  # proxy over the same span (end − at the golden minimum)
     proxy_change_se: float | None
     proxy_trend: str | None  # "falling" | "flat" | "rising"
+    proxy_golden_ratio: float | None  # proxy change / golden rise over the same span (None without a proxy)
     n_points: int
     se_source: str  # "paired" (per-prompt differences), "given" or "scatter" (estimated from the curve)
     reason: str
@@ -169,6 +171,19 @@ def _paired_se(per_prompt: np.ndarray, later: np.ndarray, earlier: np.ndarray) -
     return float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
+def _proxy_rise(p: np.ndarray, p_se: np.ndarray, cfg: GoldenConfig) -> tuple[float, float] | None:
+    """(rise, SE) of the proxy from its lowest `smooth` window to the mean of its last `tail` points,
+    as golden's rise is measured; None when the curve is too short or has no finite proxy."""
+    n = len(p)
+    if n < cfg.smooth + cfg.tail or not np.isfinite(p).all():
+        return None
+    starts = np.arange(0, n - cfg.tail - cfg.smooth + 1)
+    j = int(starts[np.argmin([p[i : i + cfg.smooth].mean() for i in starts])])
+    m, m_se = _window_mean(p, p_se, j, cfg.smooth)
+    end, end_se = _window_mean(p, p_se, n - cfg.tail, cfg.tail)
+    return end - m, float(np.hypot(end_se, m_se))
+
+
 def detect_golden(
     steps,
     golden,
@@ -189,11 +204,14 @@ def detect_golden(
 
     and the rise survives leaving out the highest tail point (> persist_z SEs: persistence). Over
     the same span the proxy change Δp = mean(proxy, last `tail`) − mean(proxy, minimum window)
-    classifies the rise:
-    Δp ≤ proxy_z·SE(Δp) → "hacking" (proxy falling or flat); Δp ≥ overfit_ratio·rise → "overfitting";
-    in between (proxy rising significantly but much less than golden) → "hacking", trend "rising".
-    The onset is the step of the lowest raw golden point inside the minimum window. Without a proxy
-    a significant rise gets kind "rise" (it cannot be told from over-fitting).
+    classifies the rise in the paper's terms (Tiapkin et al. 2025, §3):
+    Δp ≤ proxy_z·SE(Δp) → "hacking" (golden rises while the held-out proxy falls or stays flat);
+    Δp > proxy_z·SE(Δp) → "overfitting" (both rise), however small the proxy's share of the rise
+    (before issue 16 a proxy rising by less than overfit_ratio × golden's rise was called hacking).
+    Without a significant golden rise: "proxy_rise" when the held-out proxy rises significantly over
+    the last `tail` points from its lowest window (the student moves away from the teacher, not from
+    the truth), else "none". The onset is the step of the lowest raw golden point inside the minimum
+    window. Without a proxy a significant rise gets kind "rise" (it cannot be told from over-fitting).
     A rise needs ≥ tail + 2 evaluations after the minimum to be seen (docs/LOG.md).
 
     Missing standard errors (None or NaN) are estimated from the curve's own scatter.
@@ -221,7 +239,7 @@ def detect_golden(
     empty = dict(
         detected=False, kind="none", onset_step=None, min_step=None, min_value=None, end_value=None,
         rise=None, rise_se=None, rise_z=None, persistent=False, proxy_at_min=None, proxy_end=None,
-        proxy_change=None, proxy_change_se=None, proxy_trend=None, n_points=n,
+        proxy_change=None, proxy_change_se=None, proxy_trend=None, proxy_golden_ratio=None, n_points=n,
         se_source="paired" if g_pp is not None else ("given" if g_given else "scatter"), config=cfg,
     )
     if n < cfg.smooth + cfg.tail:
@@ -263,23 +281,31 @@ def detect_golden(
         trend = "rising"
 
     significant = rise_z > cfg.z and persistent
+    ratio = dp / rise if np.isfinite(dp) and rise > 0 else None
     if not significant:
         kind = "none"
         why = (
             f"golden rise {rise:+.4g} ± {rise_se:.2g} (z = {rise_z:.1f}) "
             + ("below the threshold" if rise_z <= cfg.z else "not persistent over the last points")
         )
+        p_rise = _proxy_rise(p, p_se, cfg) if proxy is not None else None
+        if p_rise is not None and p_rise[0] > cfg.z * p_rise[1]:
+            kind = "proxy_rise"
+            why += (f"; the held-out proxy rises {p_rise[0]:+.4g} ± {p_rise[1]:.2g} from its lowest window: "
+                    "the student moves away from the teacher without losing the truth (not hacking)")
     elif trend is None:
         kind = "rise"
         why = f"golden rises {rise:+.4g} ± {rise_se:.2g}, but without a proxy hacking and over-fitting look alike"
-    elif trend in ("falling", "flat") or dp < cfg.overfit_ratio * rise:
+    elif trend in ("falling", "flat"):
         kind = "hacking"
         why = (f"golden rises {rise:+.4g} ± {rise_se:.2g} (z = {rise_z:.1f}) from step {int(s[onset])} "
                f"while proxy is {trend} ({dp:+.4g} ± {dp_se:.2g})")
     else:
         kind = "overfitting"
-        why = (f"golden rises {rise:+.4g} and held-out proxy rises {dp:+.4g} "
-               f"(≥ {cfg.overfit_ratio:g} × golden): over-fitting, not hacking")
+        part = " (partly: the proxy rises by less than {:g} × golden's rise)".format(cfg.overfit_ratio) \
+            if ratio is not None and ratio < cfg.overfit_ratio else ""
+        why = (f"golden rises {rise:+.4g} ± {rise_se:.2g} and held-out proxy rises {dp:+.4g} ± {dp_se:.2g} "
+               f"beyond its noise: both rise, over-fitting, not hacking{part}")
 
     result = dict(
         empty,
@@ -298,6 +324,7 @@ def detect_golden(
         proxy_change=dp if np.isfinite(dp) else None,
         proxy_change_se=dp_se if np.isfinite(dp_se) else None,
         proxy_trend=trend,
+        proxy_golden_ratio=ratio,
     )
     return GoldenVerdict(**result, reason=why)
 

@@ -34,6 +34,7 @@ from kdlab.analysis.detectors import (
     detect_proxy_deviation,
 )
 from kdlab.analysis.loading import Metrics, MetricsError, load_metrics, load_per_prompt
+from kdlab.analysis.sequential import SequentialConfig, SequentialVerdict, detect_proxy_sequential, lr_columns
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -128,6 +129,7 @@ class RunAnalysis:
     train_proxy: ProxyVerdict | None
     paired: dict = field(default_factory=dict)  # column -> (n_evals × k) per-prompt values, or None
     notes: list[str] = field(default_factory=list)
+    sequential: SequentialVerdict | None = None  # the sequential proxy-only detector (issue 16)
 
     def verdict_text(self) -> str:
         parts = []
@@ -135,6 +137,8 @@ class RunAnalysis:
             parts.append("golden: no oracle")
         elif self.golden.kind == "none":
             parts.append("golden: no hacking")
+        elif self.golden.kind == "proxy_rise":
+            parts.append("golden: no hacking (the held-out proxy rises, golden does not)")
         else:
             parts.append(f"golden: {self.golden.kind} from step {_fmt_step(self.golden.onset_step)}")
         parts.append(
@@ -142,6 +146,14 @@ class RunAnalysis:
             if self.proxy.detected
             else "proxy-only: on its law"
         )
+        if self.sequential is not None:
+            q = self.sequential
+            parts.append(
+                f"sequential proxy-only: departure from step {_fmt_step(q.onset_step)} "
+                f"({_fmt_step(q.onset_interval[0])}–{_fmt_step(q.onset_interval[1])}), seen at step {_fmt_step(q.alarm_step)}"
+                if q.detected
+                else "sequential proxy-only: on its law"
+            )
         return "; ".join(parts)
 
     def summary(self) -> dict:
@@ -172,6 +184,7 @@ class RunAnalysis:
                 "golden": self.golden.to_dict() if self.golden is not None else None,
                 "proxy_deviation": self.proxy.to_dict(),
                 "train_proxy_deviation": self.train_proxy.to_dict() if self.train_proxy is not None else None,
+                "proxy_sequential": self.sequential.to_dict() if self.sequential is not None else None,
                 "notes": self.notes,
             }
         )
@@ -223,6 +236,7 @@ def analyse(
     golden_col: str = "golden_fkl",
     golden_config: GoldenConfig | None = None,
     proxy_config: ProxyDeviationConfig | None = None,
+    sequential_config: SequentialConfig | None = None,
 ) -> RunAnalysis:
     """Load one run directory and run both detectors (and the proxy detector on the training-prompt
     proxy `train_<proxy_col>` when it is logged). Raises MetricsError / FileNotFoundError."""
@@ -245,6 +259,8 @@ def analyse(
             golden_paired=paired[golden_col], proxy_paired=paired[proxy_col],
         )
     proxy = detect_proxy_deviation(steps, metrics.proxy, metrics.proxy_se, config=proxy_config)
+    sequential = detect_proxy_sequential(steps, metrics.proxy, metrics.proxy_se, config=sequential_config,
+                                         **lr_columns(metrics))
     train_proxy = None
     train_col = "train_" + proxy_col
     if metrics.has(train_col):
@@ -272,6 +288,7 @@ def analyse(
         paired=paired,
         train_proxy=train_proxy,
         notes=notes,
+        sequential=sequential,
     )
 
 
@@ -325,6 +342,13 @@ def _aggregate(runs: list[RunAnalysis]) -> dict:
             "onset_median": _median(g_onsets),
             "rise_median": _median(g_rises),
         }
+    seq_hits = [r for r in runs if r.sequential is not None and r.sequential.detected]
+    sequential = {
+        "n": n,
+        "detected": len(seq_hits),
+        "onset_steps": [r.sequential.onset_step for r in seq_hits],
+        "onset_median": _median([r.sequential.onset_step for r in seq_hits]),
+    }
     proxy = {
         "n": n,
         "detected": len(p_hits),
@@ -344,6 +368,8 @@ def _aggregate(runs: list[RunAnalysis]) -> dict:
                 part += f" ({_fmt_step(min(g_onsets))}–{_fmt_step(max(g_onsets))})"
         if kinds.get("overfitting"):
             part += f"; over-fitting in {kinds['overfitting']}"
+        if kinds.get("proxy_rise"):
+            part += f"; held-out proxy rising (golden not) in {kinds['proxy_rise']}"
         text.append(part)
     part = f"proxy-only: departure in {proxy['detected']}/{n} {unit}"
     if p_onsets:
@@ -351,7 +377,11 @@ def _aggregate(runs: list[RunAnalysis]) -> dict:
         if len(p_onsets) > 1:
             part += f" ({_fmt_step(min(p_onsets))}–{_fmt_step(max(p_onsets))})"
     text.append(part)
-    return {"golden": golden, "proxy_deviation": proxy, "verdict": "; ".join(text)}
+    part = f"sequential proxy-only: departure in {sequential['detected']}/{n} {unit}"
+    if seq_hits:
+        part += f", onset median {_fmt_step(sequential['onset_median'])}"
+    text.append(part)
+    return {"golden": golden, "proxy_deviation": proxy, "proxy_sequential": sequential, "verdict": "; ".join(text)}
 
 
 def group_conditions(runs: list[RunAnalysis]) -> dict[str, list[RunAnalysis]]:
@@ -390,6 +420,7 @@ def sweep_summary(runs: list[RunAnalysis], golden_config=None, proxy_config=None
             "thresholds": {
                 "golden": vars(golden_config or GoldenConfig()),
                 "proxy_deviation": vars(proxy_config or ProxyDeviationConfig()),
+                "proxy_sequential": vars(SequentialConfig()),
             },
         }
     )

@@ -12,7 +12,7 @@ import typer
 def _golden_line(col: str, v: dict | None) -> str:
     if v is None:
         return f"golden ({col}): no golden column, golden detector not run"
-    if v["kind"] == "none":
+    if v["kind"] in ("none", "proxy_rise"):
         return f"golden ({col}): no teacher hacking — {v['reason']}"
     head = "TEACHER HACKING" if v["detected"] else v["kind"].upper()
     return f"golden ({col}): {head} from step {v['onset_step']:,} — {v['reason']}"
@@ -28,19 +28,28 @@ def _proxy_line(col: str, v: dict) -> str:
     return f"proxy-only ({col}): on its law — {v['reason']}; {law}"
 
 
+def _sequential_line(col: str, v: dict) -> str:
+    if v["detected"]:
+        lo, hi = v["onset_interval"]
+        return (f"proxy-only, sequential, EXPERIMENTAL ({col}, {v['time_axis']} time): DEPARTS from step {v['onset_step']:,} "
+                f"(interval {lo:,}–{hi:,}), seen at step {v['alarm_step']:,} — {v['reason']}")
+    return f"proxy-only, sequential, EXPERIMENTAL ({col}, {v['time_axis']} time): on its law — {v['reason']}"
+
+
 def command(
     file: Annotated[Path, typer.Argument(help="Metrics file: kdlab's metrics.jsonl, any JSONL, or a CSV with a 'step' column.")],
     proxy: Annotated[str, typer.Option("--proxy", help="Proxy column (divergence to the teacher); its SE is <COL>_se if present.")] = "proxy_fkl",
     golden: Annotated[Optional[str], typer.Option("--golden", help="Golden column (divergence to the oracle). Default: golden_fkl when the file has it.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the verdicts as JSON: {\"golden\": {...} | null, \"proxy_deviation\": {...}}.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the verdicts as JSON: {\"golden\": {...} | null, \"proxy_deviation\": {...}, \"proxy_sequential\": {...}}.")] = False,
 ) -> None:
     """Detect teacher hacking in a metrics file (JSONL or CSV).
 
-    Two verdicts: the golden detector (golden has a minimum and then rises beyond its noise while the proxy keeps falling or stays flat; needs a golden column) and the proxy-only detector (the proxy curve leaves its early power law upwards; needs no oracle).
+    Three verdicts: the golden detector in the paper's terms (hacking: golden rises beyond its noise while the held-out proxy falls or stays flat; over-fitting: both rise; needs a golden column), the fixed-window proxy-only detector (the proxy leaves the power law of an early window upwards) and the experimental sequential proxy-only detector (held-out detection 8 %, false alarms up to 24 %: bench/DETECTION.md; each evaluation tested against the law of the ones before it, in cumulative-learning-rate time when the file has lr_sum, lr or learning_rate; needs no oracle).
 
     Exit code 0 whatever the verdict; 2 for unreadable or malformed input, with the file and line on stderr.
     """  # one line per paragraph: typer's help keeps a docstring's line breaks
     from kdlab.analysis import MetricsError, detect_golden, detect_proxy_deviation, load_metrics
+    from kdlab.analysis.sequential import detect_proxy_sequential, lr_columns
 
     golden_col = golden or "golden_fkl"
     try:
@@ -52,6 +61,7 @@ def command(
         if metrics.golden is not None:
             golden_verdict = detect_golden(steps, metrics.golden, metrics.golden_se, metrics.proxy, metrics.proxy_se)
         proxy_verdict = detect_proxy_deviation(steps, metrics.proxy, metrics.proxy_se)
+        sequential = detect_proxy_sequential(steps, metrics.proxy, metrics.proxy_se, **lr_columns(metrics))
     except (MetricsError, ValueError) as err:
         typer.echo(f"kdlab detect: {err}", err=True)
         raise typer.Exit(2) from None
@@ -64,6 +74,7 @@ def command(
         "golden_col": golden_col if golden_verdict is not None else None,
         "golden": golden_verdict.to_dict() if golden_verdict is not None else None,
         "proxy_deviation": proxy_verdict.to_dict(),
+        "proxy_sequential": sequential.to_dict(),
     }
     if json_out:
         typer.echo(json.dumps(result, indent=2))
@@ -71,3 +82,4 @@ def command(
     typer.echo(f"{file}: {len(steps)} evaluations, steps {int(steps[0]):,}–{int(steps[-1]):,}")
     typer.echo(_golden_line(golden_col, result["golden"]))
     typer.echo(_proxy_line(proxy, result["proxy_deviation"]))
+    typer.echo(_sequential_line(proxy, result["proxy_sequential"]))

@@ -11,7 +11,9 @@ At log-spaced optimizer steps (0, then ``num_points`` steps spread evenly in log
 with kdlab's `ReferenceCache` (the teacher's and oracle's samples and per-position log-probs are
 computed once, at the start, so each measurement is one student forward pass) and `sequence_fkl`.
 It then runs the proxy-only detector (`kdlab.analysis.detect_proxy_deviation`: the proxy leaves its
-early power-law convergence upwards) and, with an oracle, the golden detector, and when either fires
+early power-law convergence upwards; or, with ``detect_proxy=None``, the experimental sequential one,
+`kdlab.analysis.sequential.SequentialProxyDetector`, one `update` per measurement in time measured as
+the cumulative learning rate, which the monitor sums over every optimizer step) and, with an oracle, the golden detector, and when either fires
 it warns — or, with ``stop_on_hacking=True``, stops training and restores the best weights (the last
 measurement before the onset; with an oracle, the lowest golden), which it also keeps on disk.
 
@@ -46,6 +48,7 @@ from torch import Tensor
 from transformers import TrainerCallback
 
 from kdlab.analysis.detectors import detect_golden, detect_proxy_deviation
+from kdlab.analysis.sequential import SequentialProxyDetector
 from kdlab.metrics import ReferenceCache, sequence_fkl
 from kdlab.models import LM
 from kdlab.models.sampling import eos_ids
@@ -125,9 +128,12 @@ class TeacherHackingMonitor(TrainerCallback):
             until the end of training.
         snapshot_dir: where snapshots go (default ``<output_dir>/teacher_hacking_monitor``).
         jsonl_path: the metrics file (default ``<output_dir>/teacher_hacking_monitor.jsonl``).
-        proxy_config / golden_config: detector thresholds (``kdlab.analysis.ProxyDeviationConfig``,
+        proxy_config / golden_config: detector thresholds (``ProxyDeviationConfig``, or ``SequentialConfig`` with ``detect_proxy=None``;
             ``GoldenConfig``).
-        detect_proxy / detect_golden_fn: the detector functions (replaceable, e.g. in tests).
+        detect_proxy / detect_golden_fn: the detector functions (replaceable, e.g. in tests). The default
+            proxy-only detector is the fixed-window one; ``detect_proxy=None`` runs the experimental
+            sequential detector online, one measurement at a time (held-out detection 8 %, false alarms
+            up to 24 %: bench/DETECTION.md; not the default for that reason).
         trainer: the trainer whose loggers receive the metrics (or call :meth:`attach` later).
     """
 
@@ -151,7 +157,7 @@ class TeacherHackingMonitor(TrainerCallback):
         jsonl_path: str | os.PathLike | None = None,
         proxy_config=None,
         golden_config=None,
-        detect_proxy: Callable = detect_proxy_deviation,
+        detect_proxy: Callable | None = detect_proxy_deviation,
         detect_golden_fn: Callable = detect_golden,
         trainer=None,
     ):
@@ -184,6 +190,9 @@ class TeacherHackingMonitor(TrainerCallback):
         self.caches: dict[str, ReferenceCache] = {}
         self.detected_at: int | None = None  # the step at which a detector first fired
         self.verdict: dict[str, Any] | None = None
+        self.lr_sum = 0.0  # Σ of the learning rate over the optimizer steps seen (the detector's time)
+        self._lr_now: float | None = None
+        self.proxy_detector = SequentialProxyDetector(proxy_config, time_axis="lr_sum") if detect_proxy is None else None
         self.best_step: int | None = None
         self.best_checkpoint: Path | None = None
 
@@ -217,7 +226,13 @@ class TeacherHackingMonitor(TrainerCallback):
             self._measure(args, state, control, model)
         return control
 
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        # The rate this step will use (the scheduler steps after the optimizer, before on_step_end).
+        self._lr_now = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None
+        return control
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.lr_sum += self._lr_now if self._lr_now is not None else 0.0
         if state.global_step in self.steps and state.global_step not in {r["step"] for r in self.history}:
             self._measure(args, state, control, model)
         return control
@@ -233,6 +248,8 @@ class TeacherHackingMonitor(TrainerCallback):
         step = state.global_step
         student = _as_lm(model)
         row: dict[str, Any] = {"step": step}
+        if self._lr_now is not None or step == 0:
+            row["lr"], row["lr_sum"] = self._lr_now, self.lr_sum
         for name, cache in self.caches.items():
             est = sequence_fkl(student, cache, batch_size=self.batch_size,
                                reference_lm=self.teacher if name == "proxy" else self.oracle)
@@ -257,9 +274,18 @@ class TeacherHackingMonitor(TrainerCallback):
         proxy = [r["proxy_fkl"] for r in self.history]
         proxy_se = [r["proxy_fkl_se"] for r in self.history]
         out = {"detected": False, "onset_step": None, "detector": None, "reason": ""}
+        last = self.history[-1]
+        if self.proxy_detector is not None and last["step"] > 0:  # step 0 is not on a log axis
+            time = last.get("lr_sum") or None
+            if time is None:  # the trainer hands no optimizer: time is the step
+                self.proxy_detector.time_axis = "step"
+            self.proxy_detector.update(last["step"], last["proxy_fkl"], last["proxy_fkl_se"], time)
         if len(rows) < 3:
             return out
-        pv = self.detect_proxy(steps, proxy, proxy_se, **({"config": self.proxy_config} if self.proxy_config else {}))
+        if self.proxy_detector is not None:
+            pv = self.proxy_detector.verdict()
+        else:
+            pv = self.detect_proxy(steps, proxy, proxy_se, **({"config": self.proxy_config} if self.proxy_config else {}))
         if pv.detected:
             return {"detected": True, "onset_step": pv.onset_step, "detector": "proxy_deviation", "reason": pv.reason}
         if "golden" in self.caches:

@@ -67,6 +67,14 @@ def make_taid_schedule(cfg: RunConfig):
                                alpha=c.taid_step_size, beta=c.taid_momentum)
 
 
+def source_params(cfg: RunConfig, world: World, sampler=sample, compile_step: bool = False) -> SamplingParams:
+    """How a batch source samples responses: the run's sampling settings and the world's EOS."""
+    sp = cfg.stage2.sampling
+    return SamplingParams(max_new_tokens=cfg.world.max_response_tokens, temperature=sp.temperature,
+                          top_k=sp.top_k, top_p=sp.top_p, eos_token_id=world.eos_token_id, sampler=sampler,
+                          compile_step=compile_step)
+
+
 def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | None = None, sampler=None,
                 shard: tuple[int, int] = (0, 1)):
     """The stage-2 batch source of the configured regime, and the prompts it trains on. ``shard`` =
@@ -81,9 +89,7 @@ def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | 
             student_dir=world.directory / "student_init", gpu_memory_utilization=sp.vllm_gpu_memory, seed=cfg.seed)
     # The sampling model's compile switch compiles its decode step (builtin sampler only).
     compile_step = sp.backend == "builtin" and (s2.compile_teacher if regime == "online_teacher" else s2.compile_student)
-    params = SamplingParams(max_new_tokens=cfg.world.max_response_tokens, temperature=sp.temperature,
-                            top_k=sp.top_k, top_p=sp.top_p, eos_token_id=world.eos_token_id, sampler=sampler,
-                            compile_step=compile_step and regime != "offline")
+    params = source_params(cfg, world, sampler, compile_step=compile_step and regime != "offline")
     if regime == "offline":
         o = s2.offline
         # The run seed chooses which prompts of the pool form the dataset (the seed varies the data).
@@ -145,6 +151,17 @@ def compiled(lm: LM) -> LM:
 def lr_at(step: int, cfg: RunConfig) -> float:
     warm = cfg.stage2.warmup_steps
     return cfg.stage2.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
+
+
+def lr_sum_at(step: int, cfg: RunConfig) -> float:
+    """Σ_{t<step} lr_at(t): the optimisation time the proxy-only detector measures convergence in
+    (`kdlab.analysis.sequential`, issue 16), so that a schedule is not read as a departure. Closed form
+    of the linear warm-up: lr · m(m+1) / 2W over its first m = min(step, W) steps."""
+    warm, lr = cfg.stage2.warmup_steps, cfg.stage2.lr
+    if not warm:
+        return lr * step
+    m = min(step, warm)
+    return lr * (m * (m + 1) / (2 * warm) + max(step - warm, 0))
 
 
 def loss_on_batch(student: LM, teacher: LM, batch: Batch, loss_fn, cfg: RunConfig, taid_t: float | None,
@@ -232,6 +249,15 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         trainee = compiled(student)  # the same parameters: the optimizer and checkpoints are unchanged
     model.train()
     logger = make_logger(cfg, run_dir) if dist.is_main else None
+    alignment = None
+    if cfg.eval.grad_alignment:
+        if dist.enabled:
+            raise ValueError("eval.grad_alignment supports single-process runs; under accelerate launch set it to false")
+        from kdlab.pipeline.alignment import GradientAlignment
+
+        alignment = GradientAlignment.for_world(world, *world.prompts["stage2"], cfg.stage2.batch_size, cfg.seed,
+                                                source_params(cfg, world))
+    aligned: dict = {}  # the last alignment measurement, written into the next evaluation row
 
     step, tokens, loss_sum, loss_count = 0, 0, 0.0, 0
     ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
@@ -264,10 +290,14 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         model.eval()
         row = {"step": step, "tokens": tokens, "regime": regime, "condition": cfg.name, "seed": cfg.seed,
                "train_loss": loss_sum / loss_count if loss_count else None,
-               "epochs": step * epochs_per_step if epochs_per_step is not None else None}
+               "epochs": step * epochs_per_step if epochs_per_step is not None else None,
+               # the rate of the last step taken, and the cumulative rate (the detector's time axis)
+               "lr": lr_at(max(step - 1, 0), cfg), "lr_sum": lr_sum_at(step, cfg)}
         row.update(evaluator(student, step, per_prompt_dir=run_dir / "per_prompt" if dist.is_main else None))
         if taid is not None:
             row["taid_t"] = taid.t
+        if aligned.get("step") == step:
+            row.update({k: v for k, v in aligned.items() if k != "step"})
         if logger is not None:
             logger.log(row)
         latest = row
@@ -316,6 +346,12 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         # DDP/FSDP average gradients over the W ranks, so each backpropagates W x its share of the
         # global mean; the average is then the gradient of the global mean (2 x 8 == 1 x 16).
         (loss_rank * dist.world_size / max(n_tokens, 1)).backward()
+        if alignment is not None and step + 1 in evals:
+            def fresh_loss(b):
+                with bf16_autocast(device, bf16):
+                    total, n = loss_on_batch(trainee, target_teacher, b, loss_fn, cfg, taid.t if taid is not None else None, device)
+                return total / max(n, 1)
+            aligned = {"step": step + 1, **alignment.measure(step, list(student.hf.parameters()), fresh_loss)}
         if cfg.stage2.grad_clip:
             dist.clip_grad_norm_(model, cfg.stage2.grad_clip)
         optimizer.step()

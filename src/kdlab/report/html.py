@@ -55,8 +55,15 @@ def _run_row(run: RunAnalysis) -> str:
     p_class = "departs" if p.detected else "none"
     p_cells = (f'<td class="{p_class}">{"departs" if p.detected else "on its law"}</td>'
                f"<td>{_step(p.onset_step)}</td><td>{_num(p.residual_at_end, '{:+.3f}')}</td>")
+    q = run.sequential
+    if q is None:
+        q_cells = "<td>–</td><td>–</td>"
+    else:
+        where = f"{_step(q.onset_step)} ({_step(q.onset_interval[0])}–{_step(q.onset_interval[1])})" if q.detected else "–"
+        q_cells = (f'<td class="{"departs" if q.detected else "none"}">'
+                   f'{"departs" if q.detected else "on its law"} ({_e(q.time_axis)} time)</td><td>{_e(where)}</td>')
     return (f"<tr><td>{_e(run.name)}</td><td>{_e(run.condition)}</td><td>{_e(run.seed)}</td>"
-            f"<td>{_e(run.regime)}</td><td>{_step(run.metrics.steps[-1])}</td>{g_cells}{p_cells}"
+            f"<td>{_e(run.regime)}</td><td>{_step(run.metrics.steps[-1])}</td>{g_cells}{p_cells}{q_cells}"
             f"<td>{_e('; '.join(run.notes) or '')}</td></tr>")
 
 
@@ -96,13 +103,18 @@ def render(summary: dict, runs: list[RunAnalysis], run_plots: dict[str, Path], s
         "<h2>Verdicts by run</h2>",
         "<table><tr><th>run</th><th>condition</th><th>seed</th><th>regime</th><th>last step</th>"
         "<th>golden verdict</th><th>golden onset (minimum)</th><th>golden rise</th><th>proxy change over the rise</th>"
-        "<th>proxy-only</th><th>proxy onset</th><th>log residual at end</th><th>notes</th></tr>",
+        "<th>proxy-only</th><th>proxy onset</th><th>log residual at end</th>"
+        "<th>sequential proxy-only (experimental)</th><th>onset (interval)</th><th>notes</th></tr>",
         "".join(_run_row(r) for r in runs),
         "</table>",
         "<p class='muted'><b>Golden detector</b>: golden (KL to the oracle) rises from its minimum by more than "
-        "its noise while the proxy (KL to the teacher) keeps falling or stays flat → teacher hacking; when the "
-        "held-out proxy rises about as much, it is over-fitting. <b>Proxy-only detector</b> (no oracle needed): "
-        "the proxy leaves its early power law <i>upwards</i> for good (a healthy run stays on or below the line).</p>",
+        "its noise while the held-out proxy (KL to the teacher) keeps falling or stays flat within its noise → "
+        "teacher hacking (Tiapkin et al. 2025); when the held-out proxy rises beyond its noise too, both rise: "
+        "over-fitting; a proxy rising while golden does not is 'proxy_rise'. <b>Proxy-only detector</b> (no oracle "
+        "needed): the proxy leaves the power law of an early window <i>upwards</i> for good (a healthy run stays "
+        "on or below the line). <b>Sequential proxy-only</b> (experimental: on held-out curves it caught 8 % of hacking runs and raised up to 24 % false alarms, bench/DETECTION.md): each evaluation is tested against the law of the "
+        "ones before it (CUSUM, confirmed by a broken power law), in cumulative-learning-rate time when the run "
+        "logs its learning rate; the onset comes with an interval.</p>",
     ]
     if sweep_plot is not None:
         parts += ["<h2>All runs, by condition</h2>", _img(sweep_plot)]
