@@ -132,3 +132,38 @@ def test_paper_ordering():
     assert not po.holds and not po.floor_held["online_teacher"]
     po = paper_ordering({"online_teacher": online}, TEACHER, teacher_params=100, student_params=1000)
     assert not po.holds and po.teacher_larger is False
+
+
+def test_kdlab_detect_reports_the_attribution(tmp_path):
+    """`kdlab detect RUN --control C1 --control C2`: the iso-proxy gap of one run against two control
+    seeds, and the teacher floor from the file's own teacher_golden_fkl column."""
+    import json
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(4)
+
+    def write(name, curve, teacher=None):
+        path = tmp_path / f"{name}.jsonl"
+        with open(path, "w") as f:
+            for s, p, g, se in zip(curve.steps, curve.proxy, curve.golden, curve.golden_se):
+                row = {"step": int(s), "proxy_fkl": p, "proxy_fkl_se": 0.03, "golden_fkl": g, "golden_fkl_se": se}
+                if teacher is not None:
+                    row.update(teacher_golden_fkl=teacher, teacher_golden_fkl_se=0.01)
+                f.write(json.dumps(row) + "\n")
+        return str(path)
+
+    run = write("run", _curve(rng, p_floor=1.5, rate=2.0, delta=0.5, onset=0.6), teacher=TEACHER)
+    controls = [write(f"control{i}", _curve(rng, p_floor=0.2, rate=1.0)) for i in range(2)]
+    proc = subprocess.run([sys.executable, "-m", "kdlab.cli", "detect", run, "--control", controls[0],
+                           "--control", controls[1], "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["teacher_floor"]["crossed"] is False and out["teacher_floor"]["teacher_golden"] == TEACHER
+    assert abs(out["iso_proxy_gap"]["gap_end"] - 0.5) < 0.1  # one run: its own noise is not in the SE
+    proc = subprocess.run([sys.executable, "-m", "kdlab.cli", "detect", controls[0], "--teacher-golden", "9"],
+                          capture_output=True, text=True)
+    assert "teacher floor crossed" in proc.stdout  # every student golden here is far below 9
+    proc = subprocess.run([sys.executable, "-m", "kdlab.cli", "detect", run, "--control", str(tmp_path / "nope.jsonl")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "nope.jsonl" in proc.stderr and "Traceback" not in proc.stderr

@@ -208,6 +208,8 @@ class IsoProxyGap:
         if self.gap_end is None:
             return f"iso-proxy gap: {self.reason}"
         se = f" ± {self.gap_end_se:.2g}" if self.gap_end_se else " (one seed each: no SE)"
+        if self.gap_end_se and (self.n_runs == 1 or self.n_controls == 1):
+            se += f" (SE from the {'control' if self.n_runs == 1 else 'run'} seeds only)"
         part = ""
         if self.regime_part is not None and self.rise is not None:
             part = (f"; of the golden rise {self.rise:+.3g}, the regime adds {self.regime_part:+.3g}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
 from typing import Annotated, Optional
 
 import typer
@@ -40,6 +42,8 @@ def command(
     file: Annotated[Path, typer.Argument(help="Metrics file: kdlab's metrics.jsonl, any JSONL, or a CSV with a 'step' column.")],
     proxy: Annotated[str, typer.Option("--proxy", help="Proxy column (divergence to the teacher); its SE is <COL>_se if present.")] = "proxy_fkl",
     golden: Annotated[Optional[str], typer.Option("--golden", help="Golden column (divergence to the oracle). Default: golden_fkl when the file has it.")] = None,
+    control: Annotated[list[Path], typer.Option("--control", help="Metrics file of an online control run of the same world (repeatable, one per seed): adds the iso-proxy gap, the golden above the control's at the same proxy.")] = [],
+    teacher_golden: Annotated[Optional[float], typer.Option("--teacher-golden", help="The teacher's own golden divergence (default: the file's teacher_golden_fkl column): adds the teacher-floor check.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the verdicts as JSON: {\"golden\": {...} | null, \"proxy_deviation\": {...}, \"proxy_sequential\": {...}}.")] = False,
 ) -> None:
     """Detect teacher hacking in a metrics file (JSONL or CSV).
@@ -62,6 +66,7 @@ def command(
             golden_verdict = detect_golden(steps, metrics.golden, metrics.golden_se, metrics.proxy, metrics.proxy_se)
         proxy_verdict = detect_proxy_deviation(steps, metrics.proxy, metrics.proxy_se)
         sequential = detect_proxy_sequential(steps, metrics.proxy, metrics.proxy_se, **lr_columns(metrics))
+        attribution = _attribution(metrics, control, teacher_golden, proxy, golden_col)
     except (MetricsError, ValueError) as err:
         typer.echo(f"kdlab detect: {err}", err=True)
         raise typer.Exit(2) from None
@@ -75,6 +80,7 @@ def command(
         "golden": golden_verdict.to_dict() if golden_verdict is not None else None,
         "proxy_deviation": proxy_verdict.to_dict(),
         "proxy_sequential": sequential.to_dict(),
+        **attribution,
     }
     if json_out:
         typer.echo(json.dumps(result, indent=2))
@@ -83,3 +89,50 @@ def command(
     typer.echo(_golden_line(golden_col, result["golden"]))
     typer.echo(_proxy_line(proxy, result["proxy_deviation"]))
     typer.echo(_sequential_line(proxy, result["proxy_sequential"]))
+    for line in _attribution_lines(result):
+        typer.echo(line)
+
+
+def _attribution(metrics, control: list[Path], teacher_golden: float | None, proxy_col: str, golden_col: str) -> dict:
+    """The golden-rise attribution (kdlab.analysis.attribution): teacher floor and iso-proxy gap."""
+    from kdlab.analysis import MetricsError, load_metrics
+    from kdlab.analysis.attribution import Curve, iso_proxy_gap, teacher_floor
+
+    out: dict = {"teacher_floor": None, "iso_proxy_gap": None}
+    if metrics.golden is None:
+        if control or teacher_golden is not None:
+            raise MetricsError(f"{metrics.path}: --control and --teacher-golden need a golden column")
+        return out
+    t_se = 0.0
+    if teacher_golden is None and metrics.has("teacher_golden_fkl"):
+        values = metrics.column("teacher_golden_fkl")
+        teacher_golden = float(values[np.isfinite(values)][-1])
+        if metrics.has("teacher_golden_fkl_se"):
+            ses = metrics.column("teacher_golden_fkl_se")
+            t_se = float(ses[np.isfinite(ses)][-1])
+    if teacher_golden is not None:
+        out["teacher_floor"] = teacher_floor(metrics.steps, metrics.golden, metrics.golden_se, teacher_golden,
+                                             t_se).to_dict()
+    if control:
+        def curve(m):
+            return Curve.from_arrays(m.steps, m.proxy, m.golden, m.golden_se)
+
+        controls = []
+        for path in control:
+            m = load_metrics(path, proxy_col=proxy_col, golden_col=golden_col)
+            if m.golden is None:
+                raise MetricsError(f"{path}: the control has no golden column '{golden_col}'")
+            controls.append(curve(m))
+        out["iso_proxy_gap"] = iso_proxy_gap([curve(metrics)], controls).to_dict()
+    return out
+
+
+def _attribution_lines(result: dict) -> list[str]:
+    from kdlab.analysis.attribution import IsoProxyGap, TeacherFloor
+
+    lines = []
+    if result.get("teacher_floor"):
+        lines.append("attribution, teacher floor: " + TeacherFloor(**result["teacher_floor"]).text())
+    if result.get("iso_proxy_gap"):
+        lines.append("attribution, data regime: " + IsoProxyGap(**result["iso_proxy_gap"]).text())
+    return lines
