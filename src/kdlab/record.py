@@ -181,6 +181,28 @@ def temp_dir(parent: str | Path, prefix: str) -> Path:
     return path
 
 
+def normalise_modes(path: str | Path) -> None:
+    """Give `path` (a file, or a directory and everything below it) the ordinary modes for the umask.
+    Writers that create private files (safetensors' `save_file`: 0600; `mkdtemp`: 0700) are followed
+    by this before their output is renamed into place."""
+    path = Path(path)
+    if path.is_dir():
+        os.chmod(path, dir_mode())
+        for below in path.rglob("*"):
+            if not below.is_symlink():
+                os.chmod(below, dir_mode() if below.is_dir() else file_mode())
+    elif path.exists():
+        os.chmod(path, file_mode())
+
+
+def publish(tmp: str | Path, final: str | Path) -> Path:
+    """Rename a finished temporary file or directory into place, with ordinary modes
+    (`normalise_modes`). The rename is atomic: a reader sees the old or the new, never half."""
+    normalise_modes(tmp)
+    os.replace(tmp, final)
+    return Path(final)
+
+
 def append_row(path: str | Path, row: dict[str, Any]) -> None:
     """Append one evaluation to a JSONL metrics file (non-finite floats as null), durably."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
@@ -188,6 +210,32 @@ def append_row(path: str | Path, row: dict[str, Any]) -> None:
         fh.write(json.dumps(clean) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def config_differences(saved_yaml: str, given_yaml: str, limit: int = 12) -> list[str]:
+    """The fields in which two config.yaml texts differ, one "field: saved -> given" each (a field
+    present in one only shows "(absent)"), at most `limit` and then a count of the rest."""
+    import yaml
+
+    saved = _flatten(yaml.safe_load(saved_yaml) or {})
+    given = _flatten(yaml.safe_load(given_yaml) or {})
+    lines = []
+    for key in sorted(set(saved) | set(given)):
+        a, b = saved.get(key, "(absent)"), given.get(key, "(absent)")
+        if a != b:
+            lines.append(f"{key}: {a!r} -> {b!r}")
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,6 +629,6 @@ __all__ = [
     "CACHE", "CHECKPOINTS", "COLUMN", "COLUMNS", "CONFIG", "Column", "DONE", "GOLDEN", "LATEST", "METRICS",
     "MONITOR_METRICS", "Metrics", "MetricsError", "OFFLINE_DATA", "PER_PROMPT", "PLOTS", "PROXY", "REPORT",
     "STEP", "STEP_ALIASES", "SUMMARY", "TENSORBOARD", "TRAINER_STATE", "TRAIN_LOSS", "WORLD", "append_row",
-    "checkpoint_dir", "dir_mode", "file_mode", "find_log", "find_runs", "is_run_dir", "per_prompt_file",
+    "checkpoint_dir", "config_differences", "dir_mode", "file_mode", "find_log", "find_runs", "is_run_dir", "normalise_modes", "per_prompt_file", "publish",
     "read_metrics", "read_per_prompt", "se_column", "temp_dir", "write_bytes", "write_json", "write_text",
 ]

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdlab import record
 from kdlab.config import RunConfig
 from kdlab.metrics import DivergenceEstimate, ReferenceCache, sequence_fkl, sequence_fkl_sums, sequence_rkl
 from kdlab.models import LM
@@ -109,9 +110,10 @@ class Evaluator:
             from safetensors.torch import save_file
 
             per_prompt_dir.mkdir(parents=True, exist_ok=True)
-            tmp = per_prompt_dir / f".tmp-step-{step:08d}.safetensors"
+            final = per_prompt_dir / record.per_prompt_file(step)
+            tmp = per_prompt_dir / f".tmp-{final.name}"
             save_file(per_prompt, str(tmp))
-            os.replace(tmp, per_prompt_dir / f"step-{step:08d}.safetensors")
+            record.publish(tmp, final)
         if self.cfg.eval.reverse:
             ids, mask = self.eval_prompts
             refs = (("proxy", self.world.teacher), ("golden", self.world.oracle))
