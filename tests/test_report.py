@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from kdlab.analysis import synthetic as syn
@@ -117,3 +118,77 @@ def test_task_metrics_get_their_own_panel(tmp_path):
     w3 = png_width(plots.plot_run(plain, tmp_path / "plain.png"))
     w4 = png_width(plots.plot_run(with_task, tmp_path / "with.png"))
     assert (w3, w4) == (18 * 90, 23 * 90)
+
+
+def _detect_json(path):
+    out = kdlab("detect", str(path), "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_report_and_detect_say_not_tested_alike(tmp_path):
+    """Bug 3: with 6 evaluations the report printed "proxy-only: on its law" (a clean bill) right
+    above the detector's own "too few evaluations (6)", while `kdlab detect` said "not tested"."""
+    rows = [{"step": s, "proxy_fkl": 2.0 / (1 + s) ** 0.3, "proxy_fkl_se": 0.01,
+             "golden_fkl": 3.0 / (1 + s) ** 0.2, "golden_fkl_se": 0.01} for s in (0, 1, 3, 10, 30, 100)]
+    run = syn.write_run(tmp_path / "short", rows, {"seed": 0, "stage2": {"regime": "offline"}})
+    report = write_report(run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert "too few evaluations" in summary["proxy_deviation"]["reason"]  # the detector could not test
+    page = report.read_text()
+    assert "on its law" not in page
+    assert "proxy-only: not tested" in summary["verdict"] and "not tested" in page
+    detected = _detect_json(run / "metrics.jsonl")
+    assert detected["proxy_status"] == "not tested" and detected["verdict"] == summary["verdict"]
+
+
+def test_report_and_detect_give_the_same_paired_golden_se(tmp_path):
+    """Bug 3: for the same rise the report gave ±0.08 (paired over prompts) and `kdlab detect` ±0.23
+    (windows as independent). Both now run one analysis; the expected SE is computed here from the
+    per-prompt values: SE over prompts of mean(last 3 evals) − mean(minimum window)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    steps = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    level = np.array([5.0, 4.0, 3.0, 2.0, 1.2, 1.0, 1.1, 1.5, 2.0, 2.5, 3.0, 3.5])  # minimum window: evals 4-6
+    k = 64
+    prompt_effect = rng.normal(0, 1.0, k)  # shared by every evaluation: what pairing removes
+    golden_pp = level[:, None] + prompt_effect[None, :] + rng.normal(0, 0.1, (len(steps), k))
+    proxy_pp = (2.0 / np.sqrt(1 + np.arange(len(steps))))[:, None] + rng.normal(0, 0.05, (len(steps), k))
+    run = tmp_path / "paired"
+    (run / "per_prompt").mkdir(parents=True)
+    rows = []
+    for i, s in enumerate(steps):
+        save_file({"golden_fkl": golden_pp[i], "proxy_fkl": proxy_pp[i]},
+                  str(run / "per_prompt" / f"step-{s:08d}.safetensors"))
+        rows.append({"step": s, "golden_fkl": float(golden_pp[i].mean()),
+                     "golden_fkl_se": float(golden_pp[i].std(ddof=1) / np.sqrt(k)),
+                     "proxy_fkl": float(proxy_pp[i].mean()), "proxy_fkl_se": float(proxy_pp[i].std(ddof=1) / np.sqrt(k))})
+    syn.write_run(run, rows, {"seed": 0, "stage2": {"regime": "offline"}})
+    d = golden_pp[9:12].mean(0) - golden_pp[4:7].mean(0)
+    expected = d.std(ddof=1) / np.sqrt(k)
+
+    detected = _detect_json(run / "metrics.jsonl")
+    write_report(run)
+    reported = json.loads((run / "summary.json").read_text())
+    assert detected["golden"]["min_step"] == reported["golden"]["min_step"] == 16
+    assert detected["golden"]["se_source"] == reported["golden"]["se_source"] == "paired"
+    assert detected["golden"]["rise_se"] == pytest.approx(expected, rel=1e-9)
+    assert reported["golden"]["rise_se"] == pytest.approx(expected, rel=1e-9)
+    assert detected["verdict"] == reported["verdict"]
+    assert _detect_json(run)["golden"]["rise_se"] == pytest.approx(expected, rel=1e-9)  # the directory too
+
+
+def test_findings_are_on_the_report_page(sweep, tmp_path):
+    """Bug 4: the demo's five findings were printed but missing from report.html."""
+    from kdlab.analysis.findings import Finding
+
+    findings = [Finding("offline_hacks", "Offline data hacks", True, "detected in 2/2 seeds", {100: False, 8000: True}),
+                Finding("online_no_hacking", "Online data does not hack", None, "no runs", {8000: None})]
+    report = write_report([sweep], tmp_path / "with_findings", findings=findings)
+    page = report.read_text()
+    assert "Findings of the paper" in page
+    assert "[HOLDS]</span> Offline data hacks" in page and "[UNDECIDED]</span> Online data does not hack" in page
+    assert "detected in 2/2 seeds" in page and "100: no, 8000: yes" in page
+    summary = json.loads((tmp_path / "with_findings" / "summary.json").read_text())
+    assert [f["key"] for f in summary["findings"]] == ["offline_hacks", "online_no_hacking"]
