@@ -101,3 +101,22 @@ def test_sweep_comparison_table(tmp_path):
         line = next(l for l in table if l.startswith(name + " "))
         assert f" 2 " in line and f"{proxy:.3f}" in line and f"{golden:.3f}" in line
     assert "hacking in 2/2 seeds" in next(l for l in table if l.startswith("offline 256×8"))
+
+
+def test_license_and_readme_for_a_newcomer():
+    """Bug 9: no LICENSE file though pyproject says Apache-2.0; the README moved from .venv/bin/kdlab
+    to a bare `kdlab` without saying how to activate the venv, nor how to install into an existing
+    (GPU) environment."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    meta = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert meta["license"]["text"] == "Apache-2.0"
+    text = (root / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    readme = (root / "README.md").read_text()
+    assert "source .venv/bin/activate" in readme
+    assert readme.index("source .venv/bin/activate") < readme.index("kdlab run configs/")
+    assert "pip install -e '.[trl]'" in readme
+    assert "../shared" not in readme

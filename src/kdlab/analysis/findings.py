@@ -1,4 +1,5 @@
-"""The paper's findings (Tiapkin et al. 2025, ../shared/PAPER.md) checked on a study's run directories.
+"""The paper's findings (Tiapkin et al. 2025, "On Teacher Hacking in Language Model Distillation")
+checked on a study's run directories.
 
 1. Offline data hacks: the golden detector fires ("hacking", not over-fitting) in every seed of the
    offline condition.

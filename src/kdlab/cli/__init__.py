@@ -25,7 +25,7 @@ VERBS = {
     "demo": ("kdlab.cli.demo", "Reproduce the teacher-hacking study on the embedded synthetic world."),
     "run": ("kdlab.cli.run", "Run one experiment from a YAML config (stage 1, stage 2, evaluation, report)."),
     "sweep": ("kdlab.cli.sweep", "Run every combination of a grid of config overrides."),
-    "detect": ("kdlab.cli.detect", "Detect teacher hacking in a metrics file (JSONL or CSV)."),
+    "detect": ("kdlab.cli.detect", "Detect teacher hacking in a metrics log (JSONL, CSV/TSV, trainer_state.json, TensorBoard)."),
     "report": ("kdlab.cli.report", "Write summary.json and report.html for run or sweep directories."),
 }
 

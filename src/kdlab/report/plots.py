@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
+from kdlab import record  # noqa: E402
 from kdlab.analysis.runs import RunAnalysis  # noqa: E402
 
 UNITS = "nats per response"
@@ -185,11 +186,11 @@ def _step_axes(ax, ylabel: str, title: str, legend_loc: str) -> None:
 
 def _loss_panel(ax, run: RunAnalysis) -> None:
     m = run.metrics
-    if not m.has("train_loss"):
-        ax.text(0.5, 0.5, "no train_loss logged", ha="center", va="center", transform=ax.transAxes, color="0.4")
+    if not m.has(record.TRAIN_LOSS):
+        ax.text(0.5, 0.5, f"no {record.TRAIN_LOSS} logged", ha="center", va="center", transform=ax.transAxes, color="0.4")
         ax.set_axis_off()
         return
-    s, y, _ = _positive(m.steps, m.column("train_loss"))
+    s, y, _ = _positive(m.steps, m.column(record.TRAIN_LOSS))
     ax.plot(s, y, "o-", ms=3, color="0.25", lw=1.2)
     ax.set_xscale("log")
     if len(y) and np.all(y > 0):
