@@ -45,12 +45,11 @@ def test_every_file_of_the_run_is_readable_by_colleagues(finished):
     root, out, _ = finished
     for name in (record.CONFIG, record.METRICS, record.SUMMARY, record.REPORT, record.WORLD, record.DONE):
         assert _mode(out / name) == 0o644, name
-    trees = [out / record.OFFLINE_DATA, out / record.PER_PROMPT, out / record.CHECKPOINTS, out / record.PLOTS,
-             root / "cache"]
-    for tree in trees:
+    for tree in (out / record.OFFLINE_DATA, out / record.PER_PROMPT, out / record.CHECKPOINTS, out / record.PLOTS,
+                 root / "cache"):
         assert _mode(tree) == 0o755, tree
-        for p in tree.rglob("*"):
-            assert _mode(p) == (0o755 if p.is_dir() else 0o644), p
+    for p in [*out.rglob("*"), *(root / "cache").rglob("*")]:  # every file and directory, at any depth
+        assert _mode(p) == (0o755 if p.is_dir() else 0o644), p
 
 
 def test_the_distilled_student_loads_with_transformers(finished):

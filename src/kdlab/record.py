@@ -46,6 +46,7 @@ CHECKPOINTS = "checkpoints"  # step-N/ directories and the `latest` pointer
 LATEST = "latest"
 PER_PROMPT = "per_prompt"  # step-N.safetensors: per-prompt values of each evaluation (paired SEs)
 OFFLINE_DATA = "offline_data"  # the offline regime's dataset of teacher samples
+EVAL_TRAIN_REFERENCE = "eval_train_reference"  # reference samples on the run's training prompts
 TENSORBOARD = "tensorboard"  # the TensorBoard mirror of metrics.jsonl
 CACHE = ".kdlab-cache"  # stage-1 worlds and evaluation references, keyed by config hash
 
@@ -626,7 +627,7 @@ def find_runs(dirs) -> list[Path]:
 
 
 __all__ = [
-    "CACHE", "CHECKPOINTS", "COLUMN", "COLUMNS", "CONFIG", "Column", "DONE", "GOLDEN", "LATEST", "METRICS",
+    "CACHE", "CHECKPOINTS", "COLUMN", "COLUMNS", "CONFIG", "Column", "DONE", "EVAL_TRAIN_REFERENCE", "GOLDEN", "LATEST", "METRICS",
     "MONITOR_METRICS", "Metrics", "MetricsError", "OFFLINE_DATA", "PER_PROMPT", "PLOTS", "PROXY", "REPORT",
     "STEP", "STEP_ALIASES", "SUMMARY", "TENSORBOARD", "TRAINER_STATE", "TRAIN_LOSS", "WORLD", "append_row",
     "checkpoint_dir", "config_differences", "dir_mode", "file_mode", "find_log", "find_runs", "is_run_dir", "normalise_modes", "per_prompt_file", "publish",

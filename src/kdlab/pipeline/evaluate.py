@@ -82,7 +82,7 @@ class Evaluator:
         if train_prompts is not None and e.train_prompts > 0:
             t_ids, t_mask = train_prompts
             t_ids, t_mask = t_ids[:e.train_prompts], t_mask[:e.train_prompts]
-            self.train_cache = _cache(run_dir / "eval_train_reference", lambda: ReferenceCache.build(
+            self.train_cache = _cache(run_dir / record.EVAL_TRAIN_REFERENCE, lambda: ReferenceCache.build(
                 world.teacher, t_ids.to(dev), t_mask.to(dev), generator=generator_for(cfg.seed, "eval-train"), **build))
 
     @torch.no_grad()
