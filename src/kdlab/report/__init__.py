@@ -37,7 +37,9 @@ def _plot_names(runs) -> dict[str, str]:
 def write_report(dirs, out_dir: str | Path | None = None, *, proxy_col: str = record.PROXY,
                  golden_col: str = record.GOLDEN, golden_config=None, proxy_config=None,
                  findings: list | None = None) -> Path:
-    """Analyse run or sweep directories and write `summary.json`, `report.html` and `plots/*.png`.
+    """Analyse run or sweep directories and write `summary.json`, `report.html`, `plots/*.png` and,
+    per panel, PDF and SVG files at a paper's column width (`plots/<run>/` for a single run,
+    `plots/sweep/` for several).
 
     dirs: one path or a list; each a run directory (has metrics.jsonl) or a sweep directory (run
         directories below it).
@@ -71,10 +73,17 @@ def write_report(dirs, out_dir: str | Path | None = None, *, proxy_col: str = re
     plot_dir.mkdir(parents=True, exist_ok=True)
     stems = _plot_names(runs)
     run_plots = {str(r.path): plots.plot_run(r, plot_dir / f"{stems[str(r.path)]}.png") for r in runs}
+    # One PDF and one SVG per panel, at a paper's column width: a run's panels when one run is
+    # reported, the comparisons of the conditions otherwise (a run's panels of a sweep are one call
+    # away: plots.save_run_panels(analyse(run_dir), out_dir); drawing them all would double the time).
+    if len(runs) == 1:
+        plots.save_run_panels(runs[0], plot_dir / stems[str(runs[0].path)])
     sweep_plot = None
     if len(runs) > 1:
-        sweep_plot = plots.plot_sweep({label: members for label, members in _groups(runs).items()},
-                                      plot_dir / "sweep_conditions.png")
+        groups = {label: members for label, members in _groups(runs).items()}
+        sweep_plot = plots.plot_sweep(groups, plot_dir / "sweep_conditions.png")
+        plots.save_sweep_panels(groups, plot_dir / "sweep")
+    record.normalise_modes(plot_dir)  # matplotlib writes ordinary modes already; the folders too
 
     if single_run:
         run_summary = runs[0].summary()
