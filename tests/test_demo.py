@@ -46,6 +46,8 @@ def test_quick_demo_end_to_end(tmp_path):
     # and the findings are on the report page too.
     assert "too small to show the findings" in proc.stdout
     assert "step None" not in proc.stdout
+    # Bug 12: with output sent to a pipe the study is never silent: a line per finished run.
+    assert proc.stderr.count(" finished (") == 14
     assert "Findings of the paper" in html
     for f in demo["findings"]:
         assert f["title"] in html

@@ -103,6 +103,12 @@ COLUMNS: tuple[Column, ...] = (
 COLUMN: dict[str, Column] = {c.name: c for c in COLUMNS}
 
 STEP = COLUMN["step"].name
+TOKENS = COLUMN["tokens"].name
+EPOCHS = COLUMN["epochs"].name
+REGIME = COLUMN["regime"].name
+CONDITION = COLUMN["condition"].name
+SEED = COLUMN["seed"].name
+TAID_T = COLUMN["taid_t"].name
 PROXY = COLUMN["proxy_fkl"].name
 GOLDEN = COLUMN["golden_fkl"].name
 TRAIN_LOSS = COLUMN["train_loss"].name
@@ -627,8 +633,8 @@ def find_runs(dirs) -> list[Path]:
 
 
 __all__ = [
-    "CACHE", "CHECKPOINTS", "COLUMN", "COLUMNS", "CONFIG", "Column", "DONE", "EVAL_TRAIN_REFERENCE", "GOLDEN", "LATEST", "METRICS",
-    "MONITOR_METRICS", "Metrics", "MetricsError", "OFFLINE_DATA", "PER_PROMPT", "PLOTS", "PROXY", "REPORT",
+    "CACHE", "CHECKPOINTS", "COLUMN", "COLUMNS", "CONDITION", "CONFIG", "Column", "DONE", "EPOCHS", "EVAL_TRAIN_REFERENCE", "GOLDEN", "LATEST", "METRICS",
+    "MONITOR_METRICS", "Metrics", "MetricsError", "OFFLINE_DATA", "PER_PROMPT", "PLOTS", "PROXY", "REGIME", "REPORT", "SEED", "TAID_T", "TOKENS",
     "STEP", "STEP_ALIASES", "SUMMARY", "TENSORBOARD", "TRAINER_STATE", "TRAIN_LOSS", "WORLD", "append_row",
     "checkpoint_dir", "config_differences", "dir_mode", "file_mode", "find_log", "find_runs", "is_run_dir", "normalise_modes", "per_prompt_file", "publish",
     "read_metrics", "read_per_prompt", "se_column", "temp_dir", "write_bytes", "write_json", "write_text",

@@ -178,7 +178,7 @@ class RunAnalysis:
                 "last_step": int(steps[-1]),
                 "proxy_col": m.proxy_col,
                 "golden_col": m.golden_col if self.golden is not None else None,
-                "final": {"proxy": last(m.proxy_col), "golden": last(m.golden_col), "train_loss": last("train_loss")},
+                "final": {"proxy": last(m.proxy_col), "golden": last(m.golden_col), "train_loss": last(record.TRAIN_LOSS)},
                 "verdict": self.verdict_text(),
                 "golden": self.golden.to_dict() if self.golden is not None else None,
                 "proxy_deviation": self.proxy.to_dict(),

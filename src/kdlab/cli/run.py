@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from kdlab import record
 from kdlab.config import ConfigError, describe_fields, load_config
 
 
@@ -47,7 +48,7 @@ def write_report_safely(dirs: list[Path]) -> None:
     typer.echo(f"report: {path}", err=True)
     import json
 
-    summary = json.loads((path.parent / "summary.json").read_text())
+    summary = json.loads((path.parent / record.SUMMARY).read_text())
     if "verdict" in summary:  # a single run: its detectors' verdict in one line
         typer.echo(f"verdict: {summary['verdict']}", err=True)
 

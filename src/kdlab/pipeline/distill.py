@@ -257,7 +257,7 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
 
     total = cfg.stage2.steps
     evals = set(eval_steps(total, cfg.eval.num_points))
-    done = {r["step"] for r in read_metrics(metrics_path)}
+    done = {r[record.STEP] for r in read_metrics(metrics_path)}
     epochs_per_step = source.epochs(1) if isinstance(source, OfflineSource) else None
     regime = cfg.stage2.regime
     latest: dict = {}
@@ -267,17 +267,17 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         # the forward pass); rank 0 alone writes.
         nonlocal loss_sum, loss_count, latest
         model.eval()
-        row = {"step": step, "tokens": tokens, "regime": regime, "condition": cfg.name, "seed": cfg.seed,
-               "train_loss": loss_sum / loss_count if loss_count else None,
-               "epochs": step * epochs_per_step if epochs_per_step is not None else None}
+        row = {record.STEP: step, record.TOKENS: tokens, record.REGIME: regime, record.CONDITION: cfg.name,
+               record.SEED: cfg.seed, record.TRAIN_LOSS: loss_sum / loss_count if loss_count else None,
+               record.EPOCHS: step * epochs_per_step if epochs_per_step is not None else None}
         row.update(evaluator(student, step, per_prompt_dir=run_dir / record.PER_PROMPT if dist.is_main else None))
         if taid is not None:
-            row["taid_t"] = taid.t
+            row[record.TAID_T] = taid.t
         if logger is not None:
             logger.log(row)
         latest = row
         if plain_progress:  # output is not a terminal: one plain line per evaluation instead of a bar
-            log(f"[stage 2] {cfg.name} seed {cfg.seed}: step {step}/{total}, loss {_fmt(row['train_loss'])}, "
+            log(f"[stage 2] {cfg.name} seed {cfg.seed}: step {step}/{total}, loss {_fmt(row[record.TRAIN_LOSS])}, "
                 f"proxy {_fmt(row.get(record.PROXY))}, golden {_fmt(row.get(record.GOLDEN))}")
         loss_sum, loss_count = 0.0, 0
         model.train()
@@ -340,8 +340,8 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         loss_count += 1
         if step in evals:
             evaluate()
-            bar.set_postfix(loss=f"{latest['train_loss']:.3f}", proxy=_fmt(latest.get("proxy_fkl")),
-                            golden=_fmt(latest.get("golden_fkl")))
+            bar.set_postfix(loss=f"{latest[record.TRAIN_LOSS]:.3f}", proxy=_fmt(latest.get(record.PROXY)),
+                            golden=_fmt(latest.get(record.GOLDEN)))
         if step % cfg.stage2.checkpoint_every == 0 or step == total:
             checkpoint()
         bar.update(1)

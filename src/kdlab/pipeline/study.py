@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from kdlab import record
 from kdlab.config import RunConfig, build_config
 from kdlab.pipeline.distill import is_finished, run
 from kdlab.pipeline.evaluate import Evaluator
@@ -97,7 +98,7 @@ def run_study(configs: list[RunConfig], jobs: int = 2, log=print) -> list[Path]:
     with ctx.Manager() as manager:
         q = manager.Queue()
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(_worker, c.model_dump_json(), (Path(c.output_dir) / "config.yaml").exists(), q): c
+            futures = {pool.submit(_worker, c.model_dump_json(), (Path(c.output_dir) / record.CONFIG).exists(), q): c
                        for c in todo}
             pending = set(futures)
             while pending:
