@@ -74,8 +74,8 @@ def test_bad_values_name_the_line(tmp_path, bad_row, message):
 
 def test_csv_errors(tmp_path):
     no_step = tmp_path / "a.csv"
-    no_step.write_text("iteration,proxy_fkl\n1,2\n")
-    with pytest.raises(MetricsError, match=r"a\.csv, line 1: no 'step' column"):
+    no_step.write_text("epoch,proxy_fkl\n1,2\n")
+    with pytest.raises(MetricsError, match=r"a\.csv, line 1: no step column .*--step COL"):
         load_metrics(no_step)
     short = tmp_path / "b.csv"
     short.write_text("step,proxy_fkl,golden_fkl\n1,2,3\n2,1\n")

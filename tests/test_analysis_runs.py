@@ -149,3 +149,48 @@ def test_analysis_and_report_never_import_training_code():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def _as_sweep_writes_it(src, dst, config):
+    """A run as `kdlab sweep` writes it: the full config with the default name "run"."""
+    rows = [dict(json.loads(line), condition="run") for line in (src / "metrics.jsonl").read_text().splitlines()]
+    return syn.write_run(dst, rows, dict(config, name="run"))
+
+
+def test_a_grid_over_loss_name_gives_one_condition_per_loss(sweep, tmp_path):
+    """Bug 1: `kdlab sweep --grid loss.name=forward_kl,reverse_kl` was reported as ONE condition with
+    "0/2 seeds": every key named `name` was dropped from the grouping, so both runs (seed 0 each)
+    fell into one condition and counted as two seeds."""
+    for loss, src in (("forward_kl", "offline_256x8-seed0"), ("reverse_kl", "online_student-seed0")):
+        _as_sweep_writes_it(sweep / src, tmp_path / f"name-{loss}", {
+            "seed": 0, "output_dir": str(tmp_path / f"name-{loss}"),
+            "loss": {"name": loss, "beta": 0.5}, "world": {"task": None, "seed": 0},
+            "stage2": {"regime": "offline", "offline": {"num_prompts": 256, "generations_per_prompt": 8}}})
+    summary = analyse_sweep([tmp_path])
+    conditions = {c["condition"]: c for c in summary["conditions"]}
+    assert sorted(conditions) == ["offline 256×8 (loss.name=forward_kl)", "offline 256×8 (loss.name=reverse_kl)"]
+    for c in conditions.values():
+        assert c["seeds"] == ["0"] and c["golden"]["n"] == 1
+    assert conditions["offline 256×8 (loss.name=forward_kl)"]["golden"]["detected"] == 1  # the hacking curves
+    assert "1/1 seed" in conditions["offline 256×8 (loss.name=forward_kl)"]["verdict"]
+
+
+def test_world_task_name_splits_conditions(sweep, tmp_path):
+    for task in ("xsum", "wmt14_en_de"):
+        _as_sweep_writes_it(sweep / "online_student-seed0", tmp_path / task, {
+            "seed": 0, "world": {"task": {"name": task}}, "stage2": {"regime": "online_student"}})
+    labels = sorted(c["condition"] for c in analyse_sweep([tmp_path])["conditions"])
+    assert labels == ["online_student (task.name=wmt14_en_de)", "online_student (task.name=xsum)"]
+
+
+def test_a_repeated_seed_is_counted_once(sweep, tmp_path):
+    """Bug 1: two identical seed-0 runs (the same settings run twice) were counted as two seeds."""
+    config = {"seed": 0, "stage2": {"regime": "offline", "offline": {"num_prompts": 256, "generations_per_prompt": 8}}}
+    for name in ("first", "again"):
+        _as_sweep_writes_it(sweep / "offline_256x8-seed0", tmp_path / name, config)
+    _as_sweep_writes_it(sweep / "offline_256x8-seed1", tmp_path / "other-seed", dict(config, seed=1))
+    (condition,) = analyse_sweep([tmp_path])["conditions"]
+    assert condition["seeds"] == ["0", "1"]
+    assert condition["golden"]["n"] == 2 and condition["golden"]["detected"] == 2
+    assert "hacking in 2/2 seeds" in condition["verdict"]
+    assert condition["notes"] == ["runs again, first share seed 0: counted once"]

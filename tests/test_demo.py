@@ -42,6 +42,16 @@ def test_quick_demo_end_to_end(tmp_path):
         line = next(l for l in proc.stdout.splitlines() if l.startswith(row["condition"] + " "))
         assert f"{row['golden_detected']}/{row['seeds']}" in line
         assert f"{row['proxy_detected']}/{row['seeds']}" in line
+    # Bug 4: quick mode says it cannot show the findings, the evidence never reads "step None",
+    # and the findings are on the report page too.
+    assert "too small to show the findings" in proc.stdout
+    assert "step None" not in proc.stdout
+    # Bug 12: with output sent to a pipe the study is never silent: a line per finished run.
+    assert proc.stderr.count(" finished (") == 14
+    assert "Findings of the paper" in html
+    for f in demo["findings"]:
+        assert f["title"] in html
+    assert [f["key"] for f in summary["findings"]] == [f["key"] for f in demo["findings"]]
     # Offline epochs are stated: steps x batch / dataset size.
     b = demo["budget"]
     assert demo["budget"]["epochs_by_condition"]["offline-16x5"] == round(b["steps"] * b["batch_size"] / 80, 1)

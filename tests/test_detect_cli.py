@@ -101,8 +101,8 @@ def test_bad_inputs_exit_2(tmp_path):
     out = detect_in_process(str(tmp_path / "absent.jsonl"))
     assert out.exit_code == 2 and "cannot read" in out.output
     path = tmp_path / "m.csv"
-    path.write_text("iteration,proxy_fkl\n1,2\n")
+    path.write_text("epoch,proxy_fkl\n1,2\n")
     out = detect_in_process(str(path))
-    assert out.exit_code == 2 and "no 'step' column" in out.output
+    assert out.exit_code == 2 and "no step column" in out.output and "--step COL" in out.output
     wrong_proxy = detect_in_process(str(write_jsonl(tmp_path / "x.jsonl", [{"step": 1, "kl": 1.0}])), "--proxy", "nope")
     assert wrong_proxy.exit_code == 2 and "'nope'" in wrong_proxy.output

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from kdlab.analysis import synthetic as syn
@@ -49,7 +50,7 @@ def test_report_on_a_sweep_via_cli(sweep):
     assert "Verdicts by condition" in page and "Verdicts by run" in page
     assert page.count('<td class="hacking">') >= 2  # the verdict table marks the hacking runs
     assert "stage2:" in page and "num_prompts: 256" in page  # each run's config
-    assert sorted(p.name for p in (sweep / "plots").iterdir()) == sorted(
+    assert sorted(p.name for p in (sweep / "plots").glob("*.png")) == sorted(
         [f"{r}.png" for r in summary and [x["run"] for x in summary["runs"]]] + ["sweep_conditions.png"]
     )
     assert "src=\"plots/" not in page  # self-contained: no links to files
@@ -117,3 +118,147 @@ def test_task_metrics_get_their_own_panel(tmp_path):
     w3 = png_width(plots.plot_run(plain, tmp_path / "plain.png"))
     w4 = png_width(plots.plot_run(with_task, tmp_path / "with.png"))
     assert (w3, w4) == (18 * 90, 23 * 90)
+
+
+def _detect_json(path):
+    out = kdlab("detect", str(path), "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_report_and_detect_say_not_tested_alike(tmp_path):
+    """Bug 3: with 6 evaluations the report printed "proxy-only: on its law" (a clean bill) right
+    above the detector's own "too few evaluations (6)", while `kdlab detect` said "not tested"."""
+    rows = [{"step": s, "proxy_fkl": 2.0 / (1 + s) ** 0.3, "proxy_fkl_se": 0.01,
+             "golden_fkl": 3.0 / (1 + s) ** 0.2, "golden_fkl_se": 0.01} for s in (0, 1, 3, 10, 30, 100)]
+    run = syn.write_run(tmp_path / "short", rows, {"seed": 0, "stage2": {"regime": "offline"}})
+    report = write_report(run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert "too few evaluations" in summary["proxy_deviation"]["reason"]  # the detector could not test
+    page = report.read_text()
+    assert "on its law" not in page
+    assert "proxy-only: not tested" in summary["verdict"] and "not tested" in page
+    detected = _detect_json(run / "metrics.jsonl")
+    assert detected["proxy_status"] == "not tested" and detected["verdict"] == summary["verdict"]
+
+
+def test_report_and_detect_give_the_same_paired_golden_se(tmp_path):
+    """Bug 3: for the same rise the report gave ±0.08 (paired over prompts) and `kdlab detect` ±0.23
+    (windows as independent). Both now run one analysis; the expected SE is computed here from the
+    per-prompt values: SE over prompts of mean(last 3 evals) − mean(minimum window)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    steps = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    level = np.array([5.0, 4.0, 3.0, 2.0, 1.2, 1.0, 1.1, 1.5, 2.0, 2.5, 3.0, 3.5])  # minimum window: evals 4-6
+    k = 64
+    prompt_effect = rng.normal(0, 1.0, k)  # shared by every evaluation: what pairing removes
+    golden_pp = level[:, None] + prompt_effect[None, :] + rng.normal(0, 0.1, (len(steps), k))
+    proxy_pp = (2.0 / np.sqrt(1 + np.arange(len(steps))))[:, None] + rng.normal(0, 0.05, (len(steps), k))
+    run = tmp_path / "paired"
+    (run / "per_prompt").mkdir(parents=True)
+    rows = []
+    for i, s in enumerate(steps):
+        save_file({"golden_fkl": golden_pp[i], "proxy_fkl": proxy_pp[i]},
+                  str(run / "per_prompt" / f"step-{s:08d}.safetensors"))
+        rows.append({"step": s, "golden_fkl": float(golden_pp[i].mean()),
+                     "golden_fkl_se": float(golden_pp[i].std(ddof=1) / np.sqrt(k)),
+                     "proxy_fkl": float(proxy_pp[i].mean()), "proxy_fkl_se": float(proxy_pp[i].std(ddof=1) / np.sqrt(k))})
+    syn.write_run(run, rows, {"seed": 0, "stage2": {"regime": "offline"}})
+    d = golden_pp[9:12].mean(0) - golden_pp[4:7].mean(0)
+    expected = d.std(ddof=1) / np.sqrt(k)
+
+    detected = _detect_json(run / "metrics.jsonl")
+    write_report(run)
+    reported = json.loads((run / "summary.json").read_text())
+    assert detected["golden"]["min_step"] == reported["golden"]["min_step"] == 16
+    assert detected["golden"]["se_source"] == reported["golden"]["se_source"] == "paired"
+    assert detected["golden"]["rise_se"] == pytest.approx(expected, rel=1e-9)
+    assert reported["golden"]["rise_se"] == pytest.approx(expected, rel=1e-9)
+    assert detected["verdict"] == reported["verdict"]
+    assert _detect_json(run)["golden"]["rise_se"] == pytest.approx(expected, rel=1e-9)  # the directory too
+
+
+def test_findings_are_on_the_report_page(sweep, tmp_path):
+    """Bug 4: the demo's five findings were printed but missing from report.html."""
+    from kdlab.analysis.findings import Finding
+
+    findings = [Finding("offline_hacks", "Offline data hacks", True, "detected in 2/2 seeds", {100: False, 8000: True}),
+                Finding("online_no_hacking", "Online data does not hack", None, "no runs", {8000: None})]
+    report = write_report([sweep], tmp_path / "with_findings", findings=findings)
+    page = report.read_text()
+    assert "Findings of the paper" in page
+    assert "[HOLDS]</span> Offline data hacks" in page and "[UNDECIDED]</span> Online data does not hack" in page
+    assert "detected in 2/2 seeds" in page and "100: no, 8000: yes" in page
+    summary = json.loads((tmp_path / "with_findings" / "summary.json").read_text())
+    assert [f["key"] for f in summary["findings"]] == ["offline_hacks", "online_no_hacking"]
+
+
+def _svg_sizes(svg: str):
+    width = float(re.search(r'<svg[^>]* width="([0-9.]+)pt"', svg).group(1))
+    fonts = [float(x) for x in re.findall(r"font-size: ([0-9.]+)px", svg)]
+    return width, fonts
+
+
+def test_per_panel_pdf_and_svg_at_column_width(sweep, tmp_path):
+    """Bug 13: the figures were 1620x558 PNG composites with small text; there were no per-panel
+    PDF/SVG files a paper could use. A two-column paper's column is ~3.3-3.5 in (< 252 pt); text
+    smaller than 7 pt is unreadable in print."""
+    run = sweep / "offline_256x8-seed0"
+    write_report(run, tmp_path / "one")
+    panels = tmp_path / "one" / "plots" / "offline_256x8-seed0"
+    names = {"curves", "golden_vs_proxy", "loss"}
+    assert {p.name for p in panels.iterdir()} == {f"{n}.{ext}" for n in names for ext in ("pdf", "svg")}
+    for name in names:
+        pdf = (panels / f"{name}.pdf").read_bytes()
+        assert pdf.startswith(b"%PDF")
+        box = [float(x) for x in re.search(rb"MediaBox \[ *([0-9. ]+)\]", pdf).group(1).split()]
+        assert 150 < box[2] - box[0] <= 252, (name, box)
+        width, fonts = _svg_sizes((panels / f"{name}.svg").read_text())
+        assert 150 < width <= 252, name
+        assert fonts and min(fonts) >= 7, (name, sorted(set(fonts)))  # text kept as text, >= 7 pt
+
+    write_report([sweep], tmp_path / "all")
+    sweep_panels = tmp_path / "all" / "plots" / "sweep"
+    assert {p.stem for p in sweep_panels.glob("*.pdf")} == {"proxy_vs_step", "golden_vs_step", "golden_vs_proxy"}
+    svg = (sweep_panels / "proxy_vs_step.svg").read_text()
+    assert "PolyCollection" in svg  # the SE bands (fill_between) are drawn
+    assert min(_svg_sizes(svg)[1]) >= 7
+
+
+def test_sweep_bands_are_mean_and_se_over_seeds(sweep):
+    """Bug 13: no error bands on the sweep comparison. The band of a condition is its mean over seeds
+    ± the SE over seeds (SD / sqrt(n)), computed here from the metrics files."""
+    from kdlab.analysis.runs import analyse
+    from kdlab.report.plots import condition_band
+
+    dirs = [sweep / "offline_256x8-seed0", sweep / "offline_256x8-seed1"]
+    steps, mean, se = condition_band([analyse(d) for d in dirs], "proxy_fkl")
+    tables = [{r["step"]: r["proxy_fkl"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())}
+              for d in dirs]
+    expected_steps = sorted(s for s in tables[0] if s > 0 and s in tables[1])
+    assert steps.tolist() == expected_steps
+    for i, s in enumerate(expected_steps):
+        a, b = tables[0][s], tables[1][s]
+        assert mean[i] == pytest.approx((a + b) / 2, rel=1e-12)
+        assert se[i] == pytest.approx(abs(a - b) / 2, rel=1e-9)  # SD of two values / sqrt(2) = |a - b| / 2
+    assert condition_band([analyse(dirs[0])], "proxy_fkl") is None
+
+
+def test_step_zero_is_not_on_the_log_colour_bar(sweep):
+    """Bug 13: the golden-vs-proxy colour bar (log scale) started at 10^0 and still plotted step 0
+    (as step 1). Step 0 is now drawn apart; the coloured points are the steps > 0."""
+    import matplotlib.pyplot as plt
+
+    from kdlab.analysis.runs import analyse
+    from kdlab.report import plots
+
+    run = analyse(sweep / "offline_256x8-seed0")
+    steps = run.metrics.steps
+    assert steps[0] == 0
+    fig, ax = plt.subplots()
+    scatter = plots._u_panel(ax, run, fig)
+    assert scatter is not None and len(scatter.get_offsets()) == int((steps > 0).sum())
+    assert scatter.norm.vmin == steps[steps > 0].min()
+    assert "step 0 (before training)" in ax.get_legend_handles_labels()[1]
+    plt.close(fig)

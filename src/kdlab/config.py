@@ -541,29 +541,35 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
-    """One line per leaf field: `dotted.name (type, default): description`, for --help."""
+def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "", instance: BaseModel | None = None) -> list[str]:
+    """One line per field: `dotted.name (type, default): description`, for --help.
+
+    Defaults are read from a default instance of the config, not from the section classes: a section's
+    own default can differ from its class's (`stage1.student` is `SFTConfig(num_samples=500, steps=300)`,
+    `models.student` a 32-wide one-layer model). A field that takes a section or a string
+    (`models.teacher`: an architecture or 'hf:<path>') is listed as a section with that note."""
+    if instance is None and prefix == "":
+        instance = model()
     lines = []
     for name, field in model.model_fields.items():
         dotted = f"{prefix}{name}"
         annotation = field.annotation
         sub = _section_type(annotation)
-        if sub is not None and not _is_union_with_str(annotation):
-            lines.append(f"{dotted}: {field.description}")
-            lines.extend(describe_fields(sub, dotted + "."))
+        value = getattr(instance, name) if instance is not None else field.get_default(call_default_factory=True)
+        if sub is not None:
+            note = " (a section, or a string such as 'hf:<name or path>')" if _is_union_with_str(annotation) else ""
+            if isinstance(value, str):
+                note += f" Default {value!r}."
+            lines.append(f"{dotted}: {field.description}{note}")
+            lines.extend(describe_fields(sub, dotted + ".", value if isinstance(value, BaseModel) else None))
             continue
-        default = field.get_default(call_default_factory=True)
-        if isinstance(default, BaseModel):
-            default = "{...}"
-        required = field.is_required()
         if get_origin(annotation) is Literal:
             type_name = "one of " + "|".join(str(a) for a in get_args(annotation))
         else:
             type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-        lines.append(f"{dotted} ({type_name}, {'required' if required else f'default {default!r}'}): "
-                     f"{field.description}")
-        if sub is not None:
-            lines.extend(describe_fields(sub, dotted + "."))
+            type_name = type_name.replace("NoneType", "None")
+        default = "required" if field.is_required() else f"default {value!r}"
+        lines.append(f"{dotted} ({type_name}, {default}): {field.description}")
     return lines
 
 

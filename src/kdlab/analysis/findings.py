@@ -1,4 +1,5 @@
-"""The paper's findings (Tiapkin et al. 2025, ../shared/PAPER.md) checked on a study's run directories.
+"""The paper's findings (Tiapkin et al. 2025, "On Teacher Hacking in Language Model Distillation")
+checked on a study's run directories.
 
 1. Offline data hacks: the golden detector fires ("hacking", not over-fitting) in every seed of the
    offline condition.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kdlab import record
 from kdlab.analysis.detectors import detect_golden, detect_proxy_deviation
 from kdlab.analysis.runs import RunAnalysis
 
@@ -88,8 +90,9 @@ def check_findings(groups: dict[str, list[RunAnalysis]], *, offline: str, online
     details = []
     for r, (g, _) in zip(groups.get(offline, []), verdicts[full].get(offline, [])):
         if g is not None and g.rise is not None:
-            details.append(f"seed {r.seed}: {g.kind}, rise {g.rise:+.2f} ± {g.rise_se:.2f} from step {g.onset_step}, "
-                           f"proxy change {g.proxy_change:+.2f}")
+            where = f"from step {g.onset_step}" if g.onset_step is not None else f"minimum at step {g.min_step}"
+            change = "n/a" if g.proxy_change is None else f"{g.proxy_change:+.2f}"
+            details.append(f"seed {r.seed}: {g.kind}, rise {g.rise:+.2f} ± {g.rise_se:.2f} {where}, proxy change {change}")
     findings.append(Finding("offline_hacks", "Offline data hacks (golden rises while proxy falls, every seed)",
                             holds, f"detected in {sum(h)}/{len(h)} seeds; " + "; ".join(details),
                             {b: f1(b)[0] for b in budgets}))
@@ -184,12 +187,12 @@ def condition_rows(groups: dict[str, list[RunAnalysis]]) -> list[dict]:
         rows.append({
             "condition": name,
             "seeds": len(runs),
-            "golden_start": stat(first("golden_fkl")),
-            "golden_min": stat(lambda r: float(np.nanmin(r.metrics.column("golden_fkl")))
-                               if r.metrics.has("golden_fkl") else None),
-            "golden_end": stat(last("golden_fkl")),
-            "proxy_start": stat(first("proxy_fkl")),
-            "proxy_end": stat(last("proxy_fkl")),
+            "golden_start": stat(first(record.GOLDEN)),
+            "golden_min": stat(lambda r: float(np.nanmin(r.metrics.column(record.GOLDEN)))
+                               if r.metrics.has(record.GOLDEN) else None),
+            "golden_end": stat(last(record.GOLDEN)),
+            "proxy_start": stat(first(record.PROXY)),
+            "proxy_end": stat(last(record.PROXY)),
             "golden_detected": sum(r.golden.detected for r in g_runs),
             "golden_overfitting": sum(r.golden.kind == "overfitting" for r in g_runs),
             "golden_onsets": [r.golden.onset_step for r in g_runs if r.golden.detected],

@@ -6,9 +6,12 @@ directories. This module reads them and nothing else — it never imports traini
 Conditions. Runs that differ only by their seed form one condition. Two runs are grouped when they
 share (a) their explicit condition name — config `condition`, else the `condition` field of the
 metrics rows (the pipeline writes its config `name` there), else config `name`; kdlab's default
-name "run" and a trailing seed suffix are ignored — and (b) their config with seed-like, name-like and path-like keys
-removed (`_IGNORED_KEYS`). Without a config.yaml, the name (else the directory name without its
-`seed…` / `_s<N>` suffix) alone decides.
+name "run" and a trailing seed suffix are ignored — and (b) their config without its seeds (any key
+whose last part holds "seed") and the top-level bookkeeping keys (`name`, `condition`, `output_dir`,
+`cache_dir`, ...: `_ignored`). A nested `name` (`loss.name`, `world.task.name`) is a setting and
+splits conditions. Without a config.yaml, the name (else the directory name without its
+`seed…` / `_s<N>` suffix) alone decides. Runs of one condition that share a seed are repeats, not
+independent seeds: the condition counts each seed once (the first run of it) and says so in its notes.
 The label shown is the explicit name, else "<regime> <num_prompts>×<generations_per_prompt>" for
 offline runs and "<regime>" otherwise (config `stage2.*` or the metrics' `regime`); when two groups
 would share a label, the config values that differ are appended ("offline (lr=0.001)").
@@ -33,46 +36,32 @@ from kdlab.analysis.detectors import (
     detect_golden,
     detect_proxy_deviation,
 )
-from kdlab.analysis.loading import Metrics, MetricsError, load_metrics, load_per_prompt
+from kdlab import record
 from kdlab.analysis.sequential import SequentialConfig, SequentialVerdict, detect_proxy_sequential, lr_columns
+from kdlab.record import Metrics, MetricsError, find_runs, is_run_dir, read_metrics, read_per_prompt
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
+# Config keys that do not define the condition: seeds vary across the runs of one condition (any
+# key whose last part holds "seed"); names, output paths and resource settings of the run itself are
+# per run by construction (top-level keys only: `loss.name` or `world.task.path` are settings).
+_TOP_LEVEL_IGNORED = {"name", "condition", "run_name", "resume", "output_dir", "cache_dir", "out", "root", "tag",
+                      "threads", "device"}
+_IGNORED_ANYWHERE = re.compile(r"(seed|_dir$|^output_)", re.I)
 
-# Config keys (last dotted component) that do not define the condition: seeds vary across the
-# runs of one condition; names and output paths are per run by construction.
-_IGNORED_KEYS = re.compile(r"(seed|^name$|^condition$|^run_name$|^resume$|dir$|^path$|^output|^out$|^root$|^tag)", re.I)
+
+def _ignored(dotted: str) -> bool:
+    last = dotted.rsplit(".", 1)[-1]
+    return ("." not in dotted and dotted.lower() in _TOP_LEVEL_IGNORED) or bool(_IGNORED_ANYWHERE.search(last))
+
+
 _SEED_SUFFIX = re.compile(r"([-_.]?seed[-_]?\d+|[-_]s\d+)$", re.I)
 _PLACEHOLDER_NAMES = {"", "run"}  # kdlab's default `name`: not a condition
-
-
-def is_run_dir(path: str | Path) -> bool:
-    return (Path(path) / METRICS_FILE).is_file()
-
-
-def find_runs(dirs) -> list[Path]:
-    """Run directories among `dirs`: each is a run directory itself, or a sweep directory whose
-    run directories are found below it (any depth), sorted by path. Raises FileNotFoundError."""
-    found: list[Path] = []
-    for d in [Path(x) for x in ([dirs] if isinstance(dirs, (str, Path)) else dirs)]:
-        if not d.is_dir():
-            raise FileNotFoundError(f"{d}: not a directory")
-        if is_run_dir(d):
-            found.append(d)
-            continue
-        below = sorted(p.parent for p in d.rglob(METRICS_FILE))
-        if not below:
-            raise FileNotFoundError(f"{d}: no {METRICS_FILE} in it or below it (not a run or sweep directory)")
-        found.extend(below)
-    unique = list(dict.fromkeys(p.resolve() for p in found))
-    return unique
 
 
 def load_config(run_dir: str | Path) -> dict:
     """The run's config.yaml as a dict ({} when absent). A malformed file raises MetricsError."""
     import yaml
 
-    path = Path(run_dir) / CONFIG_FILE
+    path = Path(run_dir) / record.CONFIG
     if not path.is_file():
         return {}
     try:
@@ -112,6 +101,34 @@ def _fmt_step(v) -> str:
     return "–" if v is None else f"{int(v):,}"
 
 
+def golden_tested(v: GoldenVerdict | None) -> bool:
+    """The golden detector ran its test (it had enough evaluations to find a minimum and a tail)."""
+    return v is not None and v.rise is not None
+
+
+def proxy_tested(v: ProxyVerdict | None) -> bool:
+    """The proxy-only detector fitted its early law and had points after it to test."""
+    return v is not None and v.fit is not None
+
+
+def golden_status(v: GoldenVerdict | None) -> str:
+    """"no oracle", "not tested", "no hacking", or the kind ("hacking", "overfitting", "rise")."""
+    if v is None:
+        return "no oracle"
+    if not golden_tested(v):
+        return "not tested"
+    if v.kind == "proxy_rise":
+        return "no hacking (the held-out proxy rises, golden does not)"
+    return "no hacking" if v.kind == "none" else v.kind
+
+
+def proxy_status(v: ProxyVerdict) -> str:
+    """"departs", "on its law" or "not tested" (too few evaluations: no verdict, not a clean bill)."""
+    if not proxy_tested(v):
+        return "not tested"
+    return "departs" if v.detected else "on its law"
+
+
 @dataclass
 class RunAnalysis:
     """Everything known about one run: its data, config, and the detectors' verdicts."""
@@ -128,33 +145,19 @@ class RunAnalysis:
     proxy: ProxyVerdict
     train_proxy: ProxyVerdict | None
     paired: dict = field(default_factory=dict)  # column -> (n_evals × k) per-prompt values, or None
+    sequential: SequentialVerdict | None = None  # the experimental sequential proxy-only detector (issue 16)
     notes: list[str] = field(default_factory=list)
-    sequential: SequentialVerdict | None = None  # the sequential proxy-only detector (issue 16)
 
     def verdict_text(self) -> str:
-        parts = []
-        if self.golden is None:
-            parts.append("golden: no oracle")
-        elif self.golden.kind == "none":
-            parts.append("golden: no hacking")
-        elif self.golden.kind == "proxy_rise":
-            parts.append("golden: no hacking (the held-out proxy rises, golden does not)")
-        else:
-            parts.append(f"golden: {self.golden.kind} from step {_fmt_step(self.golden.onset_step)}")
-        parts.append(
-            f"proxy-only: departure from step {_fmt_step(self.proxy.onset_step)}"
-            if self.proxy.detected
-            else "proxy-only: on its law"
-        )
-        if self.sequential is not None:
-            q = self.sequential
-            parts.append(
-                f"sequential proxy-only: departure from step {_fmt_step(q.onset_step)} "
-                f"({_fmt_step(q.onset_interval[0])}–{_fmt_step(q.onset_interval[1])}), seen at step {_fmt_step(q.alarm_step)}"
-                if q.detected
-                else "sequential proxy-only: on its law"
-            )
-        return "; ".join(parts)
+        """One line for both detectors, worded by `golden_status` / `proxy_status` (the words that
+        `kdlab detect` prints too)."""
+        g = golden_status(self.golden)
+        if self.golden is not None and self.golden.onset_step is not None:
+            g += f" from step {_fmt_step(self.golden.onset_step)}"
+        p = proxy_status(self.proxy)
+        if self.proxy.detected:
+            p = f"departure from step {_fmt_step(self.proxy.onset_step)}"
+        return f"golden: {g}; proxy-only: {p}"
 
     def summary(self) -> dict:
         """The JSON verdict of one run (what `analyse_run` returns and summary.json holds)."""
@@ -179,7 +182,7 @@ class RunAnalysis:
                 "last_step": int(steps[-1]),
                 "proxy_col": m.proxy_col,
                 "golden_col": m.golden_col if self.golden is not None else None,
-                "final": {"proxy": last(m.proxy_col), "golden": last(m.golden_col), "train_loss": last("train_loss")},
+                "final": {"proxy": last(m.proxy_col), "golden": last(m.golden_col), "train_loss": last(record.TRAIN_LOSS)},
                 "verdict": self.verdict_text(),
                 "golden": self.golden.to_dict() if self.golden is not None else None,
                 "proxy_deviation": self.proxy.to_dict(),
@@ -204,7 +207,7 @@ def _condition(run_dir: Path, config: dict, metrics: Metrics) -> tuple[str, str,
     # The explicit name and the config minus seeds/paths both define the group: a name reused
     # across different settings (`kdlab sweep` keeps one name for the whole grid) is split, and
     # `_disambiguate` then names the settings that differ.
-    kept = {k: v for k, v in _flatten(config).items() if not _IGNORED_KEYS.search(k.rsplit(".", 1)[-1])}
+    kept = _condition_settings(config)
     key = json.dumps({"condition": explicit, "config": kept}, sort_keys=True, default=str)
     if explicit is not None:
         label = explicit
@@ -230,29 +233,37 @@ def _seed(run_dir: Path, config: dict) -> str | None:
 
 
 def analyse(
-    run_dir: str | Path,
+    source: str | Path,
     *,
-    proxy_col: str = "proxy_fkl",
-    golden_col: str = "golden_fkl",
+    proxy_col: str = record.PROXY,
+    golden_col: str = record.GOLDEN,
+    step_col: str | None = None,
     golden_config: GoldenConfig | None = None,
     proxy_config: ProxyDeviationConfig | None = None,
     sequential_config: SequentialConfig | None = None,
 ) -> RunAnalysis:
-    """Load one run directory and run both detectors (and the proxy detector on the training-prompt
-    proxy `train_<proxy_col>` when it is logged). Raises MetricsError / FileNotFoundError."""
-    run_dir = Path(run_dir)
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE} (not a run directory)")
-    metrics = load_metrics(path, proxy_col=proxy_col, golden_col=golden_col)
-    config = load_config(run_dir)
+    """Load one run and run both detectors (and the proxy detector on the training-prompt proxy
+    `train_<proxy_col>` when it is logged). The one analysis behind `kdlab report` and `kdlab detect`.
+
+    `source` is a run directory (kdlab's, a monitor output directory, anything `record.find_log`
+    knows) or a metrics file (`record.read_metrics`). When the log is a kdlab run's metrics.jsonl,
+    its config.yaml names the condition and its per-prompt values give the golden rise a paired SE.
+    Raises MetricsError / FileNotFoundError.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: cannot read (no such file or directory)")
+    metrics = read_metrics(source, proxy_col=proxy_col, golden_col=golden_col, step_col=step_col)
+    run_dir = source if source.is_dir() else (metrics.run_dir or source.parent)
+    config = load_config(run_dir) if metrics.run_dir is not None or source.is_dir() else {}
     label, key, regime = _condition(run_dir, config, metrics)
     steps = metrics.steps
     notes = []
     if metrics.duplicates_dropped:
-        notes.append(f"{metrics.duplicates_dropped} duplicated step(s) in {METRICS_FILE}: the last row of each was kept")
+        notes.append(f"{metrics.duplicates_dropped} duplicated step(s) in {metrics.path.name}: the last row of each was kept")
     golden = None
-    paired = {col: load_per_prompt(run_dir, steps, col) for col in (golden_col, proxy_col)}
+    paired = {col: (read_per_prompt(metrics.run_dir, steps, col) if metrics.run_dir is not None else None)
+              for col in (golden_col, proxy_col)}
     if metrics.golden is not None:
         golden = detect_golden(
             steps, metrics.golden, metrics.golden_se, metrics.proxy, metrics.proxy_se, config=golden_config,
@@ -262,10 +273,10 @@ def analyse(
     sequential = detect_proxy_sequential(steps, metrics.proxy, metrics.proxy_se, config=sequential_config,
                                          **lr_columns(metrics))
     train_proxy = None
-    train_col = "train_" + proxy_col
+    train_col = record.TRAIN_PREFIX + proxy_col
     if metrics.has(train_col):
         train_proxy = detect_proxy_deviation(
-            steps, metrics.column(train_col), metrics.optional(train_col + "_se"), config=proxy_config
+            steps, metrics.column(train_col), metrics.optional(record.se_column(train_col)), config=proxy_config
         )
         if proxy.detected and train_proxy.detected:
             notes.append(
@@ -297,6 +308,17 @@ def analyse_run(run_dir: str | Path, **kwargs) -> dict:
     return analyse(run_dir, **kwargs).summary()
 
 
+def _condition_settings(config: dict) -> dict:
+    """The flattened config that defines a run's condition (see `_ignored`)."""
+    return {k: v for k, v in _flatten(config).items() if not _ignored(k)}
+
+
+def _short(dotted: str) -> str:
+    """A config key as a label shows it: its last part, or its last two when the last is generic."""
+    parts = dotted.split(".")
+    return ".".join(parts[-2:]) if parts[-1] in ("name", "path", "type", "kind") and len(parts) > 1 else parts[-1]
+
+
 def _disambiguate(runs: list[RunAnalysis]) -> None:
     """Give groups that share a label but not a key a label naming the config values that differ."""
     by_label: dict[str, dict[str, RunAnalysis]] = {}
@@ -305,12 +327,11 @@ def _disambiguate(runs: list[RunAnalysis]) -> None:
     for label, groups in by_label.items():
         if len(groups) < 2:
             continue
-        flats = {k: {kk: vv for kk, vv in _flatten(r.config).items() if not _IGNORED_KEYS.search(kk.rsplit(".", 1)[-1])}
-                 for k, r in groups.items()}
+        flats = {k: _condition_settings(r.config) for k, r in groups.items()}
         keys = sorted(set().union(*flats.values()))
         differing = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats.values()}) > 1]
         for group_key in groups:
-            extra = ", ".join(f"{k.rsplit('.', 1)[-1]}={flats[group_key].get(k)}" for k in differing[:3])
+            extra = ", ".join(f"{_short(k)}={flats[group_key].get(k)}" for k in differing[:3])
             new_label = f"{label} ({extra})" if extra else f"{label} [{list(groups).index(group_key) + 1}]"
             for r in runs:
                 if r.group_key == group_key:
@@ -321,47 +342,65 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
+def _distinct_seeds(runs: list[RunAnalysis]) -> tuple[list[RunAnalysis], list[str]]:
+    """The runs that count: one per (condition settings, seed). Two runs of the same settings and seed
+    are one experiment repeated, not two seeds; the first (by path) stands for it. Returns the runs
+    kept and a note per repeated seed."""
+    kept: dict[tuple, RunAnalysis] = {}
+    repeats: dict[tuple, list[str]] = {}
+    for r in sorted(runs, key=lambda r: str(r.path)):
+        key = (r.group_key, r.seed) if r.seed is not None else (r.group_key, str(r.path))
+        if key in kept:
+            repeats.setdefault(key, [kept[key].name]).append(r.name)
+        else:
+            kept[key] = r
+    order = [r for r in runs if r in kept.values()]
+    notes = [f"runs {', '.join(names)} share seed {key[1]}: counted once" for key, names in repeats.items()]
+    return order, notes
+
+
 def _aggregate(runs: list[RunAnalysis]) -> dict:
-    """Seeds of one condition (or regime) summarised: counts of verdicts and the onsets' spread."""
-    with_golden = [r for r in runs if r.golden is not None]
+    """Seeds of one condition (or regime) summarised: counts of verdicts and the onsets' spread.
+    A seed counts once (see `_distinct_seeds`); runs a detector could not test are counted apart."""
+    runs, notes = _distinct_seeds(runs)
+    with_golden = [r for r in runs if golden_tested(r.golden)]
+    untested_golden = sum(1 for r in runs if r.golden is not None and not golden_tested(r.golden))
     kinds: dict[str, int] = {}
     for r in with_golden:
         kinds[r.golden.kind] = kinds.get(r.golden.kind, 0) + 1
     g_onsets = [r.golden.onset_step for r in with_golden if r.golden.detected]
     g_rises = [r.golden.rise for r in with_golden if r.golden.detected]
-    p_hits = [r for r in runs if r.proxy.detected]
+    tested = [r for r in runs if proxy_tested(r.proxy)]
+    p_hits = [r for r in tested if r.proxy.detected]
     p_onsets = [r.proxy.onset_step for r in p_hits]
-    n = len(runs)
     golden = None
-    if with_golden:
+    if with_golden or untested_golden:
         golden = {
             "n": len(with_golden),
+            "not_tested": untested_golden,
             "detected": len(g_onsets),
             "kinds": kinds,
             "onset_steps": g_onsets,
             "onset_median": _median(g_onsets),
             "rise_median": _median(g_rises),
         }
-    seq_hits = [r for r in runs if r.sequential is not None and r.sequential.detected]
-    sequential = {
-        "n": n,
-        "detected": len(seq_hits),
-        "onset_steps": [r.sequential.onset_step for r in seq_hits],
-        "onset_median": _median([r.sequential.onset_step for r in seq_hits]),
-    }
     proxy = {
-        "n": n,
+        "n": len(tested),
+        "not_tested": len(runs) - len(tested),
         "detected": len(p_hits),
         "onset_steps": p_onsets,
         "onset_median": _median(p_onsets),
-        "residual_end_median": _median([r.proxy.residual_at_end for r in runs if r.proxy.residual_at_end is not None]),
+        "residual_end_median": _median([r.proxy.residual_at_end for r in tested if r.proxy.residual_at_end is not None]),
     }
-    unit = "seed" if n == 1 else "seeds"
+
+    def unit(n):
+        return "seed" if n == 1 else "seeds"
+
     text = []
     if golden is None:
         text.append("golden: no oracle")
     else:
-        part = f"golden: hacking in {golden['detected']}/{golden['n']} {unit}"
+        part = f"golden: hacking in {golden['detected']}/{golden['n']} {unit(golden['n'])}"
         if g_onsets:
             part += f", onset median {_fmt_step(golden['onset_median'])}"
             if len(g_onsets) > 1:
@@ -370,18 +409,22 @@ def _aggregate(runs: list[RunAnalysis]) -> dict:
             part += f"; over-fitting in {kinds['overfitting']}"
         if kinds.get("proxy_rise"):
             part += f"; held-out proxy rising (golden not) in {kinds['proxy_rise']}"
+        if untested_golden:
+            part += f"; not tested in {untested_golden} (too few evaluations)"
         text.append(part)
-    part = f"proxy-only: departure in {proxy['detected']}/{n} {unit}"
+    part = f"proxy-only: departure in {proxy['detected']}/{proxy['n']} {unit(proxy['n'])}"
     if p_onsets:
         part += f", onset median {_fmt_step(proxy['onset_median'])}"
         if len(p_onsets) > 1:
             part += f" ({_fmt_step(min(p_onsets))}–{_fmt_step(max(p_onsets))})"
+    if proxy["not_tested"]:
+        part += f"; not tested in {proxy['not_tested']} (too few evaluations)"
     text.append(part)
-    part = f"sequential proxy-only: departure in {sequential['detected']}/{n} {unit}"
-    if seq_hits:
-        part += f", onset median {_fmt_step(sequential['onset_median'])}"
-    text.append(part)
-    return {"golden": golden, "proxy_deviation": proxy, "proxy_sequential": sequential, "verdict": "; ".join(text)}
+    seq_hits = [r for r in runs if r.sequential is not None and r.sequential.detected]
+    sequential = {"n": len(runs), "detected": len(seq_hits), "onset_steps": [r.sequential.onset_step for r in seq_hits],
+                  "onset_median": _median([r.sequential.onset_step for r in seq_hits]), "experimental": True}
+    return {"golden": golden, "proxy_deviation": proxy, "proxy_sequential": sequential, "verdict": "; ".join(text),
+            "notes": notes}
 
 
 def group_conditions(runs: list[RunAnalysis]) -> dict[str, list[RunAnalysis]]:
@@ -404,7 +447,7 @@ def sweep_summary(runs: list[RunAnalysis], golden_config=None, proxy_config=None
                 "condition": label,
                 "regime": regimes[0] if len(regimes) == 1 else (regimes or None),
                 "runs": [r.name for r in members],
-                "seeds": [r.seed for r in members],
+                "seeds": list(dict.fromkeys(r.seed for r in members)),
                 **_aggregate(members),
             }
         )

@@ -36,7 +36,6 @@ def command(
     say(f"kdlab demo{' --quick' if quick else ''}: {len(conditions)} conditions x {n_seeds} seeds -> {out}")
     say(f"budget per run: {s2.steps} steps x batch {s2.batch_size} x {cfg.world.response_length} response tokens")
     run_study(configs, jobs=jobs, log=say)
-    report = write_report([out])
 
     runs = [analyse(d) for d in find_runs([out])]
     groups = group_conditions(runs)
@@ -45,11 +44,16 @@ def command(
     findings = check_findings(groups, offline="offline", online=["online_teacher", "online_student"],
                               diversity=DIVERSITY_ORDER(n), generations=GENERATIONS_ORDER(n), budgets=budgets)
     rows = condition_rows(groups)
+    report = write_report([out], findings=findings)  # the findings go on the report's page too
     epochs = {c.name: _epochs(c.overrides, s2.steps, s2.batch_size) for c in conditions}
 
     typer.echo(_table(rows, epochs))
     typer.echo("")
     typer.echo(f"Findings (budget: {s2.steps} steps x batch {s2.batch_size}; re-checked at steps {budgets}):")
+    if quick:
+        typer.echo("  (--quick runs a tiny world on a short budget to check that the study runs end to end; it is too "
+                   "small to show the findings, so DOES NOT HOLD below says nothing about them. "
+                   "Run `kdlab demo` without --quick for the study.)")
     for f in findings:
         status = {True: "HOLDS", False: "DOES NOT HOLD", None: "UNDECIDED"}[f.holds]
         window = ", ".join(f"{b}: {'yes' if v else 'no' if v is False else '?'}" for b, v in f.by_budget.items())

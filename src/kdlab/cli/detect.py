@@ -1,27 +1,30 @@
-"""`kdlab detect FILE`: teacher-hacking verdicts for one metrics file."""
+"""`kdlab detect FILE`: teacher-hacking verdicts for one metrics log."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import numpy as np
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 
+from kdlab import record
 
-def _golden_line(col: str, v: dict | None) -> str:
+
+def _golden_line(col: str, v: dict | None, status: str) -> str:
     if v is None:
         return f"golden ({col}): no golden column, golden detector not run"
+    if status == "not tested":
+        return f"golden ({col}): not tested — {v['reason']}"
     if v["kind"] in ("none", "proxy_rise"):
         return f"golden ({col}): no teacher hacking — {v['reason']}"
     head = "TEACHER HACKING" if v["detected"] else v["kind"].upper()
     return f"golden ({col}): {head} from step {v['onset_step']:,} — {v['reason']}"
 
 
-def _proxy_line(col: str, v: dict) -> str:
-    if v["fit"] is None:
+def _proxy_line(col: str, v: dict, status: str) -> str:
+    if status == "not tested":
         return f"proxy-only ({col}): not tested — {v['reason']}"
     fit = v["fit"]
     law = f"early {fit['law']} law α = {fit['alpha']:.3g} fitted on steps {fit['fit_steps'][0]:,}–{fit['fit_steps'][1]:,}"
@@ -31,6 +34,8 @@ def _proxy_line(col: str, v: dict) -> str:
 
 
 def _sequential_line(col: str, v: dict) -> str:
+    if v["statistic"] is None:
+        return f"proxy-only, sequential, EXPERIMENTAL ({col}): not tested — {v['reason']}"
     if v["detected"]:
         lo, hi = v["onset_interval"]
         return (f"proxy-only, sequential, EXPERIMENTAL ({col}, {v['time_axis']} time): DEPARTS from step {v['onset_step']:,} "
@@ -39,63 +44,70 @@ def _sequential_line(col: str, v: dict) -> str:
 
 
 def command(
-    file: Annotated[Path, typer.Argument(help="Metrics file: kdlab's metrics.jsonl, any JSONL, or a CSV with a 'step' column.")],
-    proxy: Annotated[str, typer.Option("--proxy", help="Proxy column (divergence to the teacher); its SE is <COL>_se if present.")] = "proxy_fkl",
-    golden: Annotated[Optional[str], typer.Option("--golden", help="Golden column (divergence to the oracle). Default: golden_fkl when the file has it.")] = None,
-    control: Annotated[list[Path], typer.Option("--control", help="Metrics file of an online control run of the same world (repeatable, one per seed): adds the iso-proxy gap, the golden above the control's at the same proxy.")] = [],
+    file: Annotated[Path, typer.Argument(help="Metrics log: kdlab's metrics.jsonl or run directory, a TeacherHackingMonitor output directory or JSONL, a trainer_state.json, TensorBoard event files, any JSONL, or a CSV/TSV table with a step column.")],
+    proxy: Annotated[str, typer.Option("--proxy", help="Proxy column (divergence to the teacher); its SE is <COL>_se if present.")] = record.PROXY,
+    golden: Annotated[Optional[str], typer.Option("--golden", help=f"Golden column (divergence to the oracle). Default: {record.GOLDEN} when the file has it.")] = None,
+    step: Annotated[Optional[str], typer.Option("--step", help=f"Step column. Default: the first of {', '.join(record.STEP_ALIASES)} present.")] = None,
+    control: Annotated[list[Path], typer.Option("--control", help="Metrics log of an online control run of the same world (repeatable, one per seed): adds the iso-proxy gap, the golden above the control's at the same proxy.")] = [],
     teacher_golden: Annotated[Optional[float], typer.Option("--teacher-golden", help="The teacher's own golden divergence (default: the file's teacher_golden_fkl column): adds the teacher-floor check.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the verdicts as JSON: {\"golden\": {...} | null, \"proxy_deviation\": {...}, \"proxy_sequential\": {...}}.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the verdicts as JSON: {\"golden\": {...} | null, \"proxy_deviation\": {...}, \"proxy_sequential\": {...}, \"teacher_floor\": ..., \"iso_proxy_gap\": ...}.")] = False,
 ) -> None:
-    """Detect teacher hacking in a metrics file (JSONL or CSV).
+    """Detect teacher hacking in a metrics log (JSONL, CSV/TSV, trainer_state.json, TensorBoard).
 
-    Three verdicts: the golden detector in the paper's terms (hacking: golden rises beyond its noise while the held-out proxy falls or stays flat; over-fitting: both rise; needs a golden column), the fixed-window proxy-only detector (the proxy leaves the power law of an early window upwards) and the experimental sequential proxy-only detector (held-out detection 8 %, false alarms up to 24 %: bench/DETECTION.md; each evaluation tested against the law of the ones before it, in cumulative-learning-rate time when the file has lr_sum, lr or learning_rate; needs no oracle).
+    Three verdicts: the golden detector in the paper's terms (hacking: golden rises beyond its noise while the held-out proxy falls or stays flat; over-fitting: both rise; needs a golden column), the fixed-window proxy-only detector (the proxy leaves the power law of an early window upwards; needs no oracle) and the experimental sequential proxy-only detector (held-out detection 8 %, false alarms up to 24 %: bench/DETECTION.md; each evaluation tested against the law of the ones before it, in cumulative-learning-rate time when the file has lr_sum, lr or learning_rate). A detector with too few evaluations says "not tested".
+
+    Attribution of a golden rise: the teacher floor (the student's golden below the teacher's own, from the file's teacher_golden_fkl column or --teacher-golden) and, with --control runs, the iso-proxy gap (the golden above an online control's at the same proxy).
+
+    The verdicts are computed exactly as `kdlab report` computes them (the same analysis; in a kdlab run directory the golden rise gets the paired SE of its per-prompt values).
 
     Exit code 0 whatever the verdict; 2 for unreadable or malformed input, with the file and line on stderr.
     """  # one line per paragraph: typer's help keeps a docstring's line breaks
-    from kdlab.analysis import MetricsError, detect_golden, detect_proxy_deviation, load_metrics
-    from kdlab.analysis.sequential import detect_proxy_sequential, lr_columns
+    from kdlab.analysis import MetricsError
+    from kdlab.analysis.runs import analyse, golden_status, proxy_status
 
-    golden_col = golden or "golden_fkl"
+    golden_col = golden or record.GOLDEN
     try:
-        metrics = load_metrics(file, proxy_col=proxy, golden_col=golden_col)
-        if golden is not None and metrics.golden is None:
-            raise MetricsError(f"{file}: no values in the golden column '{golden}'")
-        steps = metrics.steps
-        golden_verdict = None
-        if metrics.golden is not None:
-            golden_verdict = detect_golden(steps, metrics.golden, metrics.golden_se, metrics.proxy, metrics.proxy_se)
-        proxy_verdict = detect_proxy_deviation(steps, metrics.proxy, metrics.proxy_se)
-        sequential = detect_proxy_sequential(steps, metrics.proxy, metrics.proxy_se, **lr_columns(metrics))
-        attribution = _attribution(metrics, control, teacher_golden, proxy, golden_col)
-    except (MetricsError, ValueError) as err:
+        run = analyse(file, proxy_col=proxy, golden_col=golden_col, step_col=step)
+        if golden is not None and run.metrics.golden is None:
+            raise MetricsError(f"{run.metrics.path}: no values in the golden column '{golden}'")
+        attribution = _attribution(run.metrics, control, teacher_golden, proxy, golden_col, step)
+    except (MetricsError, ValueError, FileNotFoundError) as err:
         typer.echo(f"kdlab detect: {err}", err=True)
         raise typer.Exit(2) from None
 
+    steps = run.metrics.steps
     result = {
-        "file": str(file),
+        "file": str(run.metrics.path),
+        "source": run.metrics.source,
         "n_evals": len(steps),
         "steps": [int(steps[0]), int(steps[-1])],
+        "step_col": run.metrics.step_col,
         "proxy_col": proxy,
-        "golden_col": golden_col if golden_verdict is not None else None,
-        "golden": golden_verdict.to_dict() if golden_verdict is not None else None,
-        "proxy_deviation": proxy_verdict.to_dict(),
-        "proxy_sequential": sequential.to_dict(),
+        "golden_col": golden_col if run.golden is not None else None,
+        "golden_status": golden_status(run.golden),
+        "proxy_status": proxy_status(run.proxy),
+        "verdict": run.verdict_text(),
+        "golden": run.golden.to_dict() if run.golden is not None else None,
+        "proxy_deviation": run.proxy.to_dict(),
+        "proxy_sequential": run.sequential.to_dict() if run.sequential is not None else None,
         **attribution,
     }
     if json_out:
         typer.echo(json.dumps(result, indent=2))
         return
-    typer.echo(f"{file}: {len(steps)} evaluations, steps {int(steps[0]):,}–{int(steps[-1]):,}")
-    typer.echo(_golden_line(golden_col, result["golden"]))
-    typer.echo(_proxy_line(proxy, result["proxy_deviation"]))
-    typer.echo(_sequential_line(proxy, result["proxy_sequential"]))
+    typer.echo(f"{run.metrics.path}: {len(steps)} evaluations, steps {int(steps[0]):,}–{int(steps[-1]):,}")
+    typer.echo(_golden_line(golden_col, result["golden"], result["golden_status"]))
+    typer.echo(_proxy_line(proxy, result["proxy_deviation"], result["proxy_status"]))
+    if result["proxy_sequential"] is not None:
+        typer.echo(_sequential_line(proxy, result["proxy_sequential"]))
     for line in _attribution_lines(result):
         typer.echo(line)
 
 
-def _attribution(metrics, control: list[Path], teacher_golden: float | None, proxy_col: str, golden_col: str) -> dict:
+def _attribution(metrics, control: list[Path], teacher_golden: float | None, proxy_col: str, golden_col: str,
+                 step_col: str | None) -> dict:
     """The golden-rise attribution (kdlab.analysis.attribution): teacher floor and iso-proxy gap."""
-    from kdlab.analysis import MetricsError, load_metrics
+    from kdlab.analysis import MetricsError
     from kdlab.analysis.attribution import Curve, iso_proxy_gap, teacher_floor
 
     out: dict = {"teacher_floor": None, "iso_proxy_gap": None}
@@ -104,11 +116,11 @@ def _attribution(metrics, control: list[Path], teacher_golden: float | None, pro
             raise MetricsError(f"{metrics.path}: --control and --teacher-golden need a golden column")
         return out
     t_se = 0.0
-    if teacher_golden is None and metrics.has("teacher_golden_fkl"):
-        values = metrics.column("teacher_golden_fkl")
+    if teacher_golden is None and metrics.has(record.TEACHER_GOLDEN):
+        values = metrics.column(record.TEACHER_GOLDEN)
         teacher_golden = float(values[np.isfinite(values)][-1])
-        if metrics.has("teacher_golden_fkl_se"):
-            ses = metrics.column("teacher_golden_fkl_se")
+        if metrics.has(record.se_column(record.TEACHER_GOLDEN)):
+            ses = metrics.column(record.se_column(record.TEACHER_GOLDEN))
             t_se = float(ses[np.isfinite(ses)][-1])
     if teacher_golden is not None:
         out["teacher_floor"] = teacher_floor(metrics.steps, metrics.golden, metrics.golden_se, teacher_golden,
@@ -119,7 +131,7 @@ def _attribution(metrics, control: list[Path], teacher_golden: float | None, pro
 
         controls = []
         for path in control:
-            m = load_metrics(path, proxy_col=proxy_col, golden_col=golden_col)
+            m = record.read_metrics(path, proxy_col=proxy_col, golden_col=golden_col, step_col=step_col)
             if m.golden is None:
                 raise MetricsError(f"{path}: the control has no golden column '{golden_col}'")
             controls.append(curve(m))

@@ -7,12 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from kdlab import record
+
 
 def command(
-    dirs: Annotated[list[Path], typer.Argument(help="Run directories (with metrics.jsonl) and/or sweep directories (runs below them).")],
+    dirs: Annotated[list[Path], typer.Argument(help="Run directories (kdlab's, with metrics.jsonl, or a TeacherHackingMonitor / Trainer output directory) and/or sweep directories (runs below them).")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Output directory. Default: the single directory given (required for several).")] = None,
-    proxy: Annotated[str, typer.Option("--proxy", help="Proxy column.")] = "proxy_fkl",
-    golden: Annotated[str, typer.Option("--golden", help="Golden column (ignored where absent).")] = "golden_fkl",
+    proxy: Annotated[str, typer.Option("--proxy", help="Proxy column.")] = record.PROXY,
+    golden: Annotated[str, typer.Option("--golden", help="Golden column (ignored where absent).")] = record.GOLDEN,
 ) -> None:
     """Write summary.json and report.html for run or sweep directories.
 
@@ -30,7 +32,7 @@ def command(
     except (MetricsError, ValueError, FileNotFoundError) as err:
         typer.echo(f"kdlab report: {err}", err=True)
         raise typer.Exit(2) from None
-    summary = json.loads((report.parent / "summary.json").read_text(encoding="utf-8"))
+    summary = json.loads((report.parent / record.SUMMARY).read_text(encoding="utf-8"))
     for condition in summary.get("conditions", []):
         typer.echo(f"{condition['condition']}: {condition['verdict']}")
     if "conditions" not in summary:

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from kdlab import record
 from kdlab.config import ConfigError, describe_fields, load_config
 
 
@@ -47,10 +48,15 @@ def write_report_safely(dirs: list[Path]) -> None:
     typer.echo(f"report: {path}", err=True)
     import json
 
-    summary = json.loads((path.parent / "summary.json").read_text())
+    summary = json.loads((path.parent / record.SUMMARY).read_text())
     if "verdict" in summary:  # a single run: its detectors' verdict in one line
         typer.echo(f"verdict: {summary['verdict']}", err=True)
 
 
-command.__doc__ += "\n\n\bConfig fields (set them in the YAML file or with --set):\n" + "\n".join(
-    "  " + line for line in describe_fields())
+def epilog() -> str:
+    """Every config field with its default, for the end of --help (after the options). Escaped for
+    rich's markup, which would otherwise swallow "[vllm]" as a style tag; one paragraph per field."""
+    from rich.markup import escape
+
+    return "\n\n".join(["Config fields (set them in the YAML file or with --set key=value):"]
+                        + [escape(line) for line in describe_fields()])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdlab import record
 from kdlab.losses import SparseTarget
 from kdlab.models import LM
 from kdlab.models.sampling import sample
@@ -114,13 +114,13 @@ def build_offline_dataset(
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
+    tmp = record.temp_dir(out_dir.parent, f".tmp-{out_dir.name}-")  # ordinary mode, not mkdtemp's 0700
     ds.save_to_disk(str(tmp / "data"))
     (tmp / MARKER).write_text(json.dumps({"sequences": len(ids), "targets": kind, "topk": topk,
                                           "generations_per_prompt": generations_per_prompt}))
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    record.publish(tmp, out_dir)
     return out_dir
 
 

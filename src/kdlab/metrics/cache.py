@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from kdlab import record
 from kdlab.losses import SparseTarget
 from kdlab.metrics.divergence import DivergenceEstimate, eval_mode, sample_responses, sequence_kl_sums
 from kdlab.models import LM, check_vocab_compatible
@@ -211,7 +212,7 @@ class ReferenceCache:
                     vocab_size=self.vocab_size, storage=self.storage)
         tmp = directory / (TENSORS_FILE + ".tmp")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, directory / TENSORS_FILE)
+        record.publish(tmp, directory / TENSORS_FILE)  # safetensors writes 0600
         tmp = directory / (META_FILE + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
         os.replace(tmp, directory / META_FILE)

@@ -15,13 +15,14 @@ alone writes the run directory, the metrics and the checkpoints.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from kdlab import losses
+from kdlab import losses, record
 from kdlab.config import RunConfig, dump_config
 from kdlab.data.offline import build_offline_dataset, load_offline_dataset, offline_dataset_ready
 from kdlab.data.regimes import (Batch, MixedSource, OfflineSource, OnlineStudentSource, OnlineTeacherSource,
@@ -95,7 +96,7 @@ def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | 
         # The run seed chooses which prompts of the pool form the dataset (the seed varies the data).
         perm = torch.randperm(len(pool_ids), generator=generator_for(cfg.seed, "offline-prompts"))[:o.num_prompts]
         ids, mask = pool_ids[perm], pool_mask[perm]
-        path = run_dir / "offline_data"
+        path = run_dir / record.OFFLINE_DATA
         if not offline_dataset_ready(path):
             log(f"[stage 2] offline dataset: {o.num_prompts} prompts x {o.generations_per_prompt} teacher samples")
             build_offline_dataset(
@@ -209,19 +210,23 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
     device = dist.device or resolve_device(cfg.device)
     if not dist.is_main:
         log, progress, on_step = (lambda message: None), False, None
-    metrics_path = run_dir / "metrics.jsonl"
-    if run_dir.exists() and (run_dir / "config.yaml").exists() and not resume:
-        if (run_dir / "summary.json").exists() or metrics_path.exists():
+    metrics_path = run_dir / record.METRICS
+    config_path = run_dir / record.CONFIG
+    if run_dir.exists() and config_path.exists() and not resume:
+        if (run_dir / record.SUMMARY).exists() or metrics_path.exists():
             raise RunDirectoryInUse(
                 f"{run_dir} already holds a run; pass --resume to continue it or choose another output_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    if resume and (run_dir / "config.yaml").exists():
-        saved = (run_dir / "config.yaml").read_text()
+    if resume and config_path.exists():
+        saved = config_path.read_text()
         if saved != dump_config(cfg):
-            raise ValueError(f"{run_dir}/config.yaml differs from the config given: resume with the same config")
+            differences = record.config_differences(saved, dump_config(cfg))
+            raise ValueError(f"{config_path} differs from the config given in "
+                             f"{len(differences)} field(s) (saved -> given):\n  " + "\n  ".join(differences)
+                             + "\nresume with the same config, or choose another output_dir")
     dist.barrier()  # every rank has checked the directory before rank 0 writes into it
     if dist.is_main:
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        atomic_write_text(config_path, dump_config(cfg))
 
     world = build_world(cfg, device=device, log=log, dist=dist)  # stage 1: every rank trains, rank 0 writes
     with dist.main_first():  # rank 0 builds (or loads) the caches, the others then load them
@@ -260,7 +265,7 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
     aligned: dict = {}  # the last alignment measurement, written into the next evaluation row
 
     step, tokens, loss_sum, loss_count = 0, 0, 0.0, 0
-    ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    ckpt = latest_checkpoint(run_dir / record.CHECKPOINTS) if resume else None
     if ckpt is not None:
         state = dist.load_checkpoint(ckpt, student.hf, model, optimizer)
         step, tokens = state["step"], state["tokens"]
@@ -278,7 +283,7 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
 
     total = cfg.stage2.steps
     evals = set(eval_steps(total, cfg.eval.num_points))
-    done = {r["step"] for r in read_metrics(metrics_path)}
+    done = {r[record.STEP] for r in read_metrics(metrics_path)}
     epochs_per_step = source.epochs(1) if isinstance(source, OfflineSource) else None
     regime = cfg.stage2.regime
     latest: dict = {}
@@ -288,19 +293,22 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         # the forward pass); rank 0 alone writes.
         nonlocal loss_sum, loss_count, latest
         model.eval()
-        row = {"step": step, "tokens": tokens, "regime": regime, "condition": cfg.name, "seed": cfg.seed,
-               "train_loss": loss_sum / loss_count if loss_count else None,
-               "epochs": step * epochs_per_step if epochs_per_step is not None else None,
+        row = {record.STEP: step, record.TOKENS: tokens, record.REGIME: regime, record.CONDITION: cfg.name,
+               record.SEED: cfg.seed, record.TRAIN_LOSS: loss_sum / loss_count if loss_count else None,
+               record.EPOCHS: step * epochs_per_step if epochs_per_step is not None else None,
                # the rate of the last step taken, and the cumulative rate (the detector's time axis)
-               "lr": lr_at(max(step - 1, 0), cfg), "lr_sum": lr_sum_at(step, cfg)}
-        row.update(evaluator(student, step, per_prompt_dir=run_dir / "per_prompt" if dist.is_main else None))
+               record.LR: lr_at(max(step - 1, 0), cfg), record.LR_SUM: lr_sum_at(step, cfg)}
+        row.update(evaluator(student, step, per_prompt_dir=run_dir / record.PER_PROMPT if dist.is_main else None))
         if taid is not None:
-            row["taid_t"] = taid.t
+            row[record.TAID_T] = taid.t
         if aligned.get("step") == step:
             row.update({k: v for k, v in aligned.items() if k != "step"})
         if logger is not None:
             logger.log(row)
         latest = row
+        if plain_progress:  # output is not a terminal: one plain line per evaluation instead of a bar
+            log(f"[stage 2] {cfg.name} seed {cfg.seed}: step {step}/{total}, loss {_fmt(row[record.TRAIN_LOSS])}, "
+                f"proxy {_fmt(row.get(record.PROXY))}, golden {_fmt(row.get(record.GOLDEN))}")
         loss_sum, loss_count = 0.0, 0
         model.train()
 
@@ -308,14 +316,19 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         weights, optimizer_state = dist.checkpoint_views(model, optimizer)  # FSDP: every rank gathers
         if not dist.is_main:
             return
-        save_checkpoint(run_dir / "checkpoints", step, weights, optimizer_state, {
+        save_checkpoint(run_dir / record.CHECKPOINTS, step, weights, optimizer_state, {
             "tokens": tokens, "loss_sum": loss_sum, "loss_count": loss_count,
-            "taid": taid.state_dict() if taid is not None else None})
+            "taid": taid.state_dict() if taid is not None else None},
+            hf_config=student.hf.config, tokenizer=student.tokenizer)
 
     # ---------------------------------------------------------------------------------- train
+    # A progress bar redraws itself with carriage returns, which litter a log file: on a terminal
+    # only; elsewhere `evaluate` logs a plain line per evaluation (log-spaced steps).
+    interactive = progress and sys.stderr.isatty()
+    plain_progress = progress and not interactive
     if step == 0 and 0 not in done:
         evaluate()
-    bar = tqdm(total=total, initial=step, desc=f"stage 2: {cfg.name} (seed {cfg.seed})", disable=not progress,
+    bar = tqdm(total=total, initial=step, desc=f"stage 2: {cfg.name} (seed {cfg.seed})", disable=not interactive,
                dynamic_ncols=True, leave=False)
     t0 = time.time()
     while step < total:
@@ -336,7 +349,7 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         n_tokens = int(dist.sum(torch.tensor(float(n_rank), dtype=torch.float64, device=loss_rank.device)).item())
         loss = dist.sum(loss_rank.detach()) / max(n_tokens, 1)  # the global batch's mean per-token loss
         if not torch.isfinite(loss):
-            last = latest_checkpoint(run_dir / "checkpoints")
+            last = latest_checkpoint(run_dir / record.CHECKPOINTS)
             raise TrainingDiverged(
                 f"the {cfg.loss.name} loss became {loss.item()} at step {step + 1} of {cfg.name!r}. "
                 f"The last good checkpoint is {last or 'none (no checkpoint written yet)'}; "
@@ -363,8 +376,8 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         loss_count += 1
         if step in evals:
             evaluate()
-            bar.set_postfix(loss=f"{latest['train_loss']:.3f}", proxy=_fmt(latest.get("proxy_fkl")),
-                            golden=_fmt(latest.get("golden_fkl")))
+            bar.set_postfix(loss=f"{latest[record.TRAIN_LOSS]:.3f}", proxy=_fmt(latest.get(record.PROXY)),
+                            golden=_fmt(latest.get(record.GOLDEN)))
         if step % cfg.stage2.checkpoint_every == 0 or step == total:
             checkpoint()
         bar.update(1)
@@ -380,8 +393,8 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
         return run_dir
     rows = read_metrics(metrics_path)
     final = rows[-1] if rows else {}
-    atomic_write_json(run_dir / "world.json", {**world.info, **evaluator.teacher_golden})
-    atomic_write_json(run_dir / "done.json", {"steps": total, "seconds_this_session": round(time.time() - t0, 1),
+    atomic_write_json(run_dir / record.WORLD, {**world.info, **evaluator.teacher_golden})
+    atomic_write_json(run_dir / record.DONE, {"steps": total, "seconds_this_session": round(time.time() - t0, 1),
                                               "processes": dist.world_size})
     log(f"[done] {cfg.name} seed {cfg.seed}: {total} steps, proxy {_fmt(final.get('proxy_fkl'))}, "
         f"golden {_fmt(final.get('golden_fkl'))} nats/response -> {run_dir}")
@@ -393,5 +406,5 @@ def _fmt(x) -> str:
 
 
 def is_finished(run_dir: Path) -> bool:
-    return (Path(run_dir) / "done.json").exists()
+    return (Path(run_dir) / record.DONE).exists()
 

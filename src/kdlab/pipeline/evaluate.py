@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdlab import record
 from kdlab.config import RunConfig
 from kdlab.metrics import DivergenceEstimate, ReferenceCache, sequence_fkl, sequence_fkl_sums, sequence_rkl
 from kdlab.models import LM
@@ -81,7 +82,7 @@ class Evaluator:
         if train_prompts is not None and e.train_prompts > 0:
             t_ids, t_mask = train_prompts
             t_ids, t_mask = t_ids[:e.train_prompts], t_mask[:e.train_prompts]
-            self.train_cache = _cache(run_dir / "eval_train_reference", lambda: ReferenceCache.build(
+            self.train_cache = _cache(run_dir / record.EVAL_TRAIN_REFERENCE, lambda: ReferenceCache.build(
                 world.teacher, t_ids.to(dev), t_mask.to(dev), generator=generator_for(cfg.seed, "eval-train"), **build))
 
     @torch.no_grad()
@@ -114,9 +115,10 @@ class Evaluator:
             from safetensors.torch import save_file
 
             per_prompt_dir.mkdir(parents=True, exist_ok=True)
-            tmp = per_prompt_dir / f".tmp-step-{step:08d}.safetensors"
+            final = per_prompt_dir / record.per_prompt_file(step)
+            tmp = per_prompt_dir / f".tmp-{final.name}"
             save_file(per_prompt, str(tmp))
-            os.replace(tmp, per_prompt_dir / f"step-{step:08d}.safetensors")
+            record.publish(tmp, final)
         if self.cfg.eval.reverse:
             ids, mask = self.eval_prompts
             refs = (("proxy", self.world.teacher), ("golden", self.world.oracle))

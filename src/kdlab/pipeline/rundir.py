@@ -8,10 +8,8 @@ Every file is written to a temporary name and renamed into place, so a run kille
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,19 +17,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from kdlab import record
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+# The one atomic writer is kdlab.record's (ordinary file modes under the umask); these names stay
+# for the pipeline's callers.
+atomic_write_text = record.write_text
+atomic_write_json = record.write_json
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,11 +42,7 @@ class JsonlLogger:
         self.path = path
 
     def log(self, row: dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        record.append_row(self.path, row)
 
     def close(self) -> None:
         pass
@@ -113,11 +101,17 @@ def _optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) 
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoints/step-N atomically (temp dir + rename), then point `latest` at it."""
+                    state: dict[str, Any], keep: int = 2, hf_config=None, tokenizer=None) -> Path:
+    """Write checkpoints/step-N atomically (temp dir + rename), then point `latest` at it.
+
+    `model` is a module or its whole-model state_dict. With `hf_config` (the model's transformers
+    config) the directory also holds config.json (and the tokenizer's files when given), so a
+    checkpoint loads with ``AutoModelForCausalLM.from_pretrained(checkpoints/step-N)``: the weights
+    file is already named and keyed as transformers expects (model.safetensors, state_dict names,
+    tied weights stored once)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".tmp-"))
+    final = ckpt_root / record.checkpoint_dir(step)
+    tmp = record.temp_dir(ckpt_root, ".tmp-")
     # Tied weights (T5's shared embedding = lm_head) are one tensor under several names; safetensors
     # stores each storage once, so the other names are recorded as aliases and restored on load.
     weights, tied, seen = {}, {}, {}
@@ -128,14 +122,19 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
             continue
         seen[key] = k
         weights[k] = v.detach().cpu().contiguous()
-    save_file(weights, str(tmp / "model.safetensors"))
+    # metadata format=pt: transformers' loader checks it before reading a safetensors checkpoint.
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if hf_config is not None:
+        hf_config.save_pretrained(tmp)  # config.json with model_type and architectures
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     opt_tensors, opt_meta = _optimizer_to_tensors(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     atomic_write_json(tmp / "state.json", {"step": step, "optimizer": opt_meta, "tied_weights": tied, **state})
     if final.exists():
         shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_text(ckpt_root / "latest", final.name + "\n")
+    record.publish(tmp, final)  # safetensors writes 0600 files: ordinary modes before the rename
+    atomic_write_text(ckpt_root / record.LATEST, final.name + "\n")
     for old in sorted(p for p in ckpt_root.glob("step-*") if p != final)[:-max(keep - 1, 0) or None]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_root.glob(".tmp-*"):
@@ -144,7 +143,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    pointer = ckpt_root / "latest"
+    pointer = ckpt_root / record.LATEST
     if not pointer.exists():
         return None
     path = ckpt_root / pointer.read_text().strip()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from kdlab import record
 from kdlab.config import RunConfig, build_config
 from kdlab.pipeline.distill import is_finished, run
 from kdlab.pipeline.evaluate import Evaluator
@@ -79,13 +81,24 @@ def run_study(configs: list[RunConfig], jobs: int = 2, log=print) -> list[Path]:
     todo = [c for c in configs if not is_finished(Path(c.output_dir))]
     total_steps = sum(c.stage2.steps for c in todo)
     done_steps: dict[str, int] = {}
-    bar = tqdm(total=total_steps, desc="study", unit="step", dynamic_ncols=True, disable=None)
+    # The bar redraws with carriage returns: on a terminal only. Elsewhere (a log file, a pipe) a plain
+    # line every `every` seconds and one per finished run, so a long study is never silent.
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=total_steps, desc="study", unit="step", dynamic_ncols=True, disable=not interactive)
+    every, last_line, t_start = 15.0, time.time(), time.time()
+
+    def plain_line() -> None:
+        done = sum(done_steps.values())
+        elapsed = time.time() - t_start
+        eta = f", about {elapsed * (total_steps - done) / done:.0f} s left" if done else ""
+        log(f"[study] {done}/{total_steps} steps ({100 * done / max(total_steps, 1):.0f}%), {elapsed:.0f} s{eta}")
+
     failures = []
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         q = manager.Queue()
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(_worker, c.model_dump_json(), (Path(c.output_dir) / "config.yaml").exists(), q): c
+            futures = {pool.submit(_worker, c.model_dump_json(), (Path(c.output_dir) / record.CONFIG).exists(), q): c
                        for c in todo}
             pending = set(futures)
             while pending:
@@ -97,11 +110,16 @@ def run_study(configs: list[RunConfig], jobs: int = 2, log=print) -> list[Path]:
                         bar.set_postfix_str(f"{key} step {step}")
                 except queue.Empty:
                     pass
+                if not interactive and time.time() - last_line > every:
+                    plain_line()
+                    last_line = time.time()
                 for fut in [f for f in pending if f.done()]:
                     pending.discard(fut)
                     cfg = futures[fut]
                     try:
                         fut.result()
+                        if not interactive:
+                            log(f"[study] {cfg.name} seed {cfg.seed} finished ({len(todo) - len(pending)}/{len(todo)} runs)")
                     except Exception as err:  # a failed run must not hide the others' results
                         failures.append((cfg.name, cfg.seed, err))
                         log(f"[study] {cfg.name} seed {cfg.seed} failed: {err}")

@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from kdlab import record
 from kdlab.config import RunConfig, dump_config
 from kdlab.pipeline.rundir import JsonlLogger
 
@@ -107,9 +108,9 @@ class MultiLogger:
 
 
 def make_logger(cfg: RunConfig, run_dir: Path) -> MultiLogger:
-    loggers: list = [JsonlLogger(run_dir / "metrics.jsonl")]
+    loggers: list = [JsonlLogger(run_dir / record.METRICS)]
     if cfg.trackers.tensorboard:
-        loggers.append(TensorBoardLogger(run_dir / "tensorboard"))
+        loggers.append(TensorBoardLogger(run_dir / record.TENSORBOARD))
     if cfg.trackers.wandb:
         loggers.append(WandbLogger(run_dir, cfg))
     return MultiLogger(loggers)

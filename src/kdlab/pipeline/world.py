@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from kdlab import record
 from kdlab.config import ArchConfig, RunConfig, SFTConfig
 from kdlab.models import LM, check_vocab_compatible, make_synthetic_oracle, set_dropout, tiny_llama_config
 from kdlab.models.sampling import sample
@@ -262,7 +262,7 @@ def _build_stage1(cfg: RunConfig, root: Path, device, log, dist: Distributed) ->
     tmp = None
     if dist.is_main:  # the other ranks compute alongside rank 0 (same seeds) and write nothing
         root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-stage1-"))
+        tmp = record.temp_dir(root.parent, ".tmp-stage1-")  # ordinary mode, not mkdtemp's 0700
     try:
         log(f"[stage 1] building the world ({root.name})")
         if w.oracle == "none":
@@ -270,7 +270,7 @@ def _build_stage1(cfg: RunConfig, root: Path, device, log, dist: Distributed) ->
                 reports = _build_without_oracle(cfg, tmp, device, log)
                 (tmp / "world.json").write_text(json.dumps({"stage1_key": cfg.stage1_key(), "oracle": None,
                                                             "prompt_reports": reports}))
-                os.replace(tmp, root)
+                record.publish(tmp, root)
             return
         if w.oracle == "synthetic":
             s = w.synthetic
@@ -330,7 +330,7 @@ def _build_stage1(cfg: RunConfig, root: Path, device, log, dist: Distributed) ->
         if root.exists():  # a concurrent builder finished first: keep theirs
             shutil.rmtree(tmp)
         else:
-            os.replace(tmp, root)
+            record.publish(tmp, root)
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -9,25 +9,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
-from kdlab.analysis.runs import analyse, find_runs, is_run_dir, sweep_summary
+from kdlab import record
+from kdlab.analysis.runs import analyse, sweep_summary
+from kdlab.record import find_runs, is_run_dir
 
 __all__ = ["write_report"]
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Temp file + rename, so a reader never sees half a summary (DESIGN: writes are atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+_atomic_write = record.write_text  # temp file + rename, ordinary file modes (kdlab.record)
 
 
 def _slug(text: str) -> str:
@@ -44,9 +34,12 @@ def _plot_names(runs) -> dict[str, str]:
     return {str(r.path): _slug("__".join(r.path.relative_to(root).parts) or r.name) for r in runs}
 
 
-def write_report(dirs, out_dir: str | Path | None = None, *, proxy_col: str = "proxy_fkl",
-                 golden_col: str = "golden_fkl", golden_config=None, proxy_config=None) -> Path:
-    """Analyse run or sweep directories and write `summary.json`, `report.html` and `plots/*.png`.
+def write_report(dirs, out_dir: str | Path | None = None, *, proxy_col: str = record.PROXY,
+                 golden_col: str = record.GOLDEN, golden_config=None, proxy_config=None,
+                 findings: list | None = None) -> Path:
+    """Analyse run or sweep directories and write `summary.json`, `report.html`, `plots/*.png` and,
+    per panel, PDF and SVG files at a paper's column width (`plots/<run>/` for a single run,
+    `plots/sweep/` for several).
 
     dirs: one path or a list; each a run directory (has metrics.jsonl) or a sweep directory (run
         directories below it).
@@ -55,6 +48,8 @@ def write_report(dirs, out_dir: str | Path | None = None, *, proxy_col: str = "p
         several directories `out_dir` is required.
     summary.json holds one run's verdicts when a single run directory is reported, otherwise the
     sweep summary (`kdlab.analysis.analyse_sweep`'s format). Returns the path of report.html.
+    findings: the paper's findings checked on these runs (`kdlab.analysis.findings.Finding`, as
+        `kdlab demo` computes them): shown at the top of the page and kept in summary.json.
     Raises FileNotFoundError / MetricsError (a ValueError) on bad input.
     """
     from kdlab.report import html, plots
@@ -71,28 +66,40 @@ def write_report(dirs, out_dir: str | Path | None = None, *, proxy_col: str = "p
     runs = [analyse(d, **kwargs) for d in find_runs(dirs)]
     summary = sweep_summary(runs, golden_config, proxy_config)
 
-    plot_dir = out / "plots"
+    if findings is not None:
+        summary["findings"] = [f.to_dict() for f in findings]
+
+    plot_dir = out / record.PLOTS
     plot_dir.mkdir(parents=True, exist_ok=True)
     stems = _plot_names(runs)
     run_plots = {str(r.path): plots.plot_run(r, plot_dir / f"{stems[str(r.path)]}.png") for r in runs}
+    # One PDF and one SVG per panel, at a paper's column width: a run's panels when one run is
+    # reported, the comparisons of the conditions otherwise (a run's panels of a sweep are one call
+    # away: plots.save_run_panels(analyse(run_dir), out_dir); drawing them all would double the time).
+    if len(runs) == 1:
+        plots.save_run_panels(runs[0], plot_dir / stems[str(runs[0].path)])
     sweep_plot = None
     if len(runs) > 1:
-        sweep_plot = plots.plot_sweep({label: members for label, members in _groups(runs).items()},
-                                      plot_dir / "sweep_conditions.png")
+        groups = {label: members for label, members in _groups(runs).items()}
+        sweep_plot = plots.plot_sweep(groups, plot_dir / "sweep_conditions.png")
+        plots.save_sweep_panels(groups, plot_dir / "sweep")
+    record.normalise_modes(plot_dir)  # matplotlib writes ordinary modes already; the folders too
 
     if single_run:
         run_summary = runs[0].summary()
         run_summary["thresholds"] = summary["thresholds"]
-        _atomic_write(out / "summary.json", json.dumps(run_summary, indent=2))
+        if "findings" in summary:
+            run_summary["findings"] = summary["findings"]
+        _atomic_write(out / record.SUMMARY, json.dumps(run_summary, indent=2))
         title = f"kdlab report — {runs[0].name}"
     else:
-        _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+        _atomic_write(out / record.SUMMARY, json.dumps(summary, indent=2))
         title = f"kdlab report — {dirs[0].name if len(dirs) == 1 else f'{len(runs)} runs'}"
         if in_place:
             for run, run_summary in zip(runs, summary["runs"]):
-                _atomic_write(run.path / "summary.json", json.dumps(dict(run_summary, thresholds=summary["thresholds"]), indent=2))
-    page = html.render(summary, runs, run_plots, sweep_plot, title)
-    report = out / "report.html"
+                _atomic_write(run.path / record.SUMMARY, json.dumps(dict(run_summary, thresholds=summary["thresholds"]), indent=2))
+    page = html.render(summary, runs, run_plots, sweep_plot, title, findings=summary.get("findings"))
+    report = out / record.REPORT
     _atomic_write(report, page)
     return report
 

@@ -8,7 +8,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kdlab.analysis.runs import RunAnalysis
+from kdlab.analysis.runs import RunAnalysis, golden_status, golden_tested, proxy_status
 
 _CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 24px auto; max-width: 1500px;
@@ -20,6 +20,9 @@ td.hacking { background: #fde0dc; font-weight: 600; }
 td.overfitting { background: #fff1c9; }
 td.departs { background: #fde0dc; }
 td.none { color: #555; }
+td.untested { color: #8a5a00; font-style: italic; }
+.holds { color: #176317; font-weight: 600; }
+.fails { color: #a31515; font-weight: 600; }
 img { max-width: 100%; border: 1px solid #ddd; }
 pre { background: #f7f7f7; padding: 8px; overflow-x: auto; font-size: 12px; }
 .muted { color: #666; font-size: 13px; }
@@ -45,19 +48,24 @@ def _step(value) -> str:
 
 def _run_row(run: RunAnalysis) -> str:
     g, p = run.golden, run.proxy
-    if g is None:
-        g_cells = '<td class="none">no oracle</td><td>–</td><td>–</td><td>–</td>'
+    if g is None or not golden_tested(g):
+        text = golden_status(g) if g is None else f"not tested ({g.reason})"
+        g_cells = f'<td class="{"none" if g is None else "untested"}">{_e(text)}</td><td>–</td><td>–</td><td>–</td>'
     else:
         rise = "–" if g.rise is None else f"{g.rise:+.3g} ± {g.rise_se:.2g} (z = {g.rise_z:.1f})"
         change = "–" if g.proxy_change is None else f"{g.proxy_change:+.3g} ± {g.proxy_change_se:.2g} ({g.proxy_trend})"
         g_cells = (f'<td class="{g.kind}">{_e(g.kind)}</td><td>{_step(g.onset_step)}</td>'
                    f"<td>{_e(rise)}</td><td>{_e(change)}</td>")
-    p_class = "departs" if p.detected else "none"
-    p_cells = (f'<td class="{p_class}">{"departs" if p.detected else "on its law"}</td>'
+    status = proxy_status(p)
+    p_class = {"departs": "departs", "on its law": "none"}.get(status, "untested")
+    p_text = status if status != "not tested" else f"not tested ({p.reason})"
+    p_cells = (f'<td class="{p_class}">{_e(p_text)}</td>'
                f"<td>{_step(p.onset_step)}</td><td>{_num(p.residual_at_end, '{:+.3f}')}</td>")
     q = run.sequential
     if q is None:
         q_cells = "<td>–</td><td>–</td>"
+    elif q.statistic is None:  # too few evaluations: no verdict, not a clean bill
+        q_cells = f'<td class="none">not tested</td><td>{_e(q.reason)}</td>'
     else:
         where = f"{_step(q.onset_step)} ({_step(q.onset_interval[0])}–{_step(q.onset_interval[1])})" if q.detected else "–"
         q_cells = (f'<td class="{"departs" if q.detected else "none"}">'
@@ -87,9 +95,22 @@ def _condition_table(summary: dict) -> str:
     )
 
 
+def _findings(findings: list[dict]) -> str:
+    """The paper's findings as `kdlab demo` checked them: status, evidence, and the budgets at which
+    each was re-checked."""
+    items = []
+    for f in findings:
+        status = {True: ("HOLDS", "holds"), False: ("DOES NOT HOLD", "fails"), None: ("UNDECIDED", "")}[f["holds"]]
+        window = ", ".join(f"{b}: {'yes' if v else 'no' if v is False else '?'}" for b, v in f["by_budget"].items())
+        items.append(f"<li><span class='{status[1]}'>[{status[0]}]</span> {_e(f['title'])}<br>"
+                     f"<span class='muted'>{_e(f['evidence'])}<br>by budget (steps): {_e(window)}</span></li>")
+    return "<ul>" + "".join(items) + "</ul>"
+
+
 def render(summary: dict, runs: list[RunAnalysis], run_plots: dict[str, Path], sweep_plot: Path | None,
-           title: str) -> str:
-    """The HTML page as a string. `run_plots` maps run path (str) → its PNG."""
+           title: str, findings: list[dict] | None = None) -> str:
+    """The HTML page as a string. `run_plots` maps run path (str) → its PNG; `findings` (dicts of
+    `Finding.to_dict`) are shown first when given."""
     import yaml
 
     parts = [
@@ -98,6 +119,7 @@ def render(summary: dict, runs: list[RunAnalysis], run_plots: dict[str, Path], s
         f"<h1>{_e(title)}</h1>",
         f"<p class='muted'>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by kdlab report from "
         f"{len(runs)} run(s). Divergences are sequence-level, in {_e('nats per response')}; ± is one standard error.</p>",
+        *(["<h2>Findings of the paper, checked on these runs</h2>", _findings(findings)] if findings else []),
         "<h2>Verdicts by condition</h2>",
         _condition_table(summary),
         "<h2>Verdicts by run</h2>",
