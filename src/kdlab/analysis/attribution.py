@@ -212,7 +212,7 @@ class IsoProxyGap:
             se += f" (SE from the {'control' if self.n_runs == 1 else 'run'} seeds only)"
         part = ""
         if self.regime_part is not None and self.rise is not None:
-            part = (f"; of the golden rise {self.rise:+.3g}, the regime adds {self.regime_part:+.3g}"
+            part = (f"; of the golden change from its minimum to the end {self.rise:+.3g}, the regime adds {self.regime_part:+.3g}"
                     + (f" ± {self.regime_part_se:.2g}" if self.regime_part_se else "")
                     + f" and the online path to the same proxy {self.control_part:+.3g}")
         return f"iso-proxy gap {self.gap_end:+.3g}{se} nats at the final proxy (vs the online control){part}"

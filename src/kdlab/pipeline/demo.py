@@ -76,7 +76,7 @@ def attribution_lines(assessment, offline_conditions: list[str]) -> list[str]:
         if gap.get("gap_end") is not None:
             se = f" ± {gap['gap_end_se']:.2f}" if gap.get("gap_end_se") else ""
             text += (f"; iso-proxy gap {gap['gap_end']:+.2f}{se} nats (golden above online_teacher's at the same proxy); "
-                     f"of its golden rise {gap['rise']:+.2f}, the regime adds {gap['regime_part']:+.2f} and the online "
+                     f"of its golden change from the minimum to the end {gap['rise']:+.2f}, the regime adds {gap['regime_part']:+.2f} and the online "
                      f"path to the same proxy {gap['control_part']:+.2f}")
         elif gap:
             text += f"; iso-proxy gap: {gap.get('reason')}"
