@@ -16,11 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kdlab import record
 from kdlab.analysis.attribution import Curve, iso_proxy_gap, paper_ordering, teacher_floor
 from kdlab.analysis.runs import RunAnalysis, analyse, find_runs, group_conditions
-
-WORLD_FILE = "world.json"
-
 
 def paper_hacking(run: RunAnalysis) -> bool:
     """Teacher hacking as the paper defines it: a significant, persistent golden rise while the
@@ -35,17 +33,22 @@ def curve_of(run: RunAnalysis) -> Curve:
 
 
 def teacher_golden_of(run: RunAnalysis) -> tuple[float, float] | None:
-    path = Path(run.path) / WORLD_FILE
-    if not path.is_file():
+    """The teacher's own golden and its SE: from the run's world.json, else its metrics' column."""
+    path = Path(run.path) / record.WORLD
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    if info.get(record.TEACHER_GOLDEN) is not None:
+        return float(info[record.TEACHER_GOLDEN]), float(info.get(record.se_column(record.TEACHER_GOLDEN)) or 0.0)
+    m = run.metrics
+    if not m.has(record.TEACHER_GOLDEN):
         return None
-    info = json.loads(path.read_text())
-    if info.get("teacher_golden_fkl") is None:
-        return None
-    return float(info["teacher_golden_fkl"]), float(info.get("teacher_golden_fkl_se") or 0.0)
+    values = m.column(record.TEACHER_GOLDEN)
+    ses = m.optional(record.se_column(record.TEACHER_GOLDEN))
+    se = float(ses[np.isfinite(ses)][-1]) if ses is not None else 0.0
+    return float(values[np.isfinite(values)][-1]), se
 
 
 def _params(run: RunAnalysis, who: str) -> int | None:
-    path = Path(run.path) / WORLD_FILE
+    path = Path(run.path) / record.WORLD
     if not path.is_file():
         return None
     return (json.loads(path.read_text()).get(who) or {}).get("num_parameters")

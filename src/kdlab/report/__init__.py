@@ -68,6 +68,9 @@ def write_report(dirs, out_dir: str | Path | None = None, *, proxy_col: str = re
 
     if findings is not None:
         summary["findings"] = [f.to_dict() for f in findings]
+    attribution = _attribution(runs)
+    if attribution is not None:
+        summary["attribution"] = attribution
 
     plot_dir = out / record.PLOTS
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -90,6 +93,8 @@ def write_report(dirs, out_dir: str | Path | None = None, *, proxy_col: str = re
         run_summary["thresholds"] = summary["thresholds"]
         if "findings" in summary:
             run_summary["findings"] = summary["findings"]
+        if attribution is not None:
+            run_summary["attribution"] = attribution
         _atomic_write(out / record.SUMMARY, json.dumps(run_summary, indent=2))
         title = f"kdlab report — {runs[0].name}"
     else:
@@ -98,7 +103,8 @@ def write_report(dirs, out_dir: str | Path | None = None, *, proxy_col: str = re
         if in_place:
             for run, run_summary in zip(runs, summary["runs"]):
                 _atomic_write(run.path / record.SUMMARY, json.dumps(dict(run_summary, thresholds=summary["thresholds"]), indent=2))
-    page = html.render(summary, runs, run_plots, sweep_plot, title, findings=summary.get("findings"))
+    page = html.render(summary, runs, run_plots, sweep_plot, title, findings=summary.get("findings"),
+                       attribution=attribution)
     report = out / record.REPORT
     _atomic_write(report, page)
     return report
@@ -109,3 +115,21 @@ def _groups(runs):
     for r in runs:
         groups.setdefault(r.condition, []).append(r)
     return groups
+
+
+def _attribution(runs) -> dict | None:
+    """The golden-rise attribution of runs of one world (kdlab.analysis.worlds.assess_runs): the
+    teacher floor of every run whose metrics carry the teacher's golden, and, when an online_teacher
+    condition is among them, each condition's iso-proxy gap against it. None when there is no golden
+    metric, no teacher golden, or the runs come from several worlds (several teacher goldens)."""
+    import numpy as np
+
+    from kdlab.analysis.worlds import assess_runs
+
+    with_golden = [r for r in runs if r.golden is not None and r.metrics.has(record.TEACHER_GOLDEN)]
+    if not with_golden:
+        return None
+    teachers = {round(float(np.nanmax(r.metrics.column(record.TEACHER_GOLDEN))), 9) for r in with_golden}
+    if len(teachers) > 1:
+        return None
+    return assess_runs(with_golden).to_dict()

@@ -108,7 +108,7 @@ def _findings(findings: list[dict]) -> str:
 
 
 def render(summary: dict, runs: list[RunAnalysis], run_plots: dict[str, Path], sweep_plot: Path | None,
-           title: str, findings: list[dict] | None = None) -> str:
+           title: str, findings: list[dict] | None = None, attribution: dict | None = None) -> str:
     """The HTML page as a string. `run_plots` maps run path (str) → its PNG; `findings` (dicts of
     `Finding.to_dict`) are shown first when given."""
     import yaml
@@ -138,6 +138,8 @@ def render(summary: dict, runs: list[RunAnalysis], run_plots: dict[str, Path], s
         "ones before it (CUSUM, confirmed by a broken power law), in cumulative-learning-rate time when the run "
         "logs its learning rate; the onset comes with an interval.</p>",
     ]
+    if attribution is not None:
+        parts += ["<h2>Attribution of the golden rises</h2>", _attribution(attribution)]
     if sweep_plot is not None:
         parts += ["<h2>All runs, by condition</h2>", _img(sweep_plot)]
     parts.append("<h2>Runs</h2>")
@@ -158,3 +160,35 @@ def render(summary: dict, runs: list[RunAnalysis], run_plots: dict[str, Path], s
     parts.append(f"<pre>{_e(json.dumps(summary.get('thresholds', {}), indent=2))}</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _attribution(a: dict) -> str:
+    """The attribution table: ordering, and per condition the teacher floor and the iso-proxy gap."""
+    def pm(pair):
+        mean, se = pair if isinstance(pair, (list, tuple)) else (pair, None)
+        return "–" if mean is None else f"{mean:+.3f}" + (f" ± {se:.2g}" if se else "")
+
+    head = (f"<p>Teacher's own golden: {_num(a['teacher_golden'])}; online control's best golden: "
+            f"{_num(a['online_best'])}. ")
+    ordering = a.get("ordering") or {}
+    if ordering.get("holds"):
+        head += "The paper's ordering holds: every student stays above the teacher's golden, online ones approach it.</p>"
+    elif a.get("online_best") is not None and a.get("teacher_golden") is not None and a["teacher_golden"] > a["online_best"]:
+        head += ("<b>Not the paper's ordering</b>: students get closer to the truth than their teacher, so a golden "
+                 "rise can be a student converging towards a worse teacher (case i), whatever the data.</p>")
+    else:
+        head += "Ordering: " + _e("; ".join(ordering.get("reasons") or ["not determined"])) + "</p>"
+    rows = ["<table><tr><th>condition</th><th>hacking (paper's sense)</th><th>golden below the teacher's</th>"
+            "<th>iso-proxy gap (vs online control)</th><th>part of the golden change the regime adds</th>"
+            "<th>part the online path gives</th></tr>"]
+    for name, c in a["conditions"].items():
+        gap = c.get("iso_proxy_gap") or {}
+        rows.append(f"<tr><td>{_e(name)}</td><td>{c['hacking']}/{c['seeds']}</td>"
+                    f"<td>{_e(c.get('teacher_floor_crossed', '–'))}/{c['seeds']}</td>"
+                    f"<td>{pm((gap.get('gap_end'), gap.get('gap_end_se'))) if gap.get('gap_end') is not None else _e(gap.get('reason') or '–')}</td>"
+                    f"<td>{pm((gap.get('regime_part'), gap.get('regime_part_se')))}</td>"
+                    f"<td>{pm(gap.get('control_part'))}</td></tr>")
+    rows.append("</table><p class='muted'>The iso-proxy gap: at the same proxy (closeness to the teacher), how much "
+                "further from the truth a condition is than the online control (SE over seeds) — the data regime's "
+                "own cost, case (ii). kdlab.analysis.attribution.</p>")
+    return head + "".join(rows)
