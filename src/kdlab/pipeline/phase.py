@@ -173,8 +173,23 @@ def _cell_verdict(cond: dict) -> str:
 def judge_phase(spec: PhaseSpec, worlds: list[PhaseWorld]) -> dict:
     from kdlab.analysis.worlds import assess_world
 
+    from kdlab import record
+
     cells, rows = [], []
     for w in worlds:
+        finished = {p.parent.parent.name for p in w.directory.glob(f"*/seed-*/{record.DONE}")}
+        missing = [c.name for c in w.conditions if c.name not in finished]
+        if missing:  # a world not (fully) run: said so, never judged on part of its conditions
+            rows.append({"panel": w.panel, "row": w.row, "world_seed": w.world_seed, "teacher_golden": None,
+                         "online_best": None, "ratio": None, "paper_ordering": None,
+                         "ordering_reasons": [f"not run: {', '.join(missing)}"]})
+            cells += [{"panel": w.panel, "row": w.row, "column": col, "world_seed": w.world_seed, "seeds": 0,
+                       "verdict": "not run", "hacking_seeds": 0, "kinds": [], "golden_rise": None,
+                       "golden_rise_se": None, "golden_rise_paired_se": None, "proxy_change": None,
+                       "proxy_change_se": None, "teacher_golden": None, "online_best": None, "ratio": None,
+                       "paper_ordering": None, "teacher_floor_crossed": None, "iso_proxy_gap": None,
+                       "iso_proxy_gap_se": None, "regime_part": None, "control_part": None} for col in spec.columns]
+            continue
         a = assess_world([w.directory], control=CONTROL_NAME)
         ordering = a.ordering or {}
         rows.append({"panel": w.panel, "row": w.row, "world_seed": w.world_seed, "teacher_golden": a.teacher_golden,
@@ -227,6 +242,6 @@ def phase_table(result: dict) -> str:
             f"{c['panel'][:12]:12s} {c['row'][:26]:26s} {c['world_seed']:>3d} {c['column'][:10]:10s} {c['verdict']:12s} "
             f"{c['hacking_seeds']}/{c['seeds']:<3d} {pm(c['golden_rise'], c['golden_rise_paired_se']):>17s} "
             f"{pm(c['proxy_change'], c['proxy_change_se']):>12s} "
-            f"{(c['ratio'] or float('nan')):8.2f} {('yes' if c['paper_ordering'] else 'no'):>5s} "
+            f"{(c['ratio'] or float('nan')):8.2f} {({True: 'yes', False: 'no'}.get(c['paper_ordering'], '-')):>5s} "
             f"{c['teacher_floor_crossed']!s:>5s} {pm(c['iso_proxy_gap'], c['iso_proxy_gap_se']):>14s}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-SHORT = {"hacking": "HACK", "over-fitting": "overfit", "mixed": "mixed", "none": "–"}
+SHORT = {"hacking": "HACK", "over-fitting": "overfit", "mixed": "mixed", "none": "–", "not run": "not run"}
 
 
 def _mean(values):
@@ -41,7 +41,7 @@ def plot_phase(result: dict, stem: str | Path) -> list[Path]:
         for i, row in enumerate(rows):
             worlds = [w for w in result["worlds"] if w["panel"] == panel and w["row"] == row]
             ratio = _mean([w["ratio"] for w in worlds])
-            order = [w["paper_ordering"] for w in worlds]
+            order = [w["paper_ordering"] for w in worlds if w["paper_ordering"] is not None]
             mark = "✓" if order and all(order) else ("✗" if order and not any(order) else f"{sum(map(bool, order))}/{len(order)}")
             row_labels.append(f"{row}\nteacher/online {ratio:.2f} {mark}" if ratio is not None else row)
             for j, col in enumerate(cols):
@@ -56,7 +56,8 @@ def plot_phase(result: dict, stem: str | Path) -> list[Path]:
                 verdicts = {c["verdict"] for c in cells}
                 verdict = SHORT.get(verdicts.pop(), "?") if len(verdicts) == 1 else "varies"
                 gap = _mean([c["iso_proxy_gap"] for c in cells])
-                text[i][j] = f"{verdict} {hack}/{n}\nrise {_mean([c['golden_rise'] for c in cells]):+.2f}" + (
+                rise = _mean([c["golden_rise"] for c in cells])
+                text[i][j] = "not run" if rise is None else f"{verdict} {hack}/{n}\nrise {rise:+.2f}" + (
                     f"\ngap {gap:+.2f}" if gap is not None else "")
         im = ax.imshow(z, cmap="RdBu_r", vmin=-10, vmax=10, aspect="auto")
         for i in range(len(rows)):
