@@ -52,6 +52,17 @@ def test_quick_demo_end_to_end(tmp_path):
     for f in demo["findings"]:
         assert f["title"] in html
     assert [f["key"] for f in summary["findings"]] == [f["key"] for f in demo["findings"]]
+    # Issue 15: the world's ordering and each offline condition's attribution against online_teacher are
+    # printed and kept (the iso-proxy gap of every offline condition, as summary.json holds it).
+    a = demo["attribution"]
+    assert a["control"] == "online_teacher" and "Ordering:" in proc.stdout
+    for name, cond in a["conditions"].items():
+        if name.startswith("offline"):
+            gap = cond["iso_proxy_gap"]
+            line = next(l for l in proc.stdout.splitlines() if l.strip().startswith(name + ":"))
+            assert (f"iso-proxy gap {gap['gap_end']:+.2f}" if gap["gap_end"] is not None
+                    else f"iso-proxy gap: {gap['reason']}") in line
+    assert "Recorded evidence" not in proc.stdout  # quick mode: the recorded numbers are about the full world
     # Offline epochs are stated: steps x batch / dataset size.
     b = demo["budget"]
     assert demo["budget"]["epochs_by_condition"]["offline-16x5"] == round(b["steps"] * b["batch_size"] / 80, 1)
@@ -72,4 +83,8 @@ def test_full_demo_reproduces_the_study_findings(tmp_path):
     assert not failed, f"findings that do not hold: {failed}\n{proc.stdout[-4000:]}"
     rows = {row["condition"]: row for row in demo["conditions"]}
     assert rows["offline"]["golden_detected"] == rows["offline"]["seeds"] == 3
+    # Issue 15: the shipped world is not the paper's ordering, and the demo says so beside the recorded
+    # out-of-sample numbers (evidence.json: protocol A, protocol B, the phase map).
+    assert "NOT the paper's" in proc.stdout and "case (i)" in proc.stdout
+    assert "Recorded evidence" in proc.stdout and "protocol A" in proc.stdout
     assert rows["online_student"]["golden_detected"] == rows["online_teacher"]["golden_detected"] == 0
