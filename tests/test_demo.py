@@ -59,7 +59,8 @@ def test_quick_demo_end_to_end(tmp_path):
     for name, cond in a["conditions"].items():
         if name.startswith("offline"):
             gap = cond["iso_proxy_gap"]
-            line = next(l for l in proc.stdout.splitlines() if l.strip().startswith(name + ":"))
+            section = proc.stdout.split("Attribution of the golden rises", 1)[1]
+            line = next(l for l in section.splitlines() if l.strip().startswith(name + ":"))
             assert (f"iso-proxy gap {gap['gap_end']:+.2f}" if gap["gap_end"] is not None
                     else f"iso-proxy gap: {gap['reason']}") in line
     assert "Recorded evidence" not in proc.stdout  # quick mode: the recorded numbers are about the full world

@@ -49,6 +49,7 @@ def _fake_world(world, seeds, effects):
             d = write_run(world.directory / cond.name / f"seed-{seed}", _rows(rng, p_floor=p_floor, delta=delta),
                           {"name": cond.name, "seed": seed, "stage2": {"regime": "offline" if cond.name != CONTROL_NAME
                                                                        else "online_teacher"}})
+            (d / "done.json").write_text("{}")  # a finished run
             (d / "world.json").write_text(json.dumps({"teacher_golden_fkl": TEACHER, "teacher_golden_fkl_se": 0.02,
                                                       "teacher": {"num_parameters": 1000},
                                                       "student_init": {"num_parameters": 100}}))
@@ -66,6 +67,10 @@ def test_judge_phase_finds_the_injected_effects(tmp_path):
     assert abs(cells["20x4"]["iso_proxy_gap"] - 0.6) < 2 * cells["20x4"]["iso_proxy_gap_se"] + 0.03
     assert cells["80x1"]["verdict"] == "none" and abs(cells["80x1"]["iso_proxy_gap"]) < 0.05
     assert result["worlds"][0]["paper_ordering"] is True  # h(p) > TEACHER everywhere, control falls
+    # a world with an unfinished condition is "not run", never judged on part of its runs
+    (worlds[0].directory / CONTROL_NAME / "seed-2" / "done.json").unlink()
+    partial = judge_phase(spec, worlds)
+    assert {c["verdict"] for c in partial["cells"]} == {"not run"} and partial["worlds"][0]["paper_ordering"] is None
     write_phase(spec, result)
     out = spec.out
     assert (out / "phase.png").stat().st_size > 1000 and (out / "phase.pdf").stat().st_size > 1000

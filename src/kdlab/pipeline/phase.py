@@ -177,8 +177,8 @@ def judge_phase(spec: PhaseSpec, worlds: list[PhaseWorld]) -> dict:
 
     cells, rows = [], []
     for w in worlds:
-        finished = {p.parent.parent.name for p in w.directory.glob(f"*/seed-*/{record.DONE}")}
-        missing = [c.name for c in w.conditions if c.name not in finished]
+        missing = [c.name for c in w.conditions
+                   if not all((w.directory / c.name / f"seed-{s}" / record.DONE).is_file() for s in spec.seeds)]
         if missing:  # a world not (fully) run: said so, never judged on part of its conditions
             rows.append({"panel": w.panel, "row": w.row, "world_seed": w.world_seed, "teacher_golden": None,
                          "online_best": None, "ratio": None, "paper_ordering": None,
