@@ -106,3 +106,15 @@ def test_study_runs_end_to_end(tmp_path):
     result = json.loads((tmp_path / "phase" / "phase.json").read_text())
     assert len(result["cells"]) == 2 and all(c["seeds"] == 2 for c in result["cells"])
     assert (tmp_path / "phase" / "phase.png").exists() and "iso-proxy gap" in proc.stdout
+
+
+def test_an_online_control_that_does_not_approach_the_teacher_breaks_the_ordering(tmp_path):
+    """The control is named "control" in a phase world: it must still count as an online condition of
+    the paper's ordering (which needs the online students to approach the teacher's golden)."""
+    spec = load_phase_spec(_spec(tmp_path))
+    worlds = world_configs(spec)
+    # the control's golden ends above where it started: it does not approach the teacher
+    _fake_world(worlds[0], spec.seeds, {"80x1": (0.5, 0.0), "20x4": (1.5, 0.6), CONTROL_NAME: (0.3, 6.0)})
+    world = judge_phase(spec, worlds)["worlds"][0]
+    assert world["paper_ordering"] is False
+    assert any("control" in r and "does not fall" in r for r in world["ordering_reasons"])

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from kdlab.analysis.detectors import lowest_window
+
 __all__ = ["Curve", "TeacherFloor", "teacher_floor", "golden_at_proxy", "IsoProxyGap", "iso_proxy_gap",
            "PaperOrdering", "paper_ordering"]
 
@@ -160,10 +162,7 @@ def _point(curve: Curve, where: str, tail: int, smooth: int) -> tuple[float, flo
     minimum (the lowest mean of `smooth` consecutive evaluations before the tail, as detect_golden)."""
     if where == "end":
         return curve.tail_mean(curve.proxy, tail), curve.tail_mean(curve.golden, tail)
-    n = len(curve.golden)
-    last = max(n - tail - smooth + 1, 1)
-    means = [curve.golden[j:j + smooth].mean() for j in range(last)]
-    j = int(np.argmin(means))
+    j = lowest_window(curve.golden, smooth, tail)
     return float(curve.proxy[j:j + smooth].mean()), float(curve.golden[j:j + smooth].mean())
 
 
@@ -270,7 +269,7 @@ class PaperOrdering:
 
     holds ⇔ the teacher has more parameters than the student, *and* in every regime given the
     student's golden stays above the teacher's own golden (within z SE) at every evaluation, *and*
-    every online regime approaches the teacher (its golden falls from start to end beyond z SE)."""
+    every online condition approaches the teacher (its golden falls from start to end beyond z SE)."""
 
     holds: bool
     teacher_larger: bool | None
@@ -294,9 +293,9 @@ ONLINE_REGIMES = ("online_teacher", "online_student", "mixed")
 
 def paper_ordering(curves_by_regime: dict[str, list[Curve]], teacher_golden: float, teacher_golden_se: float = 0.0,
                    *, teacher_params: int | None = None, student_params: int | None = None,
-                   z: float = 2.0) -> PaperOrdering:
-    """Check the paper's ordering on a world's runs, grouped by regime (or condition name; a name
-    starting with an online regime's name counts as online)."""
+                   z: float = 2.0, online=None) -> PaperOrdering:
+    """Check the paper's ordering on a world's runs, grouped by condition. `online` names the online
+    conditions (default: the names that start with an online regime's name, e.g. "online_teacher")."""
     reasons = []
     larger = None if teacher_params is None or student_params is None else teacher_params > student_params
     if larger is False:
@@ -310,7 +309,7 @@ def paper_ordering(curves_by_regime: dict[str, list[Curve]], teacher_golden: flo
             worst = min(floors, key=lambda f: f.best_golden)
             reasons.append(f"{regime}: the student's golden {worst.best_golden:.3g} went below the teacher's "
                            f"{teacher_golden:.3g}")
-        if regime.startswith(ONLINE_REGIMES):
+        if (regime in online) if online is not None else regime.startswith(ONLINE_REGIMES):
             falls = []
             for c in curves:
                 se0 = 0.0 if c.golden_se is None else float(np.nan_to_num(c.golden_se[0]))

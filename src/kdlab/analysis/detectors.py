@@ -171,14 +171,20 @@ def _paired_se(per_prompt: np.ndarray, later: np.ndarray, earlier: np.ndarray) -
     return float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
+def lowest_window(values: np.ndarray, smooth: int, tail: int) -> int:
+    """Start of the lowest mean of `smooth` consecutive values among the windows that end before the
+    last `tail` values: the smoothed minimum a rise is measured from (needs len ≥ smooth + tail)."""
+    starts = np.arange(0, len(values) - tail - smooth + 1)
+    return int(starts[np.argmin([values[i : i + smooth].mean() for i in starts])])
+
+
 def _proxy_rise(p: np.ndarray, p_se: np.ndarray, cfg: GoldenConfig) -> tuple[float, float] | None:
     """(rise, SE) of the proxy from its lowest `smooth` window to the mean of its last `tail` points,
     as golden's rise is measured; None when the curve is too short or has no finite proxy."""
     n = len(p)
     if n < cfg.smooth + cfg.tail or not np.isfinite(p).all():
         return None
-    starts = np.arange(0, n - cfg.tail - cfg.smooth + 1)
-    j = int(starts[np.argmin([p[i : i + cfg.smooth].mean() for i in starts])])
+    j = lowest_window(p, cfg.smooth, cfg.tail)
     m, m_se = _window_mean(p, p_se, j, cfg.smooth)
     end, end_se = _window_mean(p, p_se, n - cfg.tail, cfg.tail)
     return end - m, float(np.hypot(end_se, m_se))
@@ -246,9 +252,7 @@ def detect_golden(
         return GoldenVerdict(**empty, reason=f"too few golden evaluations ({n} < {cfg.smooth + cfg.tail})")
 
     # Lowest smoothed window that ends before the tail starts.
-    starts = np.arange(0, n - cfg.tail - cfg.smooth + 1)
-    means = np.array([g[j : j + cfg.smooth].mean() for j in starts])
-    j = int(starts[np.argmin(means)])
+    j = lowest_window(g, cfg.smooth, cfg.tail)
     m, m_se = _window_mean(g, g_se, j, cfg.smooth)
     onset = j + int(np.argmin(g[j : j + cfg.smooth]))
     end, end_se = _window_mean(g, g_se, n - cfg.tail, cfg.tail)

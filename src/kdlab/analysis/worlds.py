@@ -17,14 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from kdlab import record
-from kdlab.analysis.attribution import Curve, iso_proxy_gap, paper_ordering, teacher_floor
+from kdlab.analysis.attribution import ONLINE_REGIMES, Curve, iso_proxy_gap, paper_ordering, teacher_floor
 from kdlab.analysis.runs import RunAnalysis, analyse, find_runs, group_conditions
+from kdlab.record import Metrics
+
 
 def paper_hacking(run: RunAnalysis) -> bool:
     """Teacher hacking as the paper defines it: a significant, persistent golden rise while the
-    held-out proxy is falling or flat within its noise (a rising proxy is over-fitting or mixed)."""
-    g = run.golden
-    return bool(g is not None and g.kind == "hacking" and g.proxy_trend in ("falling", "flat"))
+    held-out proxy is falling or flat within its noise — `detect_golden`'s "hacking" since issue 16
+    (a rising proxy is "overfitting")."""
+    return bool(run.golden is not None and run.golden.detected)
 
 
 def curve_of(run: RunAnalysis) -> Curve:
@@ -38,7 +40,11 @@ def teacher_golden_of(run: RunAnalysis) -> tuple[float, float] | None:
     info = json.loads(path.read_text()) if path.is_file() else {}
     if info.get(record.TEACHER_GOLDEN) is not None:
         return float(info[record.TEACHER_GOLDEN]), float(info.get(record.se_column(record.TEACHER_GOLDEN)) or 0.0)
-    m = run.metrics
+    return teacher_golden_in(run.metrics)
+
+
+def teacher_golden_in(m: Metrics) -> tuple[float, float] | None:
+    """The teacher's own golden and its SE as a metrics log carries them (`teacher_golden_fkl`), or None."""
     if not m.has(record.TEACHER_GOLDEN):
         return None
     values = m.column(record.TEACHER_GOLDEN)
@@ -99,9 +105,9 @@ def assess_runs(runs: list[RunAnalysis], control: str | None = None) -> WorldAss
     tg = next((t for t in map(teacher_golden_of, runs) if t is not None), None)
     ctrl_curves = [curve_of(r) for r in groups[ctrl]] if ctrl else []
     online_best = float(np.mean([c.golden.min() for c in ctrl_curves])) if ctrl_curves else None
-    conditions = {}
+    conditions, curves_by_name = {}, {}
     for name, members in groups.items():
-        curves = [curve_of(r) for r in members]
+        curves = curves_by_name[name] = [curve_of(r) for r in members]
         rises = [r.golden.rise for r in members]
         dps = [r.golden.proxy_change for r in members]
         cond = {
@@ -127,9 +133,9 @@ def assess_runs(runs: list[RunAnalysis], control: str | None = None) -> WorldAss
         conditions[name] = cond
     ordering = None
     if tg is not None:
-        by_regime = {name: [curve_of(r) for r in members] for name, members in groups.items()}
-        ordering = paper_ordering(by_regime, tg[0], tg[1], teacher_params=_params(runs[0], "teacher"),
-                                  student_params=_params(runs[0], "student_init")).to_dict()
+        online = {name for name, members in groups.items() if members[0].regime in ONLINE_REGIMES}
+        ordering = paper_ordering(curves_by_name, tg[0], tg[1], teacher_params=_params(runs[0], "teacher"),
+                                  student_params=_params(runs[0], "student_init"), online=online).to_dict()
     return WorldAssessment(
         teacher_golden=tg[0] if tg else None, teacher_golden_se=tg[1] if tg else None, online_best=online_best,
         ratio=(tg[0] / online_best) if tg and online_best else None, ordering=ordering, conditions=conditions,

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import typer
 
 from kdlab import record
@@ -109,6 +108,7 @@ def _attribution(metrics, control: list[Path], teacher_golden: float | None, pro
     """The golden-rise attribution (kdlab.analysis.attribution): teacher floor and iso-proxy gap."""
     from kdlab.analysis import MetricsError
     from kdlab.analysis.attribution import Curve, iso_proxy_gap, teacher_floor
+    from kdlab.analysis.worlds import teacher_golden_in
 
     out: dict = {"teacher_floor": None, "iso_proxy_gap": None}
     if metrics.golden is None:
@@ -116,12 +116,8 @@ def _attribution(metrics, control: list[Path], teacher_golden: float | None, pro
             raise MetricsError(f"{metrics.path}: --control and --teacher-golden need a golden column")
         return out
     t_se = 0.0
-    if teacher_golden is None and metrics.has(record.TEACHER_GOLDEN):
-        values = metrics.column(record.TEACHER_GOLDEN)
-        teacher_golden = float(values[np.isfinite(values)][-1])
-        if metrics.has(record.se_column(record.TEACHER_GOLDEN)):
-            ses = metrics.column(record.se_column(record.TEACHER_GOLDEN))
-            t_se = float(ses[np.isfinite(ses)][-1])
+    if teacher_golden is None and (given := teacher_golden_in(metrics)) is not None:
+        teacher_golden, t_se = given
     if teacher_golden is not None:
         out["teacher_floor"] = teacher_floor(metrics.steps, metrics.golden, metrics.golden_se, teacher_golden,
                                              t_se).to_dict()

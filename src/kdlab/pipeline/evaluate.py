@@ -106,11 +106,11 @@ class Evaluator:
             row[f"{name}_fkl"] = est.mean
             row[f"{name}_fkl_se"] = est.se
             row[f"{name}_fkl_per_token"] = est.per_token
-        if row.get("golden_fkl") is not None and "teacher_golden_fkl" in self.teacher_golden:
+        tg, tg_se = record.TEACHER_GOLDEN, record.se_column(record.TEACHER_GOLDEN)
+        if row.get(record.GOLDEN) is not None and tg in self.teacher_golden:
             # The teacher's own golden beside the student's, so that a metrics file alone shows the
             # teacher floor (kdlab.analysis.attribution): the student's golden below it = case (i).
-            row["teacher_golden_fkl"] = self.teacher_golden["teacher_golden_fkl"]
-            row["teacher_golden_fkl_se"] = self.teacher_golden["teacher_golden_fkl_se"]
+            row[tg], row[tg_se] = self.teacher_golden[tg], self.teacher_golden[tg_se]
         if per_prompt_dir is not None and per_prompt:
             from safetensors.torch import save_file
 

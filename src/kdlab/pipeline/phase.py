@@ -17,6 +17,7 @@ verdict. Results go to `<out>/phase.json`, `<out>/phase.csv` and the heat map `<
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -97,8 +98,7 @@ def load_phase_spec(path: str | Path, out: Path | None = None) -> PhaseSpec:
         panels=_named_sets(data, "panels", path, required=False),
         world_seeds=_int_list(data, "world_seeds", [0], path), seeds=_int_list(data, "seeds", [0, 1], path),
         control=control, jobs=int(data.get("jobs", 2)), common=data.get("set") or {})
-    for world in world_configs(spec):  # validates every override before any run starts
-        pass
+    world_configs(spec)  # validates every override before any run starts
     return spec
 
 
@@ -215,18 +215,17 @@ def judge_phase(spec: PhaseSpec, worlds: list[PhaseWorld]) -> dict:
 
 
 def write_phase(spec: PhaseSpec, result: dict) -> None:
-    from kdlab.pipeline.rundir import atomic_write_json
+    from kdlab import record
     from kdlab.report.phase import plot_phase
 
     spec.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(spec.out / "phase.json", result)
+    record.write_json(spec.out / "phase.json", result)
     keys = [k for k in result["cells"][0] if k != "kinds"] if result["cells"] else []
-    tmp = spec.out / ".phase.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(result["cells"])
-    tmp.replace(spec.out / "phase.csv")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(result["cells"])
+    record.write_text(spec.out / "phase.csv", table.getvalue())
     plot_phase(result, spec.out / "phase")
 
 
