@@ -128,3 +128,93 @@ def test_reference_samples_end_at_the_tokenizer_eos_and_every_eos_the_teacher_li
     teacher.hf.generation_config.eos_token_id = 1  # the same id twice is listed once
     assert TeacherHackingMonitor(teacher, [[3, 4]], tokenizer=tokenizer, max_new_tokens=4).eos_token_id == (1,)
     assert TeacherHackingMonitor(teacher, [[3, 4]], max_new_tokens=4).eos_token_id == (1,)
+
+
+def _plain_trainer_run(tmp_path, name, monitor=None):
+    """35 steps of a plain Trainer logging its loss every 5 steps, with or without the monitor."""
+    from datasets import Dataset
+    from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+
+    from kdlab.models import tiny_llama_config
+
+    torch.manual_seed(0)
+    student = LlamaForCausalLM(tiny_llama_config(12, 16, 1, 2, max_position_embeddings=32))
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 12, (64, 8), generator=g)
+    train = Dataset.from_dict({"input_ids": data.tolist(), "labels": data.tolist()})
+    args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=35, per_device_train_batch_size=8,
+                             learning_rate=1e-2, save_strategy="no", report_to="none", use_cpu=True,
+                             disable_tqdm=True, logging_steps=5, seed=0)
+    trainer = Trainer(model=student, args=args, train_dataset=train)
+    if monitor is not None:
+        monitor.attach(trainer)
+    trainer.train()
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+
+def test_the_trainers_own_loss_logs_are_unchanged_by_the_monitor(tmp_path):
+    """Issue 17, bug 2: the monitor logged through `trainer.log`, which resets `control.should_log`, so the
+    trainer's loss due at a measured step was dropped and the next one averaged over twice the steps."""
+    from transformers import LlamaForCausalLM
+
+    from kdlab.models import tiny_llama_config
+
+    torch.manual_seed(1)
+    teacher = LlamaForCausalLM(tiny_llama_config(12, 16, 1, 2, max_position_embeddings=32))
+    prompts = torch.randint(0, 12, (8, 3), generator=torch.Generator().manual_seed(1))
+    monitor = TeacherHackingMonitor(teacher, (prompts, torch.ones_like(prompts, dtype=torch.bool)), max_new_tokens=4,
+                                    num_points=12)
+    assert {5, 10, 25, 35} <= set(log_spaced_steps(35, 12)), "the monitor must measure at logging steps"
+    without = _plain_trainer_run(tmp_path, "without")
+    with_monitor = _plain_trainer_run(tmp_path, "with", monitor)
+    assert sorted(without) == [5, 10, 15, 20, 25, 30, 35]
+    assert sorted(with_monitor) == sorted(without)
+    for step, loss in without.items():
+        assert with_monitor[step] == pytest.approx(loss, rel=1e-6), step
+
+
+def _distillation_run(tmp_path, name, **monitor_kw):
+    """30 steps of TRL's stable `DistillationTrainer` (on-policy, tiny models) logging every 2 steps."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    example = _example()
+    tok = example.tiny_tokenizer()
+    teacher = example.tiny_model(len(tok), 32, 1, tok.eos_token_id, tok.pad_token_id)
+    student = example.tiny_model(len(tok), 16, 2, tok.eos_token_id, tok.pad_token_id)
+    import random
+
+    rng = random.Random(0)
+    prompts = [" ".join(rng.choice(example.WORDS) for _ in range(4)) for _ in range(48)]
+    train = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts[16:]]})
+    eval_prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False) for p in prompts[:16]]
+    config = trl.DistillationConfig(output_dir=str(tmp_path / name), max_steps=30, per_device_train_batch_size=4,
+                                    learning_rate=3e-3, logging_steps=2, save_strategy="no", report_to="none",
+                                    use_cpu=True, disable_tqdm=True, bf16=False, gradient_checkpointing=False,
+                                    max_completion_length=5)
+    trainer = trl.DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=train,
+                                      processing_class=tok)
+    monitor = TeacherHackingMonitor(teacher, eval_prompts, tokenizer=tok, max_new_tokens=5, num_points=8,
+                                    **monitor_kw).attach(trainer)
+    trainer.train()
+    return trainer, monitor
+
+
+@pytest.mark.filterwarnings("ignore::kdlab.integrations.TeacherHackingWarning")
+@pytest.mark.parametrize("stop", [False, True])
+def test_trl_distillation_trainer_keeps_its_loss_and_buffered_metrics(tmp_path, stop):
+    """Issue 17, bug 2, in TRL's `DistillationTrainer`: its loss appears at every logging step (it appeared at 7
+    of 15, and at none with `stop_on_hacking`), and its buffered metrics (`completions/*`, `entropy`) stay in
+    its own rows instead of moving into the monitor's."""
+    kw = dict(stop_on_hacking=True, detect_proxy=_FiresAt(n=4, onset_index=2)) if stop else {}
+    trainer, monitor = _distillation_run(tmp_path, f"stop{stop}", **kw)
+    last = trainer.state.global_step
+    assert (last < 30) if stop else (last == 30)
+    rows = trainer.state.log_history
+    loss_steps = [h["step"] for h in rows if "loss" in h]
+    assert loss_steps == list(range(2, last + 1, 2)), loss_steps
+    monitor_rows = [h for h in rows if any(k.startswith("teacher_hacking/") for k in h)]
+    assert [h["step"] for h in monitor_rows] == [r["step"] for r in monitor.history]
+    assert all(set(h) <= {"step"} | {k for k in h if k.startswith("teacher_hacking/")} for h in monitor_rows)
+    assert all("completions/mean_length" in h and "entropy" in h for h in rows if "loss" in h)

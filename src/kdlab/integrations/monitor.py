@@ -17,18 +17,19 @@ the cumulative learning rate, which the monitor sums over every optimizer step) 
 it warns — or, with ``stop_on_hacking=True``, stops training and restores the best weights (the last
 measurement before the onset; with an oracle, the lowest golden), which it also keeps on disk.
 
-Metrics go through the trainer's own loggers (``trainer.log``: TensorBoard, W&B, ... whatever
-``report_to`` says) when the monitor is attached to the trainer, and always to a JSONL file that
+Metrics go to the trainer's own loggers (its ``on_log`` callbacks: TensorBoard, W&B, ... whatever
+``report_to`` says; not through ``trainer.log``, which would drop the trainer's own loss log at that
+step) and to ``trainer.state.log_history`` when the monitor is attached to the trainer, and always to a JSONL file that
 ``kdlab detect`` reads::
 
     monitor = TeacherHackingMonitor(teacher, eval_prompts, tokenizer=tok, max_new_tokens=128)
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, ..., callbacks=[monitor])
-    monitor.attach(trainer)          # route the metrics through trainer.log
+    monitor.attach(trainer)          # route the metrics to the trainer's loggers
     trainer.train()
     # kdlab detect <output_dir>/teacher_hacking_monitor.jsonl
 
 A callback is not handed the trainer by `transformers`; TRL's own metric callbacks
-(``LogCompletionsCallback``, ``WinRateCallback``) take it the same way, to call ``trainer.log``.
+(``LogCompletionsCallback``, ``WinRateCallback``) take it the same way.
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ class TeacherHackingMonitor(TrainerCallback):
         self.best_checkpoint: Path | None = None
 
     def attach(self, trainer) -> "TeacherHackingMonitor":
-        """Log through `trainer.log` (its TensorBoard / W&B / ... callbacks), and register with it."""
+        """Log to the trainer's loggers (its TensorBoard / W&B / ... callbacks), and register with it."""
         self.trainer = trainer
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
@@ -328,10 +329,24 @@ class TeacherHackingMonitor(TrainerCallback):
                                 for k, v in row.items()}) + "\n")
         metrics = {PREFIX + k: float(v) for k, v in row.items()
                    if k != "step" and isinstance(v, (int, float)) and v is not None}
+        state.log_history.append({**metrics, "step": row["step"]})
         if self.trainer is not None:
-            self.trainer.log(metrics)  # the trainer's own loggers: report_to (TensorBoard, W&B, ...)
-        else:
-            state.log_history.append({**metrics, "step": row["step"]})
+            self._to_loggers(metrics, state)
+
+    def _to_loggers(self, metrics: dict[str, float], state) -> None:
+        """Hand `metrics` to the trainer's loggers (report_to: TensorBoard, W&B, ...) without `trainer.log`.
+
+        `Trainer.log` would reset `control.should_log`, so the trainer's own loss log due at this step would
+        be skipped and its next one averaged over twice the steps; TRL trainers override `log` to flush
+        their buffered metrics (`completions/*`, `entropy`) into whichever row is logged, ours included.
+        The loggers get a copy of the trainer's control, so nothing they set leaks into the training loop.
+        Loggers name the tags as they name every training scalar: TensorBoard ``train/teacher_hacking/...``.
+        """
+        import dataclasses
+
+        trainer = self.trainer
+        control = dataclasses.replace(trainer.control)
+        trainer.callback_handler.call_event("on_log", trainer.args, state, control, logs=dict(metrics))
 
     # -------------------------------------------------------------------------------- snapshots
     def _snapshot(self, model, step: int) -> None:
