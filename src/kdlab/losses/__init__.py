@@ -1,7 +1,8 @@
 """kdlab.losses: token-level distillation divergences, TAID, reductions, sparse targets, lean path.
 
 Every loss: ``loss(student_logits_BxTxV, teacher, mask_BxT=None, *, reduction="mean",
-temperature=1.0, **params)`` with ``teacher`` dense logits or a :class:`SparseTarget`.
+temperature=1.0, **params)`` with ``teacher`` dense logits, a :class:`SparseTarget` (top-k, a lower
+bound) or a :class:`HiddenTarget` (the teacher's hidden states and head, exact).
 See DESIGN.md ("Losses (contract)") and each function's docstring for formula, direction and source.
 """
 
@@ -15,6 +16,7 @@ from kdlab.losses.divergences import (
     token_divergence,
     tvd,
 )
+from kdlab.losses.hidden import HiddenTarget
 from kdlab.losses.lean import lean_loss
 from kdlab.losses.reduction import REDUCTIONS, reduce_tokens, token_count
 from kdlab.losses.registry import LOSSES, get
@@ -22,6 +24,7 @@ from kdlab.losses.sparse import SparseTarget
 from kdlab.losses.schedule import TAIDSchedule
 
 __all__ = [
+    "HiddenTarget",
     "LOSSES",
     "REDUCTIONS",
     "SparseTarget",

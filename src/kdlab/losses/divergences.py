@@ -4,7 +4,8 @@ Every public loss has the signature (DESIGN.md, "Losses (contract)")::
 
     loss(student_logits_BxTxV, teacher, mask_BxT=None, *, reduction="mean", temperature=1.0, **params)
 
-``teacher`` is dense logits ``BxTxV`` or a :class:`~kdlab.losses.sparse.SparseTarget`.
+``teacher`` is dense logits ``BxTxV``, a :class:`~kdlab.losses.sparse.SparseTarget` (top-k: a lower
+bound) or a :class:`~kdlab.losses.hidden.HiddenTarget` (the teacher's hidden states and head: exact).
 ``temperature`` τ divides both sides' logits (for a sparse target see ``sparse.py``: the cached
 log-probs are taken to be at τ already). The value is computed per counted token, in float32 or
 better (bf16/fp16 are upcast, float64 stays float64), in log space throughout, and reduced by the one
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from kdlab.losses.reduction import check_mask, check_reduction, counted_rows, place_rows, reduce_tokens, take_rows
+from kdlab.losses.hidden import HiddenTarget, check_hidden
 from kdlab.losses.sparse import SparseTarget, bucket_log_probs, check_sparse
 
 NEG_INF = float("-inf")
@@ -209,7 +211,7 @@ def _log_softmax_tempered(logits_NxV: Tensor, temperature: float, dtype: torch.d
 def token_divergence(
     row_kernel: RowKernel,
     student_logits_BxTxV: Tensor,
-    teacher: Tensor | SparseTarget,
+    teacher: Tensor | SparseTarget | HiddenTarget,
     mask_BxT: Tensor | None,
     reduction: str,
     temperature: float,
@@ -241,8 +243,13 @@ def token_divergence(
             )
         log_q = _log_softmax_tempered(z_s, temperature, dtype)
         log_p = _log_softmax_tempered(take_rows(teacher.reshape(B * T, V), rows), temperature, dtype)
+    elif isinstance(teacher, HiddenTarget):  # exact: the teacher's logits of the counted tokens only
+        check_hidden(teacher, (B, T), V)
+        log_q = _log_softmax_tempered(z_s, temperature, dtype)
+        log_p = _log_softmax_tempered(teacher.flat_logits(rows, dtype), temperature, dtype)
     else:
-        raise ValueError(f"teacher of type {type(teacher).__name__}; allowed: a (B, T, V) tensor or a SparseTarget")
+        raise ValueError(f"teacher of type {type(teacher).__name__}; allowed: a (B, T, V) tensor, a SparseTarget "
+                         "or a HiddenTarget")
     per_token_BxT = place_rows(row_kernel(log_q, log_p), rows, (B, T))
     return reduce_tokens(per_token_BxT, mask_BxT, reduction)
 

@@ -36,6 +36,7 @@ from kdlab.losses.reduction import (
     reduce_tokens,
     reduction_weight,
 )
+from kdlab.losses.hidden import HiddenTarget, check_hidden
 from kdlab.losses.registry import get
 from kdlab.losses.sparse import SparseTarget, check_sparse
 
@@ -147,7 +148,8 @@ def lean_loss(
         hidden_BxTxH: the student's final hidden states (after the final norm), H = hidden size.
         lm_head_weight_VxH, lm_head_bias_V: the student's LM head; gradients flow to them and to
             the hidden states (the teacher is a constant here).
-        teacher: dense teacher logits (B, T, V) or a SparseTarget (B, T, K).
+        teacher: dense teacher logits (B, T, V), a SparseTarget (B, T, K) or a HiddenTarget (the teacher's
+            hidden states (B, T, H') and head (V, H'), exact: its logits are made per chunk too).
         mask_BxT: True = the token counts; only counted tokens are computed, ``chunk_size`` at a time.
         chunk_size: tokens per chunk; peak extra memory ~ a few chunk_size x V float32 tensors.
         reduction, temperature, params: as for the loss itself.
@@ -176,12 +178,15 @@ def lean_loss(
         check_sparse(teacher, (B, T), V)
         K = teacher.indices.shape[-1]
         flat_teacher = SparseTarget(teacher.indices.reshape(B * T, K), teacher.logprobs.reshape(B * T, K))
+    elif isinstance(teacher, HiddenTarget):  # exact; its logits are made chunk by chunk beside the student's
+        check_hidden(teacher, (B, T), V)
+        flat_teacher = HiddenTarget(teacher.hidden.reshape(B * T, 1, -1), teacher.weight, teacher.bias)
     elif isinstance(teacher, Tensor) and tuple(teacher.shape) == (B, T, V):
         flat_teacher = teacher.reshape(B * T, V)
     else:
         raise ValueError(
             f"teacher {type(teacher).__name__} of shape {tuple(getattr(teacher, 'shape', ()))}; "
-            f"allowed: logits of shape {(B, T, V)} or a SparseTarget"
+            f"allowed: logits of shape {(B, T, V)}, a SparseTarget or a HiddenTarget"
         )
 
     rows = counted_rows(mask_BxT)
@@ -196,6 +201,8 @@ def lean_loss(
         r = slice(start, end) if every_token else rows[start:end]
         if isinstance(flat_teacher, SparseTarget):
             target = SparseTarget(flat_teacher.indices[r][None], flat_teacher.logprobs[r][None])
+        elif isinstance(flat_teacher, HiddenTarget):
+            target = flat_teacher.flat_logits(r, compute_dtype(logits_cxV.dtype))[None]
         else:
             target = flat_teacher[r][None]
         return fn(logits_cxV[None], target, None, reduction="none", temperature=temperature)[0]

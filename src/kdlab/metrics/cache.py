@@ -7,10 +7,17 @@ The cache holds both, so each evaluation of
     fkl = E_x E_{y~A} Σ_t KL(A_t ‖ S_t)
 
 costs one student forward pass instead of reference sampling + reference forward + student forward.
-The distributions are stored as float32 log-probs (M×R×V) when that fits ``memory_budget_bytes``,
-else as the top-k log-probs (a ``SparseTarget``; ``kdlab.losses`` puts the remaining mass in one
-bucket, so top-k KL is a slight underestimate), else not at all (then pass the reference model to
-:func:`sequence_fkl` for a live forward pass; the samples are still reused).
+The reference's distributions are held exactly, in the first form that fits ``memory_budget_bytes``:
+
+* ``full``: float32 log-probs (M×R×V), when they fit;
+* ``hidden``: the reference's final hidden states (M×R×H, in its dtype) and its output head (V×H);
+  the log-probs are recomputed chunk by chunk beside the student's (``kdlab.losses.HiddenTarget``,
+  the lean path), so neither model's B×R×V logits are held. H is 25-100x smaller than V at real sizes;
+* ``none``: nothing stored; the reference model runs live on the cached samples (exact too).
+
+``topk`` (the k largest log-probs, a ``SparseTarget``; ``kdlab.losses`` puts the remaining mass in one
+bucket) is a *lower bound* of the KL. It is only used when asked for (``storage="topk"``), and every
+number it produces says so (:attr:`ReferenceCache.label`).
 
 Layout: N prompts, m = ``samples_per_prompt``, M = N·m sequences; row ``i*m + j`` is sample j of
 prompt i. On disk: ``reference_cache.safetensors`` (tensors) + ``reference_cache.json`` (metadata).
@@ -27,7 +34,7 @@ import torch
 from torch import Tensor
 
 from kdlab import record
-from kdlab.losses import SparseTarget
+from kdlab.losses import HiddenTarget, SparseTarget
 from kdlab.metrics.divergence import DivergenceEstimate, eval_mode, sample_responses, sequence_kl_sums
 from kdlab.models import LM, check_vocab_compatible
 from kdlab.models.lm import CheckpointError, check_safetensors
@@ -37,15 +44,23 @@ __all__ = ["ReferenceCache", "sequence_fkl"]
 TENSORS_FILE = "reference_cache.safetensors"
 META_FILE = "reference_cache.json"
 FORMAT = "kdlab.reference_cache/1"
-STORAGES = ("auto", "full", "topk", "none")
+STORAGES = ("auto", "full", "hidden", "topk", "none")
+EXACT_STORAGES = ("full", "hidden", "none")  # "none": the reference runs live
 
 
-def _storage_for(M: int, R: int, V: int, budget: int, topk: int | None) -> str:
-    """Full float32 log-probs if they fit the budget, else top-k (int32 index + float32 value), else none."""
+def _storage_for(lm: LM, M: int, R: int, budget: int) -> str:
+    """The first exact storage that fits ``budget``: full log-probs, else hidden states + head, else none.
+
+    Top-k is never chosen here: it is a lower bound, used only when asked for.
+    """
+    V = lm.vocab_size
     if M * R * V * 4 <= budget:
         return "full"
-    if topk is not None and M * R * min(topk, V) * 8 <= budget:
-        return "topk"
+    if lm.has_linear_head:
+        H = lm.lm_head_weight.shape[1]
+        item = lm.lm_head_weight.element_size()
+        if M * R * H * item + V * H * item <= budget:
+            return "hidden"
     return "none"
 
 
@@ -55,7 +70,8 @@ class ReferenceCache:
 
     prompt_ids_NxP, prompt_mask_NxP: the eval prompts (left-padded), once each.
     response_ids_MxR, response_mask_MxR: reference samples, M = N * samples_per_prompt.
-    targets: None, float32 log-probs (M, R, V), or a SparseTarget (indices int32 in storage, (M, R, K)).
+    targets: None (the reference runs live), float32 log-probs (M, R, V), a HiddenTarget (hidden states
+        (M, R, H) and head (V, H)), or a SparseTarget (top-k, a lower bound; indices int32 in storage).
     vocab_size: the reference's V (checked against the student).
     meta: how the samples were drawn (max_new_tokens, temperature, eos_token_id, topk, ...), saved as JSON.
     """
@@ -66,16 +82,31 @@ class ReferenceCache:
     response_mask_MxR: Tensor
     samples_per_prompt: int
     vocab_size: int
-    targets: Tensor | SparseTarget | None = None
+    targets: Tensor | SparseTarget | HiddenTarget | None = None
     meta: dict = field(default_factory=dict)
 
     # -------------------------------------------------------------------------------- properties
     @property
     def storage(self) -> str:
-        """'full', 'topk' or 'none': what ``targets`` holds."""
+        """'full', 'hidden', 'topk' or 'none': what ``targets`` holds."""
         if self.targets is None:
             return "none"
+        if isinstance(self.targets, HiddenTarget):
+            return "hidden"
         return "topk" if isinstance(self.targets, SparseTarget) else "full"
+
+    @property
+    def exact(self) -> bool:
+        """False only for top-k targets, whose KL is a lower bound of the full-vocabulary KL."""
+        return self.storage in EXACT_STORAGES
+
+    @property
+    def label(self) -> str:
+        """What produced a number from this cache, as the record writes it: 'full', 'hidden', 'live', or
+        'top-K lower bound'."""
+        if self.storage == "topk":
+            return f"top-{int(self.targets.indices.shape[-1])} lower bound"
+        return "live" if self.storage == "none" else self.storage
 
     @property
     def num_sequences(self) -> int:
@@ -84,8 +115,8 @@ class ReferenceCache:
     @property
     def nbytes(self) -> int:
         ts = [self.prompt_ids_NxP, self.prompt_mask_NxP, self.response_ids_MxR, self.response_mask_MxR]
-        if isinstance(self.targets, SparseTarget):
-            ts += list(self.targets)
+        if isinstance(self.targets, (SparseTarget, HiddenTarget)):
+            ts += [t for t in self.targets if t is not None]
         elif self.targets is not None:
             ts.append(self.targets)
         return sum(t.numel() * t.element_size() for t in ts)
@@ -117,8 +148,9 @@ class ReferenceCache:
         """Sample ``samples_per_prompt`` responses per prompt from the reference and cache its log-probs.
 
         ``temperature`` changes how y is drawn (T = 1 is the fkl of the contract); the stored
-        log-probs are always the reference's own T = 1 distributions. ``storage="auto"`` picks by
-        ``memory_budget_bytes`` (full, else top-``topk``, else none); 'full' / 'topk' / 'none' force it.
+        log-probs are always the reference's own T = 1 distributions. ``storage="auto"`` picks the first
+        exact form that fits ``memory_budget_bytes`` (full, else hidden, else none: see the module
+        docstring); 'full' / 'hidden' / 'topk' (a lower bound) / 'none' force it.
         """
         with eval_mode(reference_lm):
             _, _, responses, masks = sample_responses(
@@ -163,9 +195,12 @@ class ReferenceCache:
         if response_mask_MxR is None:
             response_mask_MxR = torch.ones(M, R, dtype=torch.bool)
         if storage == "auto":
-            storage = _storage_for(M, R, V, memory_budget_bytes, topk)
+            storage = _storage_for(reference_lm, M, R, memory_budget_bytes)
         if storage == "topk" and topk is None:
             raise ValueError("storage='topk' needs topk (an int >= 1)")
+        if storage == "hidden" and not reference_lm.has_linear_head:
+            raise ValueError(f"storage='hidden' needs a reference whose logits are hidden @ lm_head.T; "
+                             f"{type(reference_lm.hf).__name__} post-processes them: use storage='full' or 'none'")
         cache = cls(
             prompt_ids_NxP.cpu(), prompt_mask_NxP.cpu().bool(), response_ids_MxR.cpu().long(),
             response_mask_MxR.cpu().bool(), m, V, None,
@@ -178,8 +213,11 @@ class ReferenceCache:
         with eval_mode(reference_lm):
             for start in range(0, M, batch_size):
                 sl = slice(start, start + batch_size)
-                logits = reference_lm.response_logits(ids[sl], mask[sl], cache.response_ids_MxR[sl],
-                                                      cache.response_mask_MxR[sl])
+                args = (ids[sl], mask[sl], cache.response_ids_MxR[sl], cache.response_mask_MxR[sl])
+                if storage == "hidden":
+                    chunks.append(reference_lm.response_hidden(*args).detach().cpu())
+                    continue
+                logits = reference_lm.response_logits(*args)
                 if storage == "full":
                     chunks.append(logits.log_softmax(-1).cpu())
                 else:
@@ -187,6 +225,8 @@ class ReferenceCache:
                     chunks.append(SparseTarget(t.indices.to(torch.int32).cpu(), t.logprobs.float().cpu()))
         if storage == "full":
             cache.targets = torch.cat(chunks)
+        elif storage == "hidden":  # the head is the model's own tensor when the model is on the CPU (no copy)
+            cache.targets = HiddenTarget(torch.cat(chunks), reference_lm.lm_head_weight.detach().cpu())
         else:
             cache.targets = SparseTarget(torch.cat([c.indices for c in chunks]), torch.cat([c.logprobs for c in chunks]))
         return cache
@@ -206,6 +246,10 @@ class ReferenceCache:
         }
         if isinstance(self.targets, SparseTarget):
             tensors["topk_indices"], tensors["topk_logprobs"] = self.targets.indices, self.targets.logprobs
+        elif isinstance(self.targets, HiddenTarget):
+            tensors["hidden"], tensors["head_weight"] = self.targets.hidden, self.targets.weight
+            if self.targets.bias is not None:
+                tensors["head_bias"] = self.targets.bias
         elif self.targets is not None:
             tensors["logprobs"] = self.targets
         meta = dict(self.meta, format=FORMAT, samples_per_prompt=self.samples_per_prompt,
@@ -238,6 +282,8 @@ class ReferenceCache:
         t = load_file(str(tensors_path))
         if "logprobs" in t:
             targets = t["logprobs"]
+        elif "hidden" in t:
+            targets = HiddenTarget(t["hidden"], t["head_weight"], t.get("head_bias"))
         elif "topk_indices" in t:
             targets = SparseTarget(t["topk_indices"], t["topk_logprobs"])
         else:
@@ -268,8 +314,9 @@ def sequence_fkl_sums(
             "pass reference_lm= to run the reference live, or rebuild with a larger memory_budget_bytes / topk"
         )
     ids, mask = cache.prompts_for_sequences()
+    # Hidden storage, or none (memory was short): both models' logits chunk by chunk, never B×R×V.
     return sequence_kl_sums(student, reference, ids, mask, cache.response_ids_MxR, cache.response_mask_MxR,
-                            direction="forward", batch_size=batch_size)
+                            direction="forward", batch_size=batch_size, lean=cache.storage in ("hidden", "none"))
 
 
 def sequence_fkl(

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from kdlab.losses import SparseTarget, forward_kl, reverse_kl
+from kdlab.losses import HiddenTarget, SparseTarget, forward_kl, lean_loss, reverse_kl
 from kdlab.models import LM, check_vocab_compatible
 
 __all__ = ["DivergenceEstimate", "sample_responses", "sequence_kl_sums", "sequence_rkl"]
@@ -100,10 +100,12 @@ def eval_mode(*lms):
             lm.hf.train(was_training)
 
 
-def _rows(target, sl: slice):
+def _rows(target, sl: slice, device):
     if isinstance(target, SparseTarget):
-        return SparseTarget(target.indices[sl].long(), target.logprobs[sl])
-    return target[sl]
+        return SparseTarget(target.indices[sl].long().to(device), target.logprobs[sl].to(device))
+    if isinstance(target, HiddenTarget):
+        return HiddenTarget(target.hidden[sl].to(device), target.weight, target.bias)
+    return target[sl].to(device)
 
 
 @torch.no_grad()
@@ -117,6 +119,8 @@ def sequence_kl_sums(
     *,
     direction: str = "forward",
     batch_size: int = 64,
+    lean: bool | None = None,
+    chunk_size: int = 1024,
 ) -> tuple[Tensor, Tensor]:
     """Per-sequence sums of the per-position KL on given (prompt, response) pairs.
 
@@ -124,7 +128,12 @@ def sequence_kl_sums(
     ``direction="forward"``: s_i = Σ_t KL(A_t ‖ S_t); ``"reverse"``: s_i = Σ_t KL(S_t ‖ A_t),
     where A_t is the reference's next-token distribution at response position t and S_t the
     student's. ``reference`` is a model (one forward pass per batch) or its precomputed per-position
-    targets for these N rows: dense log-probs/logits ``NxRxV`` or a ``SparseTarget`` (top-k).
+    targets for these N rows: dense log-probs/logits ``NxRxV``, a ``HiddenTarget`` (hidden states and
+    head: exact) or a ``SparseTarget`` (top-k: a lower bound).
+    ``lean`` (default: when the reference is a ``HiddenTarget``) computes both models' logits
+    ``chunk_size`` tokens at a time from their hidden states (``kdlab.losses.lean_loss``), never holding
+    B×R×V for either; a live reference then gives its hidden states too. A student (or live reference)
+    whose logits are not ``hidden @ lm_head.T`` is run densely instead. The values are the same.
     Their expectation is the sequence KL only if the responses come from the right model
     (A for forward, S for reverse); on other responses (e.g. training data) they are the divergence
     along those responses. Wrap in :meth:`DivergenceEstimate.from_sums` for the mean and SE.
@@ -143,19 +152,31 @@ def sequence_kl_sums(
         response_mask_NxR = torch.ones(N, R, dtype=torch.bool, device=response_ids_NxR.device)
     if prompt_mask_NxP is None:
         prompt_mask_NxP = torch.ones_like(prompt_ids_NxP, dtype=torch.bool)
+    if lean is None:
+        lean = isinstance(reference, HiddenTarget)
+    lean_student = lean and student.has_linear_head
+    live_hidden = lean and isinstance(reference, LM) and reference.has_linear_head
+    dev = student.device
+    if isinstance(reference, HiddenTarget):  # move the shared head once, not per batch
+        bias = None if reference.bias is None else reference.bias.to(dev)
+        reference = HiddenTarget(reference.hidden, reference.weight.to(dev), bias)
     sums, counts = [], []
     with eval_mode(student, *([reference] if isinstance(reference, LM) else [])):
         for start in range(0, N, batch_size):
             sl = slice(start, min(start + batch_size, N))
             args = (prompt_ids_NxP[sl], prompt_mask_NxP[sl], response_ids_NxR[sl], response_mask_NxR[sl])
-            z_s = student.response_logits(*args)
-            target = reference.response_logits(*args) if isinstance(reference, LM) else _rows(reference, sl)
-            if isinstance(target, SparseTarget):
-                target = SparseTarget(target.indices.to(z_s.device), target.logprobs.to(z_s.device))
+            if not isinstance(reference, LM):
+                target = _rows(reference, sl, dev)
+            elif live_hidden:
+                target = HiddenTarget(reference.response_hidden(*args).to(dev), reference.lm_head_weight.to(dev))
             else:
-                target = target.to(z_s.device)
-            mask = response_mask_NxR[sl].to(z_s.device).bool()
-            per_token_BxR = kl(z_s, target, mask, reduction="none")
+                target = reference.response_logits(*args).to(dev)
+            mask = response_mask_NxR[sl].to(dev).bool()
+            if lean_student:
+                per_token_BxR = lean_loss(kl, student.response_hidden(*args), student.lm_head_weight, target, mask,
+                                          reduction="none", chunk_size=chunk_size)
+            else:
+                per_token_BxR = kl(student.response_logits(*args), target, mask, reduction="none")
             sums.append(per_token_BxR.double().sum(-1).cpu())
             counts.append(mask.sum(-1).cpu())
     return torch.cat(sums), torch.cat(counts)
@@ -209,15 +230,18 @@ def sequence_rkl(
     temperature: float = 1.0,
     eos_token_id: int | tuple[int, ...] | None = None,
     batch_size: int = 64,
+    lean: bool = False,
 ) -> DivergenceEstimate:
     """rkl = E_x E_{y~S} Σ_t KL(S_t ‖ A_t) on fresh student samples (they change as S trains).
 
     Costs one student sampling pass and one forward pass of each model. ``temperature`` only
-    changes how y is drawn; the KL is always between the models' own (T = 1) distributions.
+    changes how y is drawn; the KL is always between the models' own (T = 1) distributions. ``lean``
+    computes both models' logits chunk by chunk from their hidden states (see `sequence_kl_sums`).
     """
     with eval_mode(student, reference):
         rows = sample_responses(student, prompt_ids_NxP, prompt_mask_NxP, samples_per_prompt=samples_per_prompt,
                                 max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=eos_token_id,
                                 generator=generator, batch_size=batch_size)
-        sums, counts = sequence_kl_sums(student, reference, *rows, direction="reverse", batch_size=batch_size)
+        sums, counts = sequence_kl_sums(student, reference, *rows, direction="reverse", batch_size=batch_size,
+                                        lean=lean)
     return DivergenceEstimate.from_sums(sums, counts, samples_per_prompt)

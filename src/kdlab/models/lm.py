@@ -152,6 +152,16 @@ class LM:
             )
         return out.weight
 
+    @property
+    def has_linear_head(self) -> bool:
+        """Whether the logits are ``response_hidden @ lm_head_weight.T`` (the lean loss and the exact
+        hidden-state targets need it)."""
+        try:
+            self.lm_head_weight
+        except NotImplementedError:
+            return False
+        return True
+
     # ------------------------------------------------------------------------------------- forward
     def _inputs(self, prompt_ids_BxP, prompt_mask_BxP, response_ids_BxR, response_mask_BxR) -> dict:
         """Model keyword inputs: decoder-only ``concat(prompt, response[:, :-1])`` with mask and position
