@@ -50,8 +50,13 @@ def test_every_regime_writes_a_complete_run_directory(shared, regime):
     assert tokens == [s * cfg.stage2.batch_size * cfg.world.response_length for s in steps]
     for r in rows:
         assert r["regime"] == regime
-        for key in ("proxy_fkl", "proxy_fkl_se", "golden_fkl", "golden_fkl_se", "train_proxy_fkl"):
+        for key in ("proxy_fkl", "proxy_fkl_se", "golden_fkl", "golden_fkl_se", "train_proxy_fkl",
+                    "proxy_fkl_per_token", "proxy_fkl_per_token_se", "golden_fkl_per_token_se"):
             assert r[key] is not None and r[key] >= 0, (key, r)
+        # Which storage produced each number (issue 18): the tiny world's log-probs fit, so exact 'full'.
+        assert (r["proxy_fkl_storage"], r["golden_fkl_storage"], r["train_proxy_fkl_storage"]) == ("full",) * 3
+    world_info = json.loads((run_dir / "world.json").read_text())
+    assert world_info["metric_storage"] == {"proxy_fkl": "full", "golden_fkl": "full", "train_proxy_fkl": "full"}
     # Distillation must move the student towards the teacher on held-out prompts.
     assert rows[-1]["proxy_fkl"] < rows[0]["proxy_fkl"] - 2 * rows[0]["proxy_fkl_se"]
     ckpts = list((run_dir / "checkpoints").glob("step-*"))
@@ -261,3 +266,32 @@ def test_detect_and_report_on_pipeline_run_directories(shared):
     first = next(r for r in summary["runs"] if r["path"] == str(dirs[0]))
     assert first["golden"]["detected"] == verdict["golden"]["detected"]
     assert first["proxy_deviation"]["onset_step"] == verdict["proxy_deviation"]["onset_step"]
+
+
+def test_eval_storage_hidden_is_exact_and_topk_is_labelled_a_lower_bound_everywhere(shared):
+    """Issue 18: the evaluation may hold its references as hidden states + head (exact: the same numbers as
+    full log-probs within float32 round-off) or, when asked, as top-k (a lower bound, said so in the metrics
+    rows, by `kdlab detect` and in the report)."""
+    steps = ["stage2.steps=6", "eval.num_points=3"]
+    full = metrics(run(tiny(shared, "store-full", *steps), log=lambda m: None, progress=False))
+    hidden = metrics(run(tiny(shared, "store-hidden", *steps, "eval.storage=hidden"), log=lambda m: None, progress=False))
+    topk_dir = run(tiny(shared, "store-topk", *steps, "eval.storage=topk", "eval.topk=4"), log=lambda m: None,
+                   progress=False)
+    topk = metrics(topk_dir)
+    assert [r["step"] for r in hidden] == [r["step"] for r in full]
+    for a, b in zip(hidden, full):
+        assert a["proxy_fkl_storage"] == "hidden" and b["proxy_fkl_storage"] == "full"
+        for col in ("proxy_fkl", "golden_fkl", "train_proxy_fkl"):
+            assert a[col] == pytest.approx(b[col], rel=1e-5), col
+    for a, b in zip(topk, full):
+        assert a["golden_fkl_storage"] == "top-4 lower bound"
+        assert a["golden_fkl"] <= b["golden_fkl"] + 1e-6  # bucketing the tail can only lower a KL
+    out = _cli("detect", str(topk_dir))
+    assert out.returncode == 0, out.stderr
+    assert "golden_fkl is a top-4 lower bound of the full-vocabulary KL" in out.stdout
+    report = _cli("report", str(topk_dir), "--out", str(shared / "store-report"))
+    assert report.returncode == 0, report.stderr
+    html = (shared / "store-report" / "report.html").read_text()
+    assert "Lower bounds" in html and "top-4 lower bound" in html
+    summary = json.loads((shared / "store-report" / "summary.json").read_text())
+    assert summary["metric_storage"]["proxy_fkl"] == "top-4 lower bound"  # a single run's summary

@@ -323,6 +323,15 @@ class EvalConfig(_Section):
     samples_per_prompt: int = Field(1, ge=1, description="Reference samples per prompt.")
     batch_size: int = Field(256, ge=1, description="Sequences per evaluation forward pass.")
     reverse: bool = Field(False, description="Also compute reverse KL (needs fresh student samples each time).")
+    storage: Literal["auto", "full", "hidden", "topk", "none"] = Field(
+        "auto",
+        description="How the held-out references' distributions are held. 'auto': full log-probs if they fit "
+        "eval.memory_mb, else the reference's final hidden states and output head (logits recomputed chunk by "
+        "chunk), else the live model: all exact. 'topk' keeps the eval.topk largest log-probs: a LOWER BOUND "
+        "of the KL, labelled so in every metrics row (<metric>_storage).",
+    )
+    memory_mb: int = Field(1024, ge=0, description="Memory each evaluation reference may use under 'auto' (MiB).")
+    topk: int = Field(256, ge=1, description="k for eval.storage=topk.")
     train_prompts: int = Field(
         256, ge=0, description="Training prompts on which the divergence to the teacher is also logged (0 = off)."
     )
@@ -434,7 +443,7 @@ class RunConfig(_Section):
     def eval_key(self) -> str:
         """Hash of everything the held-out references depend on."""
         return _hash({"stage1": self.stage1_key(), "eval": self.eval.model_dump(
-            include={"num_prompts", "samples_per_prompt"})})
+            include={"num_prompts", "samples_per_prompt", "storage", "memory_mb", "topk"})})
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:

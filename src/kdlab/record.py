@@ -98,6 +98,11 @@ COLUMNS: tuple[Column, ...] = (
     _divergence("proxy_rkl", "sequence reverse KL(student || teacher) on held-out prompts"),
     _divergence("golden_rkl", "sequence reverse KL(student || oracle) on held-out prompts"),
     _divergence("train_proxy_fkl", "proxy_fkl on training prompts (a generalisation-gap check)"),
+    _divergence("train_proxy_fkl_per_token", "train_proxy_fkl divided by the response tokens", "nats per token"),
+    Column("proxy_fkl_storage", "how the teacher's distributions behind proxy_fkl were held: full, hidden "
+           "(hidden states + head) or live (all exact), or 'top-K lower bound'"),
+    Column("golden_fkl_storage", "the same for golden_fkl (the oracle's distributions)"),
+    Column("train_proxy_fkl_storage", "the same for train_proxy_fkl"),
     Column("taid_t", "TAID's interpolation t at this step"),
     _divergence("teacher_golden_fkl", "sequence forward KL(oracle || teacher): the teacher's own golden, the "
                 "floor a student converging to it reaches (kdlab.analysis.attribution)"),
@@ -124,6 +129,28 @@ TEACHER_GOLDEN = COLUMN["teacher_golden_fkl"].name
 LR = COLUMN["lr"].name
 LR_SUM = COLUMN["lr_sum"].name
 TRAIN_PREFIX = "train_"  # train_<col>: <col> measured on training prompts
+
+
+def storage_column(name: str) -> str:
+    """The column saying how the reference behind metric `name` was held (``proxy_fkl_storage``)."""
+    return f"{name}_storage"
+
+
+def metric_storage(rows) -> dict[str, str]:
+    """How each metric's reference was held, from its `<metric>_storage` column (the first row that says):
+    ``{"proxy_fkl": "full", "golden_fkl": "top-256 lower bound"}``; empty for logs that do not say."""
+    out: dict[str, str] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.endswith("_storage") and isinstance(value, str):
+                out.setdefault(key[: -len("_storage")], value)
+    return out
+
+
+def lower_bounds(rows) -> dict[str, str]:
+    """The metrics held as top-k (`metric_storage`): lower bounds of the full-vocabulary KL, which reports
+    and `detect` say beside them."""
+    return {col: label for col, label in metric_storage(rows).items() if label.startswith("top-")}
 
 
 def se_column(name: str) -> str:
@@ -648,5 +675,5 @@ __all__ = [
     "MONITOR_METRICS", "Metrics", "MetricsError", "OFFLINE_DATA", "PER_PROMPT", "PLOTS", "PROXY", "REGIME", "REPORT", "SEED", "TAID_T", "TOKENS",
     "STEP", "STEP_ALIASES", "SUMMARY", "TENSORBOARD", "TRAINER_STATE", "TRAIN_LOSS", "WORLD", "append_row",
     "checkpoint_dir", "config_differences", "dir_mode", "file_mode", "find_log", "find_runs", "is_run_dir", "normalise_modes", "per_prompt_file", "publish",
-    "read_metrics", "read_per_prompt", "se_column", "temp_dir", "write_bytes", "write_json", "write_text",
+    "lower_bounds", "metric_storage", "read_metrics", "read_per_prompt", "se_column", "storage_column", "temp_dir", "write_bytes", "write_json", "write_text",
 ]

@@ -148,6 +148,11 @@ class RunAnalysis:
     sequential: SequentialVerdict | None = None  # the experimental sequential proxy-only detector (issue 16)
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def storage(self) -> dict[str, str]:
+        """How each metric's reference was held (`record.metric_storage`; issue 18)."""
+        return record.metric_storage(self.metrics.rows)
+
     def verdict_text(self) -> str:
         """One line for both detectors, worded by `golden_status` / `proxy_status` (the words that
         `kdlab detect` prints too)."""
@@ -188,6 +193,7 @@ class RunAnalysis:
                 "proxy_deviation": self.proxy.to_dict(),
                 "train_proxy_deviation": self.train_proxy.to_dict() if self.train_proxy is not None else None,
                 "proxy_sequential": self.sequential.to_dict() if self.sequential is not None else None,
+                "metric_storage": self.storage,
                 "notes": self.notes,
             }
         )
@@ -261,6 +267,9 @@ def analyse(
     notes = []
     if metrics.duplicates_dropped:
         notes.append(f"{metrics.duplicates_dropped} duplicated step(s) in {metrics.path.name}: the last row of each was kept")
+    for col, label in record.lower_bounds(metrics.rows).items():
+        notes.append(f"{col} is a {label} of the full-vocabulary KL (its reference kept only the top-k "
+                     "log-probs); run the evaluation with eval.storage=auto for exact values")
     golden = None
     paired = {col: (read_per_prompt(metrics.run_dir, steps, col) if metrics.run_dir is not None else None)
               for col in (golden_col, proxy_col)}

@@ -67,6 +67,14 @@ def _mean_se(values) -> tuple[float | None, float | None]:
     return float(np.mean(v)), (float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None)
 
 
+def _combined_se(ses) -> float | None:
+    """The SE of a mean of independent estimates with SEs `ses`; None when any is unknown (a run with too few
+    evaluations for the golden detector has no rise, hence no SE)."""
+    if not ses or any(se is None or not np.isfinite(se) for se in ses):
+        return None
+    return float(np.sqrt(np.sum(np.square(ses))) / len(ses))
+
+
 @dataclass
 class WorldAssessment:
     teacher_golden: float | None
@@ -119,7 +127,7 @@ def assess_runs(runs: list[RunAnalysis], control: str | None = None) -> WorldAss
             "rise_z": [r.golden.rise_z for r in members],
             "rise": _mean_se(rises), "proxy_change": _mean_se(dps),
             # the SE of the mean rise from each run's own (paired, per-prompt) SE
-            "rise_paired_se": float(np.sqrt(np.sum(np.square([r.golden.rise_se for r in members]))) / len(members)),
+            "rise_paired_se": _combined_se([r.golden.rise_se for r in members]),
             "golden_start": _mean_se([c.golden[0] for c in curves]),
             "golden_min": _mean_se([c.golden.min() for c in curves]),
             "golden_end": _mean_se([c.golden[-1] for c in curves]),

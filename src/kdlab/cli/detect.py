@@ -89,6 +89,8 @@ def command(
         "golden": run.golden.to_dict() if run.golden is not None else None,
         "proxy_deviation": run.proxy.to_dict(),
         "proxy_sequential": run.sequential.to_dict() if run.sequential is not None else None,
+        "metric_storage": run.storage,
+        "notes": run.notes,
         **attribution,
     }
     if json_out:
@@ -101,6 +103,8 @@ def command(
         typer.echo(_sequential_line(proxy, result["proxy_sequential"]))
     for line in _attribution_lines(result):
         typer.echo(line)
+    for note in run.notes:
+        typer.echo(f"note: {note}")
 
 
 def _attribution(metrics, control: list[Path], teacher_golden: float | None, proxy_col: str, golden_col: str,

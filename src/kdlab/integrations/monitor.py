@@ -8,8 +8,11 @@ At log-spaced optimizer steps (0, then ``num_points`` steps spread evenly in log
     proxy  = E_x E_{y~teacher} Σ_t KL(teacher_t ‖ student_t)     (always)
     golden = E_x E_{y~oracle}  Σ_t KL(oracle_t ‖ student_t)      (when an oracle is given)
 
-with kdlab's `ReferenceCache` (the teacher's and oracle's samples and per-position log-probs are
-computed once, at the start, so each measurement is one student forward pass) and `sequence_fkl`.
+with kdlab's `ReferenceCache` (the teacher's and oracle's samples and per-position distributions are
+computed once, at the start, so each measurement is one student forward pass) and the evaluation probe
+that kdlab's own runs use (`kdlab.metrics.probe.EvalProbe`: the same columns, SEs and storage labels).
+The distributions are held exactly at any vocabulary size (full log-probs, or the reference's hidden
+states and head: ``storage``); top-k, a lower bound, only when asked for.
 It then runs the proxy-only detector (`kdlab.analysis.detect_proxy_deviation`: the proxy leaves its
 early power-law convergence upwards; or, with ``detect_proxy=None``, the experimental sequential one,
 `kdlab.analysis.sequential.SequentialProxyDetector`, one `update` per measurement in time measured as
@@ -43,14 +46,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 from transformers import TrainerCallback
 
 from kdlab.analysis.detectors import detect_golden, detect_proxy_deviation
 from kdlab.analysis.sequential import SequentialProxyDetector
-from kdlab.metrics import ReferenceCache, sequence_fkl
+from kdlab.metrics import ReferenceCache
+from kdlab.metrics.probe import EvalProbe, Reference, log_spaced_steps
 from kdlab.models import LM
 from kdlab.models.sampling import eos_ids
 from kdlab.seeding import generator_for
@@ -62,16 +65,6 @@ PREFIX = "teacher_hacking/"
 
 class TeacherHackingWarning(UserWarning):
     """Raised (as a warning) when a detector flags teacher hacking during training."""
-
-
-def log_spaced_steps(max_steps: int, num_points: int) -> list[int]:
-    """0, then `num_points` log-spaced steps in [1, max_steps], always including the last one.
-
-    The schedule of `kdlab.pipeline.evaluate.eval_steps`, repeated here because importing
-    `kdlab.pipeline` silences transformers' progress bars, which a callback must not do to its trainer.
-    """
-    pts = np.unique(np.round(np.geomspace(1, max(max_steps, 1), num_points)).astype(int))
-    return sorted({0, *pts.tolist(), max_steps})
 
 
 def _left_padded(prompts, tokenizer, pad_id: int) -> tuple[Tensor, Tensor]:
@@ -122,6 +115,10 @@ class TeacherHackingMonitor(TrainerCallback):
         max_steps: the schedule's last step (default: the trainer's ``state.max_steps``).
         temperature: sampling temperature of the reference responses (1 = the contract's fkl).
         batch_size: sequences per forward pass when measuring.
+        storage: how the references' distributions are held (``ReferenceCache``): 'auto' (full log-probs
+            if they fit ``memory_budget_bytes``, else the hidden states and head, else the live model: all
+            exact), 'full', 'hidden', 'none', or 'topk' (a lower bound, labelled so in every row).
+        memory_budget_bytes, topk: the budget 'auto' fits in; k for 'topk'.
         seed: seeds the reference samples.
         stop_on_hacking: stop training when hacking is detected and restore the best weights.
         keep_best: keep weight snapshots at each measurement and, at the end, the best one in
@@ -151,6 +148,9 @@ class TeacherHackingMonitor(TrainerCallback):
         max_steps: int | None = None,
         temperature: float = 1.0,
         batch_size: int = 64,
+        storage: str = "auto",
+        memory_budget_bytes: int = 1 << 30,
+        topk: int = 256,
         seed: int = 0,
         stop_on_hacking: bool = False,
         keep_best: bool | None = None,
@@ -177,6 +177,7 @@ class TeacherHackingMonitor(TrainerCallback):
         self.max_steps = max_steps
         self.temperature = temperature
         self.batch_size = batch_size
+        self.storage, self.memory_budget_bytes, self.topk = storage, memory_budget_bytes, topk
         self.seed = seed
         self.stop_on_hacking = stop_on_hacking
         self.keep_best = stop_on_hacking if keep_best is None else keep_best
@@ -216,13 +217,15 @@ class TeacherHackingMonitor(TrainerCallback):
             if state.global_step == 0:
                 self.jsonl_path.unlink(missing_ok=True)
         build = dict(samples_per_prompt=self.samples_per_prompt, max_new_tokens=self.max_new_tokens,
-                     temperature=self.temperature, eos_token_id=self.eos_token_id, batch_size=self.batch_size)
+                     temperature=self.temperature, eos_token_id=self.eos_token_id, batch_size=self.batch_size,
+                     storage=self.storage, memory_budget_bytes=self.memory_budget_bytes, topk=self.topk)
         for name, ref in (("proxy", self.teacher), ("golden", self.oracle)):
             if ref is not None and name not in self.caches:
                 dev = ref.device
                 self.caches[name] = ReferenceCache.build(
                     ref, self.prompt_ids.to(dev), self.prompt_mask.to(dev),
                     generator=generator_for(self.seed, "monitor", name), **build)
+                logger.info("teacher-hacking monitor: the %s reference is held as '%s'", name, self.caches[name].label)
         if state.global_step in self.steps:
             self._measure(args, state, control, model)
         return control
@@ -251,12 +254,9 @@ class TeacherHackingMonitor(TrainerCallback):
         row: dict[str, Any] = {"step": step}
         if self._lr_now is not None or step == 0:
             row["lr"], row["lr_sum"] = self._lr_now, self.lr_sum
-        for name, cache in self.caches.items():
-            est = sequence_fkl(student, cache, batch_size=self.batch_size,
-                               reference_lm=self.teacher if name == "proxy" else self.oracle)
-            row[f"{name}_fkl"] = est.mean
-            row[f"{name}_fkl_se"] = est.se
-            row[f"{name}_fkl_per_token"] = est.per_token
+        probe = EvalProbe([Reference(name, cache, self.teacher if name == "proxy" else self.oracle)
+                           for name, cache in self.caches.items()], batch_size=self.batch_size)
+        row.update(probe(student)[0])
         self.history.append(row)
         if self.keep_best and self._main:
             self._snapshot(model, step)

@@ -17,21 +17,18 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from kdlab import record
 from kdlab.config import RunConfig
-from kdlab.metrics import DivergenceEstimate, ReferenceCache, sequence_fkl, sequence_fkl_sums, sequence_rkl
+from kdlab.metrics import ReferenceCache, sequence_fkl, sequence_rkl
+from kdlab.metrics.probe import EvalProbe, Reference, log_spaced_steps
 from kdlab.models import LM
 from kdlab.pipeline.world import World
 from kdlab.seeding import generator_for
 
 
-def eval_steps(total_steps: int, num_points: int) -> list[int]:
-    """0, then `num_points` log-spaced steps in [1, total], always including the last step."""
-    pts = np.unique(np.round(np.geomspace(1, total_steps, num_points)).astype(int))
-    return sorted({0, *pts.tolist(), total_steps})
+eval_steps = log_spaced_steps  # the monitor's schedule too (kdlab.metrics.probe)
 
 
 def _cache(path: Path, build) -> ReferenceCache:
@@ -60,7 +57,8 @@ class Evaluator:
         shared = world.directory / f"eval-{cfg.eval_key()}"
         shared.mkdir(parents=True, exist_ok=True)
         build = dict(samples_per_prompt=e.samples_per_prompt, max_new_tokens=cfg.world.max_response_tokens,
-                     eos_token_id=world.eos_token_id, batch_size=e.batch_size)
+                     eos_token_id=world.eos_token_id, batch_size=e.batch_size, storage=e.storage,
+                     memory_budget_bytes=e.memory_mb * 2**20, topk=e.topk)
         dev = world.teacher.device
         self.proxy_cache = _cache(shared / "teacher", lambda: ReferenceCache.build(
             world.teacher, ids.to(dev), mask.to(dev), generator=generator_for(cfg.world.seed, "eval-teacher"), **build))
@@ -84,28 +82,20 @@ class Evaluator:
             t_ids, t_mask = t_ids[:e.train_prompts], t_mask[:e.train_prompts]
             self.train_cache = _cache(run_dir / record.EVAL_TRAIN_REFERENCE, lambda: ReferenceCache.build(
                 world.teacher, t_ids.to(dev), t_mask.to(dev), generator=generator_for(cfg.seed, "eval-train"), **build))
+        self.probe = EvalProbe([Reference("proxy", self.proxy_cache, world.teacher),
+                                Reference("golden", self.golden_cache, world.oracle),
+                                Reference("train_proxy", self.train_cache, world.teacher)], batch_size=e.batch_size)
+        # world.json records how every metric's reference was held (exact, or a top-k lower bound).
+        self.teacher_golden["metric_storage"] = self.probe.storage
 
     @torch.no_grad()
-    def __call__(self, student: LM, step: int, per_prompt_dir: Path | None = None) -> dict[str, float | None]:
+    def __call__(self, student: LM, step: int, per_prompt_dir: Path | None = None) -> dict[str, float | str | None]:
         """One evaluation. With `per_prompt_dir`, the per-prompt KL sums are also written there
         (`step-N.safetensors`): the same prompts are evaluated at every step, so the change of a
         metric between two steps has a *paired* standard error (the SE of per-prompt differences),
         far smaller than combining the two per-step SEs as if they were independent."""
         bs = self.cfg.eval.batch_size
-        row: dict[str, float | None] = {}
-        per_prompt: dict[str, torch.Tensor] = {}
-        w = self.world
-        for name, cache, ref in (("proxy", self.proxy_cache, w.teacher), ("golden", self.golden_cache, w.oracle),
-                                 ("train_proxy", self.train_cache, w.teacher)):
-            if cache is None:
-                continue  # golden is skipped, not faked, when there is no oracle
-            # Cached reference log-probs when they fit the cache's budget, else a live reference forward.
-            sums, counts = sequence_fkl_sums(student, cache, reference_lm=ref, batch_size=bs)
-            est = DivergenceEstimate.from_sums(sums, counts, cache.samples_per_prompt)
-            per_prompt[f"{name}_fkl"] = sums.double().view(-1, cache.samples_per_prompt).mean(1).contiguous()
-            row[f"{name}_fkl"] = est.mean
-            row[f"{name}_fkl_se"] = est.se
-            row[f"{name}_fkl_per_token"] = est.per_token
+        row, per_prompt = self.probe(student)  # golden is skipped, not faked, when there is no oracle
         tg, tg_se = record.TEACHER_GOLDEN, record.se_column(record.TEACHER_GOLDEN)
         if row.get(record.GOLDEN) is not None and tg in self.teacher_golden:
             # The teacher's own golden beside the student's, so that a metrics file alone shows the
@@ -133,7 +123,8 @@ class Evaluator:
                 row[f"{name}_rkl_se"] = est.se
         if self.task is not None:
             row.update(self.task(student))
-        return {k: (None if v is None or not math.isfinite(v) else float(v)) for k, v in row.items()}
+        return {k: v if isinstance(v, str) else (None if v is None or not math.isfinite(v) else float(v))
+                for k, v in row.items()}
 
 
 class TaskScorer:

@@ -26,6 +26,7 @@ td.untested { color: #8a5a00; font-style: italic; }
 img { max-width: 100%; border: 1px solid #ddd; }
 pre { background: #f7f7f7; padding: 8px; overflow-x: auto; font-size: 12px; }
 .muted { color: #666; font-size: 13px; }
+.warn { background: #fff3cd; border-left: 4px solid #d39e00; padding: 6px 10px; }
 """
 
 
@@ -119,6 +120,7 @@ def render(summary: dict, runs: list[RunAnalysis], run_plots: dict[str, Path], s
         f"<h1>{_e(title)}</h1>",
         f"<p class='muted'>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by kdlab report from "
         f"{len(runs)} run(s). Divergences are sequence-level, in {_e('nats per response')}; ± is one standard error.</p>",
+        _storage(runs),
         *(["<h2>Findings of the paper, checked on these runs</h2>", _findings(findings)] if findings else []),
         "<h2>Verdicts by condition</h2>",
         _condition_table(summary),
@@ -160,6 +162,22 @@ def render(summary: dict, runs: list[RunAnalysis], run_plots: dict[str, Path], s
     parts.append(f"<pre>{_e(json.dumps(summary.get('thresholds', {}), indent=2))}</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _storage(runs: list[RunAnalysis]) -> str:
+    """Which storage produced the metrics: one line when every number is exact, a warning naming the
+    runs whose metrics are top-k lower bounds (issue 18)."""
+    labels = sorted({label for run in runs for label in run.storage.values()})
+    bounded = sorted({f"{run.name}: {col}" for run in runs for col, label in run.storage.items()
+                      if label.startswith("top-")})
+    if bounded:
+        return ("<p class='warn'><b>Lower bounds</b>: these metrics kept only the reference's top-k log-probs, so "
+                "they are lower bounds of the full-vocabulary KL, not the KL: " + _e("; ".join(bounded)) +
+                ". Run the evaluation with eval.storage=auto for exact values.</p>")
+    if not labels:
+        return "<p class='muted'>The logs do not say how the references' distributions were held.</p>"
+    return (f"<p class='muted'>Every metric is exact (the reference's distributions held as: {_e(', '.join(labels))}; "
+            "'hidden' = its final hidden states and output head, 'live' = the model run at each evaluation).</p>")
 
 
 def _attribution(a: dict) -> str:
