@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdlab import losses
 from kdlab.config import load_config
 from kdlab.pipeline.distill import TrainingDiverged, loss_on_batch, make_loss, make_source, run
 from kdlab.pipeline.rundir import read_metrics
@@ -77,10 +78,13 @@ def test_same_config_and_seed_give_identical_metrics(shared):
     assert strip(metrics(a)) == strip(metrics(b))
 
 
-@pytest.mark.parametrize("regime", ["offline", "online_teacher"])
+@pytest.mark.parametrize("regime", ["offline", "offline-hidden", "offline-hidden-lean", "online_teacher"])
 def test_cached_targets_give_the_live_teacher_loss(shared, regime):
-    """Offline: targets cached in the dataset. Online teacher: the logits of the sampling pass."""
-    cfg = tiny(shared, f"cached-vs-live-{regime}", f"stage2.regime={regime}")
+    """Offline: targets cached in the dataset (full log-probs, or the teacher's hidden states and head, on the
+    dense and the lean loss path). Online teacher: the logits of the sampling pass."""
+    extra = {"offline-hidden": ["stage2.offline.targets=hidden"],
+             "offline-hidden-lean": ["stage2.offline.targets=hidden", "loss.lean=true", "loss.chunk_size=7"]}
+    cfg = tiny(shared, f"cached-vs-live-{regime}", f"stage2.regime={regime.split('-')[0]}", *extra.get(regime, []))
     world = build_world(cfg, log=lambda m: None)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     source, _ = make_source(cfg, world, Path(cfg.output_dir), log=lambda m: None)
@@ -88,6 +92,8 @@ def test_cached_targets_give_the_live_teacher_loss(shared, regime):
     loss_fn = make_loss(cfg)
     batch = source.batch(5)
     assert batch.teacher_target is not None, f"the {regime} regime must serve teacher targets without a forward"
+    if regime.startswith("offline-hidden"):
+        assert isinstance(batch.teacher_target, losses.HiddenTarget)
     cached, n1 = loss_on_batch(student, world.teacher, batch, loss_fn, cfg, None, "cpu")
     batch.teacher_target = None  # forces a live teacher forward on the same batch
     live, n2 = loss_on_batch(student, world.teacher, batch, loss_fn, cfg, None, "cpu")

@@ -232,13 +232,15 @@ class OfflineConfig(_Section):
 
     num_prompts: int = Field(2048, ge=1, description="Distinct training prompts in the dataset.")
     generations_per_prompt: int = Field(1, ge=1, description="Teacher samples per prompt.")
-    targets: Literal["auto", "full", "topk", "none"] = Field(
+    targets: Literal["auto", "full", "hidden", "topk", "none"] = Field(
         "auto",
-        description="Cached teacher targets: 'full' log-probs, 'topk', 'auto' (full if it fits "
-        "target_memory_mb, else top-k), or 'none' (live teacher forward every step).",
+        description="Cached teacher targets: 'full' log-probs; 'hidden' (the teacher's final hidden states and "
+        "output head: exact, H instead of V numbers per token); 'none' (live teacher forward every step); "
+        "'auto' (the first of full, hidden, none that fits target_memory_mb: always exact); or 'topk' (the "
+        "stage2.offline.topk largest log-probs: a biased target, only when asked).",
     )
     topk: int = Field(64, ge=1, description="k for top-k cached targets.")
-    target_memory_mb: float = Field(1024.0, gt=0, description="Memory budget for full cached targets.")
+    target_memory_mb: float = Field(1024.0, gt=0, description="Memory budget for cached targets under 'auto'.")
 
 
 class MixedConfig(_Section):

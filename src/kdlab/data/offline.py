@@ -4,9 +4,13 @@ Stored as a Hugging Face `datasets` dataset on disk together with the teacher's 
 targets, so training from it skips the teacher forward entirely:
 - `full`: log-probs over the whole vocabulary at every response position (exact: softmax of
   log-probs / τ equals softmax of logits / τ, so full cached targets serve any temperature);
+- `hidden`: the teacher's final hidden states (float32, H per position) and its output head
+  (`head.safetensors`): a `HiddenTarget`, exact, 25-100x smaller than full at real vocabulary sizes;
+  the losses recompute the teacher's logits per batch (the lean path: per chunk of tokens);
 - `topk`: the k largest log-probs and their indices (a `SparseTarget`; the losses put the
-  remaining mass in an explicit tail bucket);
-- `auto`: full when `sequences × R × V × 4 bytes` fits the memory budget, else top-k.
+  remaining mass in an explicit tail bucket): a biased target, the KL a lower bound; only when asked;
+- `none`: no targets; the teacher runs live at every step (exact);
+- `auto`: the first exact form that fits the memory budget: full, else hidden, else none.
 The dataset is written to a temporary directory and renamed into place, with a `kdlab.json`
 marker written last: a directory without the marker is an interrupted build and is rebuilt.
 """
@@ -24,11 +28,12 @@ import torch
 from torch import Tensor
 
 from kdlab import record
-from kdlab.losses import SparseTarget
+from kdlab.losses import HiddenTarget, SparseTarget
 from kdlab.models import LM
 from kdlab.models.sampling import sample
 
 MARKER = "kdlab.json"
+HEAD_FILE = "head.safetensors"  # the teacher's output head, beside `hidden` targets
 
 
 @dataclass
@@ -42,26 +47,39 @@ class OfflineData:
     target_logprobs: Tensor | None = None  # N×R×V (full)
     target_indices: Tensor | None = None  # N×R×k (top-k)
     target_topk_logprobs: Tensor | None = None  # N×R×k
+    target_hidden: Tensor | None = None  # N×R×H (hidden), with the head below
+    head_weight: Tensor | None = None  # V×H
+    head_bias: Tensor | None = None  # V
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
     @property
     def has_targets(self) -> bool:
-        return self.target_logprobs is not None or self.target_indices is not None
+        return any(t is not None for t in (self.target_logprobs, self.target_indices, self.target_hidden))
 
-    def target(self, idx: Tensor) -> Tensor | SparseTarget | None:
+    def target(self, idx: Tensor) -> Tensor | SparseTarget | HiddenTarget | None:
         if self.target_logprobs is not None:
             return self.target_logprobs[idx]
+        if self.target_hidden is not None:
+            return HiddenTarget(self.target_hidden[idx], self.head_weight, self.head_bias)
         if self.target_indices is not None:
             return SparseTarget(self.target_indices[idx], self.target_topk_logprobs[idx])
         return None
 
 
-def choose_target_kind(kind: str, n_seq: int, response_length: int, vocab_size: int, budget_mb: float) -> str:
+def choose_target_kind(kind: str, n_seq: int, response_length: int, teacher: LM, budget_mb: float) -> str:
+    """`kind`, or for 'auto' the first exact form that fits `budget_mb`: full, else hidden, else none."""
     if kind != "auto":
         return kind
-    return "full" if n_seq * response_length * vocab_size * 4 <= budget_mb * 2**20 else "topk"
+    budget, V = budget_mb * 2**20, teacher.vocab_size
+    if n_seq * response_length * V * 4 <= budget:
+        return "full"
+    if teacher.has_linear_head:
+        H = teacher.lm_head_weight.shape[1]
+        if (n_seq * response_length + V) * H * 4 <= budget:
+            return "hidden"
+    return "none"
 
 
 @torch.no_grad()
@@ -88,19 +106,25 @@ def build_offline_dataset(
 
     ids = prompt_ids_NxP.repeat_interleave(generations_per_prompt, 0)
     mask = prompt_mask_NxP.repeat_interleave(generations_per_prompt, 0)
-    kind = choose_target_kind(targets, len(ids), max_new_tokens, teacher.vocab_size, target_memory_mb)
+    kind = choose_target_kind(targets, len(ids), max_new_tokens, teacher, target_memory_mb)
+    if kind == "hidden" and not teacher.has_linear_head:
+        raise ValueError(f"stage2.offline.targets=hidden needs a teacher whose logits are hidden @ lm_head.T; "
+                         f"{type(teacher.hf).__name__} post-processes them: use 'full' or 'none'")
     columns: dict[str, list[np.ndarray]] = {k: [] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")}
     dev = teacher.device
     for i in range(0, len(ids), batch_size):
         p_ids, p_mask = ids[i:i + batch_size].to(dev), mask[i:i + batch_size].to(dev)
         s = sample(teacher, p_ids, p_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,
-                   return_logits=kind != "none")
+                   return_logits=kind in ("full", "topk"))
         columns["prompt_ids"].append(p_ids.cpu().numpy())
         columns["prompt_mask"].append(p_mask.cpu().numpy())
         columns["response_ids"].append(s.response_ids_BxR.cpu().numpy())
         columns["response_mask"].append(s.response_mask_BxR.cpu().numpy())
-        if kind != "none":
+        if kind == "hidden":  # one teacher forward on the sampled responses gives its final hidden states
+            h = teacher.response_hidden(p_ids, p_mask, s.response_ids_BxR, s.response_mask_BxR)
+            columns.setdefault("target_hidden", []).append(h.float().cpu().numpy())
+        elif kind != "none":
             # The sampling pass already computed the teacher's logits at every position (KV cache).
             logp = torch.log_softmax(s.logits_BxRxV, -1)
             if kind == "full":
@@ -116,7 +140,12 @@ def build_offline_dataset(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = record.temp_dir(out_dir.parent, f".tmp-{out_dir.name}-")  # ordinary mode, not mkdtemp's 0700
     ds.save_to_disk(str(tmp / "data"))
-    (tmp / MARKER).write_text(json.dumps({"sequences": len(ids), "targets": kind, "topk": topk,
+    if kind == "hidden":
+        from safetensors.torch import save_file
+
+        save_file({"weight": teacher.lm_head_weight.detach().float().cpu().contiguous()}, str(tmp / HEAD_FILE))
+    (tmp / MARKER).write_text(json.dumps({"sequences": len(ids), "targets": kind, "exact": kind != "topk",
+                                          "topk": topk if kind == "topk" else None,
                                           "generations_per_prompt": generations_per_prompt}))
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -141,6 +170,11 @@ def load_offline_dataset(path: Path) -> OfflineData:
     try:
         ds = datasets.load_from_disk(str(path / "data")).with_format("numpy")
         cols = {name: torch.from_numpy(np.stack(ds[name])) for name in ds.column_names}
+        head = {}
+        if "target_hidden" in cols:
+            from safetensors.torch import load_file
+
+            head = load_file(str(path / HEAD_FILE))
     except Exception as err:  # arrow/IO errors of every kind on a damaged file
         raise RuntimeError(
             f"offline dataset {path} is unreadable ({type(err).__name__}: {err}); it may be truncated. "
@@ -152,4 +186,5 @@ def load_offline_dataset(path: Path) -> OfflineData:
         target_logprobs=cols.get("target_logprobs"),
         target_indices=cols["target_indices"].long() if "target_indices" in cols else None,
         target_topk_logprobs=cols.get("target_topk_logprobs"),
+        target_hidden=cols.get("target_hidden"), head_weight=head.get("weight"), head_bias=head.get("bias"),
     )

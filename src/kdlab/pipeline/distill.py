@@ -181,7 +181,7 @@ def loss_on_batch(student: LM, teacher: LM, batch: Batch, loss_fn, cfg: RunConfi
     elif isinstance(target, torch.Tensor):
         target = target.to(device)
     else:
-        target = type(target)(*(t.to(device) for t in target))
+        target = type(target)(*(None if t is None else t.to(device) for t in target))
     extra = {"t": taid_t} if taid_t is not None else {}
     T = cfg.loss.temperature
     if cfg.loss.lean:
