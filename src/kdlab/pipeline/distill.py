@@ -27,7 +27,7 @@ from kdlab.config import RunConfig, dump_config
 from kdlab.data.offline import build_offline_dataset, load_offline_dataset, offline_dataset_ready
 from kdlab.data.regimes import (Batch, MixedSource, OfflineSource, OnlineStudentSource, OnlineTeacherSource,
                                 SamplingParams)
-from kdlab.models import LM, check_vocab_compatible, set_dropout
+from kdlab.models import LM, bf16_autocast, check_vocab_compatible, set_dropout
 from kdlab.models.sampling import sample
 from kdlab.models.vllm_backend import check_backend, make_sampler
 from kdlab.pipeline.distributed import Distributed
@@ -35,7 +35,7 @@ from kdlab.pipeline.evaluate import Evaluator, eval_steps
 from kdlab.pipeline.rundir import (atomic_write_json, atomic_write_text, latest_checkpoint,
                                    read_metrics, save_checkpoint, truncate_metrics)
 from kdlab.pipeline.trackers import make_logger
-from kdlab.pipeline.world import World, bf16_autocast, build_world
+from kdlab.pipeline.world import World, build_world
 from kdlab.seeding import generator_for
 
 
@@ -86,8 +86,8 @@ def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | 
     sp = s2.sampling
     if sampler is None:  # the online regimes' sampler: transformers generate, or vLLM engines
         sampler = sample if regime == "offline" else make_sampler(
-            sp.backend, teacher=world.teacher, teacher_dir=world.directory / "teacher",
-            student_dir=world.directory / "student_init", gpu_memory_utilization=sp.vllm_gpu_memory, seed=cfg.seed)
+            sp.backend, teacher=world.teacher, teacher_dir=world.teacher_dir,
+            student_dir=world.student_init_dir, gpu_memory_utilization=sp.vllm_gpu_memory, seed=cfg.seed)
     # The sampling model's compile switch compiles its decode step (builtin sampler only).
     compile_step = sp.backend == "builtin" and (s2.compile_teacher if regime == "online_teacher" else s2.compile_student)
     params = source_params(cfg, world, sampler, compile_step=compile_step and regime != "offline")
