@@ -8,7 +8,7 @@ from kdlab import losses
 from kdlab.metrics import ReferenceCache, sequence_fkl, sequence_fkl_sums
 from kdlab.models import LM
 from kdlab.models.sampling import sample
-from kdlab.pipeline.world import sft
+from kdlab.pipeline.stage1 import sft
 from kdlab.config import SFTConfig
 
 V, EOS = 40, 1

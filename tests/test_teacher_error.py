@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from kdlab.config import ConfigError, load_config
 from kdlab.models import make_synthetic_oracle
 from kdlab.models.sampling import sample
-from kdlab.pipeline.world import _with_teacher_error, build_world, error_subset
+from kdlab.pipeline.stage1 import _with_teacher_error, error_subset
+from kdlab.pipeline.world import build_world
 
 QUICK = "src/kdlab/pipeline/demo_configs/quick.yaml"
 

@@ -26,7 +26,8 @@ def command(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
     # Imported after validation: a config error is reported before torch and transformers load.
-    from kdlab.pipeline.distill import RunDirectoryInUse, TrainingDiverged, run
+    from kdlab.pipeline.distill import TrainingDiverged, run
+    from kdlab.pipeline.rundir import RunDirectoryInUse
     from kdlab.pipeline.distributed import launched_rank
 
     try:

@@ -72,7 +72,8 @@ def command(
 
     At the end it prints a comparison table (one line per condition). Stage 1 is cached beside the sweep directory (<parent of --out>/.kdlab-cache, unless the config sets cache_dir), so sweeps in the same parent reuse one world.
     """
-    from kdlab.pipeline.distill import TrainingDiverged, is_finished, run
+    from kdlab.pipeline.distill import TrainingDiverged, run
+    from kdlab.pipeline.rundir import is_finished
 
     try:
         configs = sweep_configs(config, grid, set_, out)

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["LM", "CheckpointError", "check_safetensors", "check_vocab_compatible", "left_pad", "set_dropout",
+__all__ = ["LM", "CheckpointError", "bf16_autocast", "check_safetensors", "check_vocab_compatible", "left_pad", "set_dropout",
            "trim_left_padding"]
 
 
@@ -69,6 +69,11 @@ def trim_left_padding(ids_BxL: Tensor, mask_BxL: Tensor) -> tuple[Tensor, Tensor
 
 _DROPOUT_CONFIG_FIELDS = ("dropout_rate", "dropout", "attention_dropout", "hidden_dropout", "attention_probs_dropout_prob",
                           "hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop", "activation_dropout")
+
+
+def bf16_autocast(device, enabled: bool):
+    """bfloat16 autocast for training and sampling forwards (`precision: bf16`), else a no-op."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def set_dropout(hf: torch.nn.Module, p: float) -> None:

@@ -1,10 +1,12 @@
 """Stage 2: distil the student from the teacher under a data regime. One loop, written out in full.
 
-setup  : world (stage 1, cached) -> student init -> data source -> optimizer -> evaluator
-train  : for each step: batch -> teacher target (cached, or a live teacher forward) -> student
-         forward -> loss (sum over response tokens / tokens in the batch) -> backward -> clip -> step;
-         evaluate at log-spaced steps; checkpoint every `checkpoint_every` steps and at the end
-cleanup: final summary, report
+setup  : run directory guarded, config.yaml written (rundir.prepare_run_dir) -> `setup`: world
+         (stage 1, cached) -> data source -> evaluator -> student init -> optimizer -> `restore`
+         (the last checkpoint when resuming)
+train  : for each step, `train_step`: batch -> teacher target (cached, or a live teacher forward) ->
+         student forward -> loss (sum over response tokens / tokens in the batch) -> backward -> clip
+         -> step; `evaluate` at log-spaced steps; `checkpoint` every `checkpoint_every` steps and at the end
+cleanup: `finish`: world.json, then done.json (the report is the caller's)
 A killed run resumes from its last checkpoint and continues the same trajectory (every random draw
 is derived from (seed, step), see kdlab.seeding).
 Under `accelerate launch` each process is one data-parallel rank (kdlab.pipeline.distributed): every
@@ -17,7 +19,9 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -27,24 +31,21 @@ from kdlab.config import RunConfig, dump_config
 from kdlab.data.offline import build_offline_dataset, load_offline_dataset, offline_dataset_ready
 from kdlab.data.regimes import (Batch, MixedSource, OfflineSource, OnlineStudentSource, OnlineTeacherSource,
                                 SamplingParams)
-from kdlab.models import LM, check_vocab_compatible, set_dropout
+from kdlab.models import LM, bf16_autocast, check_vocab_compatible, set_dropout
 from kdlab.models.sampling import sample
 from kdlab.models.vllm_backend import check_backend, make_sampler
+from kdlab.pipeline.alignment import GradientAlignment
 from kdlab.pipeline.distributed import Distributed
 from kdlab.pipeline.evaluate import Evaluator, eval_steps
-from kdlab.pipeline.rundir import (atomic_write_json, atomic_write_text, latest_checkpoint,
-                                   read_metrics, save_checkpoint, truncate_metrics)
-from kdlab.pipeline.trackers import make_logger
-from kdlab.pipeline.world import World, bf16_autocast, build_world
+from kdlab.pipeline.rundir import (latest_checkpoint, prepare_run_dir, read_metrics, save_checkpoint,
+                                   truncate_metrics, write_end_record)
+from kdlab.pipeline.trackers import MultiLogger, make_logger
+from kdlab.pipeline.world import World, build_world
 from kdlab.seeding import generator_for
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept on disk."""
-
-
-class RunDirectoryInUse(RuntimeError):
-    pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,8 +87,8 @@ def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | 
     sp = s2.sampling
     if sampler is None:  # the online regimes' sampler: transformers generate, or vLLM engines
         sampler = sample if regime == "offline" else make_sampler(
-            sp.backend, teacher=world.teacher, teacher_dir=world.directory / "teacher",
-            student_dir=world.directory / "student_init", gpu_memory_utilization=sp.vllm_gpu_memory, seed=cfg.seed)
+            sp.backend, teacher=world.teacher, teacher_dir=world.teacher_dir,
+            student_dir=world.student_init_dir, gpu_memory_utilization=sp.vllm_gpu_memory, seed=cfg.seed)
     # The sampling model's compile switch compiles its decode step (builtin sampler only).
     compile_step = sp.backend == "builtin" and (s2.compile_teacher if regime == "online_teacher" else s2.compile_student)
     params = source_params(cfg, world, sampler, compile_step=compile_step and regime != "offline")
@@ -194,13 +195,49 @@ def loss_on_batch(student: LM, teacher: LM, batch: Batch, loss_fn, cfg: RunConfi
     return total, int(r_mask.sum())
 
 
+@dataclass
+class Stage2:
+    """What the stage-2 loop works with, made once by `setup`.
+
+    `model` is what trains (DDP/FSDP-wrapped under accelerate, else `student.hf` itself); `student`
+    keeps the plain module for sampling, evaluation and checkpoints; `trainee` is the student whose
+    forward the loss runs (`student`, its wrapped view, or a compiled view sharing its parameters)."""
+
+    cfg: RunConfig
+    run_dir: Path
+    device: torch.device
+    dist: Distributed
+    world: World
+    source: OfflineSource | OnlineTeacherSource | OnlineStudentSource | MixedSource
+    evaluator: Evaluator
+    student: LM
+    model: torch.nn.Module
+    trainee: LM
+    target_teacher: LM  # the teacher whose forward makes live targets (compiled or not)
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable
+    taid: losses.TAIDSchedule | None
+    alignment: GradientAlignment | None
+    logger: MultiLogger | None  # rank 0 only
+
+
+@dataclass
+class Counters:
+    """Where the loop is; a checkpoint saves these beside the weights. `loss_sum` / `loss_count`
+    accumulate the training loss since the last evaluation (its `train_loss`)."""
+
+    step: int = 0
+    tokens: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+
+
 def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, on_step=None) -> Path:
     """Run (or resume) one experiment into `cfg.output_dir`. Returns the run directory.
 
     `on_step(step, total)`, when given, is called after every optimizer step (the demo uses it to
     report the progress of runs in worker processes)."""
     # ---------------------------------------------------------------------------------- setup
-    run_dir = Path(cfg.output_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = Distributed.from_environment(cfg.device)  # a no-op unless started by `accelerate launch`
@@ -210,24 +247,60 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
     device = dist.device or resolve_device(cfg.device)
     if not dist.is_main:
         log, progress, on_step = (lambda message: None), False, None
-    metrics_path = run_dir / record.METRICS
-    config_path = run_dir / record.CONFIG
-    if run_dir.exists() and config_path.exists() and not resume:
-        if (run_dir / record.SUMMARY).exists() or metrics_path.exists():
-            raise RunDirectoryInUse(
-                f"{run_dir} already holds a run; pass --resume to continue it or choose another output_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume and config_path.exists():
-        saved = config_path.read_text()
-        if saved != dump_config(cfg):
-            differences = record.config_differences(saved, dump_config(cfg))
-            raise ValueError(f"{config_path} differs from the config given in "
-                             f"{len(differences)} field(s) (saved -> given):\n  " + "\n  ".join(differences)
-                             + "\nresume with the same config, or choose another output_dir")
-    dist.barrier()  # every rank has checked the directory before rank 0 writes into it
-    if dist.is_main:
-        atomic_write_text(config_path, dump_config(cfg))
+    run_dir = Path(cfg.output_dir)
+    prepare_run_dir(run_dir, dump_config(cfg), resume, dist)
+    s = setup(cfg, run_dir, device, dist, log)
+    c = restore(s, resume, log)
+    if s.logger is not None:
+        s.logger.start(c.step)
 
+    # ---------------------------------------------------------------------------------- train
+    total = cfg.stage2.steps
+    evals = set(eval_steps(total, cfg.eval.num_points))
+    done = {r[record.STEP] for r in read_metrics(run_dir / record.METRICS)}
+    # A progress bar redraws itself with carriage returns, which litter a log file: on a terminal
+    # only; elsewhere one plain line per evaluation (log-spaced steps).
+    interactive = progress and sys.stderr.isatty()
+    plain_progress = progress and not interactive
+    aligned: dict = {}  # the last alignment measurement, written into the next evaluation row
+    if c.step == 0 and 0 not in done:
+        row = evaluate(s, c, aligned)
+        if plain_progress:
+            log(_progress_line(cfg, row, c.step))
+    bar = tqdm(total=total, initial=c.step, desc=f"stage 2: {cfg.name} (seed {cfg.seed})", disable=not interactive,
+               dynamic_ncols=True, leave=False)
+    t0 = time.time()
+    while c.step < total:
+        loss, n_tokens, measured = train_step(s, c.step, align=s.alignment is not None and c.step + 1 in evals)
+        aligned = measured or aligned
+        c.step += 1
+        c.tokens += n_tokens
+        c.loss_sum += loss
+        c.loss_count += 1
+        if c.step in evals:
+            row = evaluate(s, c, aligned)
+            if plain_progress:
+                log(_progress_line(cfg, row, c.step))
+            bar.set_postfix(loss=f"{row[record.TRAIN_LOSS]:.3f}", proxy=_fmt(row.get(record.PROXY)),
+                            golden=_fmt(row.get(record.GOLDEN)))
+        if c.step % cfg.stage2.checkpoint_every == 0 or c.step == total:
+            checkpoint(s, c)
+        bar.update(1)
+        if on_step is not None:
+            on_step(c.step, total)
+    bar.close()
+
+    # ---------------------------------------------------------------------------------- cleanup
+    if s.logger is not None:
+        s.logger.close()
+    dist.barrier()
+    if dist.is_main:
+        finish(s, total, time.time() - t0, log)
+    return run_dir
+
+
+def setup(cfg: RunConfig, run_dir: Path, device, dist: Distributed, log) -> Stage2:
+    """The world (stage 1, cached), the batch source, the evaluator, the student, its optimizer."""
     world = build_world(cfg, device=device, log=log, dist=dist)  # stage 1: every rank trains, rank 0 writes
     with dist.main_first():  # rank 0 builds (or loads) the caches, the others then load them
         source, train_prompts = make_source(cfg, world, run_dir, log, shard=(dist.rank, dist.world_size))
@@ -239,12 +312,7 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
     loss_fn = make_loss(cfg)
     taid = make_taid_schedule(cfg)
     target_teacher = compiled(world.teacher) if cfg.stage2.compile_teacher else world.teacher
-    bf16 = cfg.precision == "bf16"
-    # dropout None keeps the checkpoints' own rates, which may be non-zero (T5: 0.1)
-    dropout_active = cfg.models.dropout != 0.0
     optimizer = make_optimizer(student.hf.parameters(), cfg)
-    # `model` is what trains (DDP/FSDP-wrapped under accelerate, else student.hf itself); `student`
-    # keeps the plain module for sampling, evaluation and checkpoints.
     model, optimizer = dist.prepare(student.hf, optimizer)
     trainee = dist.trainee(student, model)
     if cfg.stage2.compile_student:
@@ -258,153 +326,140 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
     if cfg.eval.grad_alignment:
         if dist.enabled:
             raise ValueError("eval.grad_alignment supports single-process runs; under accelerate launch set it to false")
-        from kdlab.pipeline.alignment import GradientAlignment
-
         alignment = GradientAlignment.for_world(world, *world.prompts["stage2"], cfg.stage2.batch_size, cfg.seed,
                                                 source_params(cfg, world))
-    aligned: dict = {}  # the last alignment measurement, written into the next evaluation row
+    return Stage2(cfg=cfg, run_dir=run_dir, device=device, dist=dist, world=world, source=source,
+                  evaluator=evaluator, student=student, model=model, trainee=trainee, target_teacher=target_teacher,
+                  optimizer=optimizer, loss_fn=loss_fn, taid=taid, alignment=alignment, logger=logger)
 
-    step, tokens, loss_sum, loss_count = 0, 0, 0.0, 0
-    ckpt = latest_checkpoint(run_dir / record.CHECKPOINTS) if resume else None
+
+def train_step(s: Stage2, step: int, align: bool = False) -> tuple[float, int, dict | None]:
+    """One optimizer step on the global batch of `step`: batch -> teacher target -> student forward ->
+    loss (sum over this rank's response tokens / tokens in the global batch) -> backward -> clip -> step.
+
+    Returns the global batch's mean per-token loss, its token count, and, with `align`, the gradient
+    alignment measured between backward and the update (`kdlab.pipeline.alignment`; else None)."""
+    cfg, dist, device, model = s.cfg, s.dist, s.device, s.model
+    bf16 = cfg.precision == "bf16"
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    model.eval()  # sampling mode for on-policy batches (no dropout in kdlab's models either way)
+    with bf16_autocast(device, bf16):
+        batch = dist.shard(s.source.batch(step, s.student))  # this rank's rows of the global batch
+    model.train()
+    # dropout None keeps the checkpoints' own rates, which may be non-zero (T5: 0.1)
+    if cfg.models.dropout != 0.0:
+        # Dropout draws from the global RNG: seed it from (seed, step) so that a resumed run repeats
+        # the uninterrupted one. (With dropout 0, the default, the caller's global RNG is left alone.)
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator_for(cfg.seed, "dropout", step))))
+    taid_t = s.taid.t if s.taid is not None else None
+    with bf16_autocast(device, bf16):  # the losses themselves compute in float32 (kdlab.losses)
+        loss_rank, n_rank = loss_on_batch(s.trainee, s.target_teacher, batch, s.loss_fn, cfg, taid_t, device)
+    # Token count of the whole global batch (float64 all-reduce: exact for any realistic count).
+    n_tokens = int(dist.sum(torch.tensor(float(n_rank), dtype=torch.float64, device=loss_rank.device)).item())
+    loss = dist.sum(loss_rank.detach()) / max(n_tokens, 1)  # the global batch's mean per-token loss
+    if not torch.isfinite(loss):
+        last = latest_checkpoint(s.run_dir / record.CHECKPOINTS)
+        raise TrainingDiverged(
+            f"the {cfg.loss.name} loss became {loss.item()} at step {step + 1} of {cfg.name!r}. "
+            f"The last good checkpoint is {last or 'none (no checkpoint written yet)'}; "
+            f"lower stage2.lr (now {cfg.stage2.lr}), set stage2.grad_clip, or check the teacher targets, "
+            "then rerun (with --resume to continue from that checkpoint).")
+    s.optimizer.zero_grad(set_to_none=True)
+    # DDP/FSDP average gradients over the W ranks, so each backpropagates W x its share of the
+    # global mean; the average is then the gradient of the global mean (2 x 8 == 1 x 16).
+    (loss_rank * dist.world_size / max(n_tokens, 1)).backward()
+    aligned = None
+    if align:
+        def fresh_loss(b):
+            with bf16_autocast(device, bf16):
+                total, n = loss_on_batch(s.trainee, s.target_teacher, b, s.loss_fn, cfg, taid_t, device)
+            return total / max(n, 1)
+        aligned = {"step": step + 1, **s.alignment.measure(step, list(s.student.hf.parameters()), fresh_loss)}
+    if cfg.stage2.grad_clip:
+        dist.clip_grad_norm_(model, cfg.stage2.grad_clip)
+    s.optimizer.step()
+    if s.taid is not None:
+        s.taid.update(loss.item())
+    return loss.item(), n_tokens, aligned
+
+
+def evaluate(s: Stage2, c: Counters, aligned: dict) -> dict:
+    """The evaluation row at step `c.step`, logged by rank 0; resets the running training loss.
+
+    Every rank evaluates (same weights, same prompts: the same numbers; FSDP needs all ranks in the
+    forward pass); rank 0 alone writes."""
+    cfg, step = s.cfg, c.step
+    s.model.eval()
+    epochs_per_step = s.source.epochs(1) if isinstance(s.source, OfflineSource) else None
+    row = {record.STEP: step, record.TOKENS: c.tokens, record.REGIME: cfg.stage2.regime, record.CONDITION: cfg.name,
+           record.SEED: cfg.seed, record.TRAIN_LOSS: c.loss_sum / c.loss_count if c.loss_count else None,
+           record.EPOCHS: step * epochs_per_step if epochs_per_step is not None else None,
+           # the rate of the last step taken, and the cumulative rate (the detector's time axis)
+           record.LR: lr_at(max(step - 1, 0), cfg), record.LR_SUM: lr_sum_at(step, cfg)}
+    row.update(s.evaluator(s.student, step, per_prompt_dir=s.run_dir / record.PER_PROMPT if s.dist.is_main else None))
+    if s.taid is not None:
+        row[record.TAID_T] = s.taid.t
+    if aligned.get("step") == step:
+        row.update({k: v for k, v in aligned.items() if k != "step"})
+    if s.logger is not None:
+        s.logger.log(row)
+    c.loss_sum, c.loss_count = 0.0, 0
+    s.model.train()
+    return row
+
+
+def checkpoint(s: Stage2, c: Counters) -> None:
+    """checkpoints/step-N: weights, optimizer state and the counters (`restore` reads them back)."""
+    weights, optimizer_state = s.dist.checkpoint_views(s.model, s.optimizer)  # FSDP: every rank gathers
+    if not s.dist.is_main:
+        return
+    save_checkpoint(s.run_dir / record.CHECKPOINTS, c.step, weights, optimizer_state, {
+        "tokens": c.tokens, "loss_sum": c.loss_sum, "loss_count": c.loss_count,
+        "taid": s.taid.state_dict() if s.taid is not None else None},
+        hf_config=s.student.hf.config, tokenizer=s.student.tokenizer)
+
+
+def restore(s: Stage2, resume: bool, log) -> Counters:
+    """Where the loop starts. Resuming: the last checkpoint's weights, optimizer and TAID state are
+    restored in place and the metrics rows after it dropped (they are redone). Otherwise step 0, with
+    an empty metrics log."""
+    metrics_path = s.run_dir / record.METRICS
+    ckpt = latest_checkpoint(s.run_dir / record.CHECKPOINTS) if resume else None
+    c = Counters()
     if ckpt is not None:
-        state = dist.load_checkpoint(ckpt, student.hf, model, optimizer)
-        step, tokens = state["step"], state["tokens"]
-        loss_sum, loss_count = state["loss_sum"], state["loss_count"]
-        if taid is not None:
-            taid.load_state_dict(state["taid"])
-        if dist.is_main:
-            truncate_metrics(metrics_path, step)
-        log(f"[stage 2] resumed {run_dir} at step {step}")
-    elif dist.is_main:
+        state = s.dist.load_checkpoint(ckpt, s.student.hf, s.model, s.optimizer)
+        c = Counters(step=state["step"], tokens=state["tokens"], loss_sum=state["loss_sum"],
+                     loss_count=state["loss_count"])
+        if s.taid is not None:
+            s.taid.load_state_dict(state["taid"])
+        if s.dist.is_main:
+            truncate_metrics(metrics_path, c.step)
+        log(f"[stage 2] resumed {s.run_dir} at step {c.step}")
+    elif s.dist.is_main:
         metrics_path.unlink(missing_ok=True)
-    dist.barrier()
-    if logger is not None:
-        logger.start(step)
+    s.dist.barrier()
+    return c
 
-    total = cfg.stage2.steps
-    evals = set(eval_steps(total, cfg.eval.num_points))
-    done = {r[record.STEP] for r in read_metrics(metrics_path)}
-    epochs_per_step = source.epochs(1) if isinstance(source, OfflineSource) else None
-    regime = cfg.stage2.regime
-    latest: dict = {}
 
-    def evaluate() -> None:
-        # Every rank evaluates (same weights, same prompts: the same numbers; FSDP needs all ranks in
-        # the forward pass); rank 0 alone writes.
-        nonlocal loss_sum, loss_count, latest
-        model.eval()
-        row = {record.STEP: step, record.TOKENS: tokens, record.REGIME: regime, record.CONDITION: cfg.name,
-               record.SEED: cfg.seed, record.TRAIN_LOSS: loss_sum / loss_count if loss_count else None,
-               record.EPOCHS: step * epochs_per_step if epochs_per_step is not None else None,
-               # the rate of the last step taken, and the cumulative rate (the detector's time axis)
-               record.LR: lr_at(max(step - 1, 0), cfg), record.LR_SUM: lr_sum_at(step, cfg)}
-        row.update(evaluator(student, step, per_prompt_dir=run_dir / record.PER_PROMPT if dist.is_main else None))
-        if taid is not None:
-            row[record.TAID_T] = taid.t
-        if aligned.get("step") == step:
-            row.update({k: v for k, v in aligned.items() if k != "step"})
-        if logger is not None:
-            logger.log(row)
-        latest = row
-        if plain_progress:  # output is not a terminal: one plain line per evaluation instead of a bar
-            log(f"[stage 2] {cfg.name} seed {cfg.seed}: step {step}/{total}, loss {_fmt(row[record.TRAIN_LOSS])}, "
-                f"proxy {_fmt(row.get(record.PROXY))}, golden {_fmt(row.get(record.GOLDEN))}")
-        loss_sum, loss_count = 0.0, 0
-        model.train()
-
-    def checkpoint() -> None:
-        weights, optimizer_state = dist.checkpoint_views(model, optimizer)  # FSDP: every rank gathers
-        if not dist.is_main:
-            return
-        save_checkpoint(run_dir / record.CHECKPOINTS, step, weights, optimizer_state, {
-            "tokens": tokens, "loss_sum": loss_sum, "loss_count": loss_count,
-            "taid": taid.state_dict() if taid is not None else None},
-            hf_config=student.hf.config, tokenizer=student.tokenizer)
-
-    # ---------------------------------------------------------------------------------- train
-    # A progress bar redraws itself with carriage returns, which litter a log file: on a terminal
-    # only; elsewhere `evaluate` logs a plain line per evaluation (log-spaced steps).
-    interactive = progress and sys.stderr.isatty()
-    plain_progress = progress and not interactive
-    if step == 0 and 0 not in done:
-        evaluate()
-    bar = tqdm(total=total, initial=step, desc=f"stage 2: {cfg.name} (seed {cfg.seed})", disable=not interactive,
-               dynamic_ncols=True, leave=False)
-    t0 = time.time()
-    while step < total:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        model.eval()  # sampling mode for on-policy batches (no dropout in kdlab's models either way)
-        with bf16_autocast(device, bf16):
-            batch = dist.shard(source.batch(step, student))  # this rank's rows of the global batch
-        model.train()
-        if dropout_active:
-            # Dropout draws from the global RNG: seed it from (seed, step) so that a resumed run repeats
-            # the uninterrupted one. (With dropout 0, the default, the caller's global RNG is left alone.)
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator_for(cfg.seed, "dropout", step))))
-        with bf16_autocast(device, bf16):  # the losses themselves compute in float32 (kdlab.losses)
-            loss_rank, n_rank = loss_on_batch(trainee, target_teacher, batch, loss_fn, cfg,
-                                              taid.t if taid is not None else None, device)
-        # Token count of the whole global batch (float64 all-reduce: exact for any realistic count).
-        n_tokens = int(dist.sum(torch.tensor(float(n_rank), dtype=torch.float64, device=loss_rank.device)).item())
-        loss = dist.sum(loss_rank.detach()) / max(n_tokens, 1)  # the global batch's mean per-token loss
-        if not torch.isfinite(loss):
-            last = latest_checkpoint(run_dir / record.CHECKPOINTS)
-            raise TrainingDiverged(
-                f"the {cfg.loss.name} loss became {loss.item()} at step {step + 1} of {cfg.name!r}. "
-                f"The last good checkpoint is {last or 'none (no checkpoint written yet)'}; "
-                f"lower stage2.lr (now {cfg.stage2.lr}), set stage2.grad_clip, or check the teacher targets, "
-                "then rerun (with --resume to continue from that checkpoint).")
-        optimizer.zero_grad(set_to_none=True)
-        # DDP/FSDP average gradients over the W ranks, so each backpropagates W x its share of the
-        # global mean; the average is then the gradient of the global mean (2 x 8 == 1 x 16).
-        (loss_rank * dist.world_size / max(n_tokens, 1)).backward()
-        if alignment is not None and step + 1 in evals:
-            def fresh_loss(b):
-                with bf16_autocast(device, bf16):
-                    total, n = loss_on_batch(trainee, target_teacher, b, loss_fn, cfg, taid.t if taid is not None else None, device)
-                return total / max(n, 1)
-            aligned = {"step": step + 1, **alignment.measure(step, list(student.hf.parameters()), fresh_loss)}
-        if cfg.stage2.grad_clip:
-            dist.clip_grad_norm_(model, cfg.stage2.grad_clip)
-        optimizer.step()
-        if taid is not None:
-            taid.update(loss.item())
-        step += 1
-        tokens += n_tokens
-        loss_sum += loss.item()
-        loss_count += 1
-        if step in evals:
-            evaluate()
-            bar.set_postfix(loss=f"{latest[record.TRAIN_LOSS]:.3f}", proxy=_fmt(latest.get(record.PROXY)),
-                            golden=_fmt(latest.get(record.GOLDEN)))
-        if step % cfg.stage2.checkpoint_every == 0 or step == total:
-            checkpoint()
-        bar.update(1)
-        if on_step is not None:
-            on_step(step, total)
-    bar.close()
-
-    # ---------------------------------------------------------------------------------- cleanup
-    if logger is not None:
-        logger.close()
-    dist.barrier()
-    if not dist.is_main:
-        return run_dir
-    rows = read_metrics(metrics_path)
+def finish(s: Stage2, total: int, seconds: float, log) -> None:
+    """The end-of-run record (rank 0): world.json, then done.json last."""
+    cfg = s.cfg
+    rows = read_metrics(s.run_dir / record.METRICS)
     final = rows[-1] if rows else {}
-    atomic_write_json(run_dir / record.WORLD, {**world.info, **evaluator.teacher_golden})
-    atomic_write_json(run_dir / record.DONE, {"steps": total, "seconds_this_session": round(time.time() - t0, 1),
-                                              "processes": dist.world_size})
-    log(f"[done] {cfg.name} seed {cfg.seed}: {total} steps, proxy {_fmt(final.get('proxy_fkl'))}, "
-        f"golden {_fmt(final.get('golden_fkl'))} nats/response -> {run_dir}")
-    return run_dir
+    write_end_record(s.run_dir, {**s.world.info, **s.evaluator.teacher_golden},
+                     {"steps": total, "seconds_this_session": round(seconds, 1), "processes": s.dist.world_size})
+    log(f"[done] {cfg.name} seed {cfg.seed}: {total} steps, proxy {_fmt(final.get(record.PROXY))}, "
+        f"golden {_fmt(final.get(record.GOLDEN))} nats/response -> {s.run_dir}")
+
+
+def _progress_line(cfg: RunConfig, row: dict, step: int) -> str:
+    """One plain line per evaluation, for output that is not a terminal."""
+    return (f"[stage 2] {cfg.name} seed {cfg.seed}: step {step}/{cfg.stage2.steps}, loss {_fmt(row[record.TRAIN_LOSS])}, "
+            f"proxy {_fmt(row.get(record.PROXY))}, golden {_fmt(row.get(record.GOLDEN))}")
 
 
 def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
-
-def is_finished(run_dir: Path) -> bool:
-    return (Path(run_dir) / record.DONE).exists()
 

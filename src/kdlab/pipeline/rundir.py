@@ -26,6 +26,43 @@ atomic_write_text = record.write_text
 atomic_write_json = record.write_json
 
 
+class RunDirectoryInUse(RuntimeError):
+    """output_dir already holds a run, and it was not asked to resume."""
+
+
+def prepare_run_dir(run_dir: Path, config_text: str, resume: bool, dist) -> None:
+    """Guard the run directory, then write config.yaml (rank 0 of `dist`, a `Distributed`).
+
+    A directory that already holds a run (config.yaml with metrics or a summary) is refused unless
+    resuming; a resumed run must have the same config, and the error names the fields that differ."""
+    config_path = run_dir / record.CONFIG
+    if run_dir.exists() and config_path.exists() and not resume:
+        if (run_dir / record.SUMMARY).exists() or (run_dir / record.METRICS).exists():
+            raise RunDirectoryInUse(
+                f"{run_dir} already holds a run; pass --resume to continue it or choose another output_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and config_path.exists():
+        saved = config_path.read_text()
+        if saved != config_text:
+            differences = record.config_differences(saved, config_text)
+            raise ValueError(f"{config_path} differs from the config given in "
+                             f"{len(differences)} field(s) (saved -> given):\n  " + "\n  ".join(differences)
+                             + "\nresume with the same config, or choose another output_dir")
+    dist.barrier()  # every rank has checked the directory before rank 0 writes into it
+    if dist.is_main:
+        atomic_write_text(config_path, config_text)
+
+
+def write_end_record(run_dir: Path, world_info: dict, done: dict) -> None:
+    """world.json (the world's description and the teacher's golden), then done.json, written last."""
+    atomic_write_json(run_dir / record.WORLD, world_info)
+    atomic_write_json(run_dir / record.DONE, done)
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (Path(run_dir) / record.DONE).exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Metrics logging behind a small interface (STYLE 8): JSONL in the run directory is the source of truth.
 

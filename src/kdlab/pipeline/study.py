@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from kdlab import record
 from kdlab.config import RunConfig, build_config
-from kdlab.pipeline.distill import is_finished, run
+from kdlab.pipeline.distill import run
 from kdlab.pipeline.evaluate import Evaluator
+from kdlab.pipeline.rundir import is_finished
 from kdlab.pipeline.world import build_world
 
 
