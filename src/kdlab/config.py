@@ -177,6 +177,15 @@ class ModelsConfig(_Section):
         "float32", description="Weights of 'hf:' models as loaded (oracle, teacher, student): float32 master "
         "weights by default (hub checkpoints may be stored in bf16); 'auto' keeps the checkpoint's. For bf16 "
         "compute set precision: bf16.")
+    @field_validator("teacher", "student")
+    @classmethod
+    def _pretrained_spec(cls, value):
+        if isinstance(value, str) and (not value.startswith("hf:") or not value[len("hf:"):].strip()):
+            raise ValueError(f"{value!r} is neither an architecture (a section such as {{hidden_size: 64, num_layers: 2, "
+                             "num_heads: 4}) nor 'hf:<name or path>' (a pretrained model: hub name or save_pretrained "
+                             "directory)")
+        return value
+
     dropout: float | None = Field(
         0.0, ge=0, lt=1, description="Dropout of every model while it trains (stage-1 SFT and stage 2); "
         "pretrained checkpoints ship their own (T5: 0.1) and the paper trains with 0. None = keep the checkpoint's.")
@@ -520,6 +529,25 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice in one section (first at line {seen[key] + 1}); keep one",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """The mapping in a YAML config file, with `base: <file>` resolved: a config may name another
     (relative to its own directory) and give only what differs; chains are followed, cycles refused."""
@@ -529,7 +557,9 @@ def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in _chain:
         raise ConfigError(f"{path}: 'base' chain loops back on itself ({' -> '.join(str(p) for p in _chain)})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file (not UTF-8): give a YAML config") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):

@@ -315,6 +315,7 @@ class Metrics:
     source: str = "jsonl"
     step_col: str = STEP
     run_dir: Path | None = None
+    nonfinite: dict = field(default_factory=dict)  # column -> steps whose value is NaN or ±Infinity (left out)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -613,6 +614,18 @@ def read_metrics(path: str | Path, proxy_col: str = PROXY, golden_col: str = GOL
     # Touch the detector columns now so a bad value fails here, with its line, not inside a fit.
     for name in (proxy_col, se_column(proxy_col), golden_col, se_column(golden_col)):
         metrics.column(name)
+    # NaN or Infinity where a value was given: counted and reported by the detectors' callers, never dropped
+    # silently; a column with no finite value at all gives nothing to detect on.
+    for name in (proxy_col, golden_col):
+        given = np.array([r.get(name) is not None for r in metrics.rows])
+        if not given.any():
+            continue
+        bad = given & ~np.isfinite(metrics.column(name))
+        if bad[given].all():
+            raise MetricsError(f"{path}: column '{name}' has no finite values ({int(bad.sum())} NaN or Infinity); "
+                               "nothing to detect on (did the run diverge?)")
+        if bad.any():
+            metrics.nonfinite[name] = [int(s) for s in metrics.steps[bad]]
     return metrics
 
 

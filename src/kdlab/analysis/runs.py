@@ -267,6 +267,9 @@ def analyse(
     notes = []
     if metrics.duplicates_dropped:
         notes.append(f"{metrics.duplicates_dropped} duplicated step(s) in {metrics.path.name}: the last row of each was kept")
+    for col, bad in metrics.nonfinite.items():
+        notes.append(f"{len(bad)} evaluation(s) with NaN or Infinity in {col} were left out (step(s) "
+                     f"{', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})")
     for col, label in record.lower_bounds(metrics.rows).items():
         notes.append(f"{col} is a {label} of the full-vocabulary KL (its reference kept only the top-k "
                      "log-probs); run the evaluation with eval.storage=auto for exact values")

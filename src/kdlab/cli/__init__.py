@@ -68,6 +68,56 @@ def _lazy(module_name: str):
     return placeholder
 
 
+def _describe(err: BaseException) -> str:
+    """One line for an error nothing more specific caught: what failed, on which path, and what to do."""
+    if isinstance(err, OSError) and err.filename is not None:
+        what = err.strerror or type(err).__name__
+        advice = {"EACCES": "check that you may write there", "EROFS": "the file system is read-only",
+                  "ENOSPC": "free some space and run again (finished work is kept)",
+                  "ENOTDIR": "a part of the path is a file, not a directory", "ENOENT": "check the path"}
+        import errno
+
+        hint = advice.get(errno.errorcode.get(err.errno or 0, ""), "check the path")
+        return f"{what}: {err.filename} ({hint})"
+    if isinstance(err, MemoryError):
+        return "out of memory: use smaller batches (eval.batch_size, stage2.batch_size) or a smaller model"
+    return f"{type(err).__name__}: {err}"
+
+
+def _empty_argument(argv: list[str]) -> str | None:
+    """The first empty value on the command line (`--out ''`, `--out=`, a '' argument), which a shell gives for
+    an unset variable and which would otherwise mean the current directory."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and arg.endswith("=") and len(arg) > 3:
+            return arg[:-1]
+        if not arg.strip():
+            before = argv[i - 1] if i else ""
+            return before if before.startswith("--") and "=" not in before else f"argument {i + 1}"
+    return None
+
+
 def main() -> None:
+    """Run the verb. An error that no verb turned into a message becomes one line and exit code 1; the
+    traceback is shown only with --debug (anywhere on the command line) or KDLAB_DEBUG=1."""
+    import os
+
+    debug = "--debug" in sys.argv[1:] or os.environ.get("KDLAB_DEBUG", "") not in ("", "0")
+    if "--debug" in sys.argv[1:]:
+        sys.argv.remove("--debug")
+    empty = _empty_argument(sys.argv[1:])
+    if empty is not None:
+        typer.echo(f"kdlab: error: {empty} is empty (an unset shell variable?): give a value", err=True)
+        sys.exit(2)
     _register()
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("kdlab: interrupted (finished work is on disk; a run continues with --resume)", err=True)
+        sys.exit(130)
+    except Exception as err:  # the last line of defence: no traceback for a user's mistake
+        if debug:
+            raise
+        verb = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        typer.echo(f"kdlab {verb}: error: {_describe(err)}\n(run again with --debug to see the traceback)".replace(
+            "kdlab : ", "kdlab: "), err=True)
+        sys.exit(1)

@@ -27,11 +27,21 @@ def command(
     from kdlab.analysis import MetricsError
     from kdlab.report import write_report
 
+    from kdlab.cli import preflight
+    from kdlab.config import ConfigError
+
     try:
+        target = out if out is not None else (dirs[0] if len(dirs) == 1 else None)
+        if target is not None:  # several directories without --out: write_report says so
+            preflight.output_dir(target, "--out" if out is not None else "the report's directory (the run itself)")
         report = write_report(dirs, out, proxy_col=proxy, golden_col=golden)
-    except (MetricsError, ValueError, FileNotFoundError) as err:
+    except (MetricsError, ValueError, FileNotFoundError, ConfigError) as err:
         typer.echo(f"kdlab report: {err}", err=True)
         raise typer.Exit(2) from None
+    except OSError as err:  # a write refused or failed half-way: the previous report files are intact
+        typer.echo(f"kdlab report: could not write the report ({err.strerror}: {err.filename}); the previous "
+                   "report, if any, is unchanged. Choose another --out or free the disk.", err=True)
+        raise typer.Exit(1) from None
     summary = json.loads((report.parent / record.SUMMARY).read_text(encoding="utf-8"))
     for condition in summary.get("conditions", []):
         typer.echo(f"{condition['condition']}: {condition['verdict']}")

@@ -14,14 +14,21 @@ from kdlab.config import ConfigError, describe_fields, load_config
 def command(
     config: Annotated[Optional[Path], typer.Argument(help="YAML config (omit to use the defaults).")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Override a field: --set stage2.regime=online_student (repeatable).")] = [],
-    resume: Annotated[bool, typer.Option(help="Continue the run in output_dir from its last checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in output_dir from its last checkpoint (the directory must hold a run).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (overrides output_dir).")] = None,
     report: Annotated[bool, typer.Option(help="Write report.html and summary.json at the end.")] = True,
 ) -> None:
     """Run one experiment: stage 1 (cached), stage 2 under the configured regime, evaluation, report."""
     overrides = list(set_) + ([f"output_dir={out}"] if out else [])
+    from kdlab.cli import preflight
+
     try:
+        if out is not None:
+            preflight.output_dir(out, "--out")
         cfg = load_config(config, overrides)
+        preflight.run_config(cfg)
+        if resume:
+            preflight.resume(cfg)
     except ConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)

@@ -24,8 +24,11 @@ def command(
     from kdlab.config import ConfigError
     from kdlab.pipeline.phase import judge_phase, load_phase_spec, phase_table, run_phase, world_configs, write_phase
 
+    from kdlab.cli import preflight
+
     try:
         spec = load_phase_spec(study, out)
+        preflight.output_dir(spec.out, "--out")
     except ConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)

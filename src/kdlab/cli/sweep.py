@@ -15,12 +15,19 @@ from kdlab.config import ConfigError, RunConfig, load_config
 
 def grid_runs(grid: list[str]) -> list[list[str]]:
     """`["a=1,2", "b=x"]` -> `[["a=1", "b=x"], ["a=2", "b=x"]]` (every combination, in order)."""
-    axes = []
+    axes, keys = [], set()
     for item in grid:
         if "=" not in item:
             raise ConfigError(f"--grid {item!r} must look like key=v1,v2,...")
         key, _, values = item.partition("=")
-        axes.append([f"{key.strip()}={v.strip()}" for v in values.split(",") if v.strip()])
+        key = key.strip()
+        axis = [f"{key}={v.strip()}" for v in values.split(",") if v.strip()]
+        if not key or not axis:
+            raise ConfigError(f"--grid {item!r} has no {'key' if not key else 'values'}: give key=v1,v2,...")
+        if key in keys:
+            raise ConfigError(f"--grid names {key!r} on two axes: give all its values on one axis ({key}=v1,v2,...)")
+        keys.add(key)
+        axes.append(axis)
     return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
 
 
@@ -37,7 +44,11 @@ def sweep_configs(config: Path | None, grid: list[str], set_: list[str], out: Pa
     if not grid:
         raise ConfigError("kdlab sweep needs at least one --grid axis (e.g. --grid stage2.regime=offline,online_teacher); "
                           "for a single run use `kdlab run`")
+    from kdlab.cli import preflight
+
+    preflight.output_dir(out, "--out")
     base = load_config(config, list(set_))
+    preflight.run_config(base.model_copy(update={"output_dir": str(out)}))
     cache = base.cache_dir or str(Path(out).resolve().parent / record.CACHE)
     return [(combo, load_config(config, list(set_) + combo + [f"output_dir={out / run_name(combo)}", f"cache_dir={cache}"]))
             for combo in grid_runs(grid)]
