@@ -473,7 +473,7 @@ def _hash(obj: Any) -> str:
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        if e["type"] == "string_type" and isinstance(e.get("input"), dict):
+        if e["type"] == "string_type" and isinstance(e.get("input"), dict) and "str" in map(str, e["loc"]):
             continue  # the other arm of an `ArchConfig | str` union; its own error is the useful one
         field = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "ArchConfig", "str")))
         value = e.get("input")
@@ -490,7 +490,11 @@ def _format_validation_error(err: ValidationError) -> str:
 
 def parse_value(text: str) -> Any:
     """Parse the value of a `--set key=value` override with YAML rules (1e-3, true, null, [a, b])."""
-    return yaml.safe_load(text) if text.strip() else ""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override value {text!r} is not valid YAML ({str(err).splitlines()[0]}); quote it "
+                          "if it is a string") from None
 
 
 def apply_override(data: dict, dotted: str, value: Any) -> None:
@@ -507,9 +511,15 @@ def apply_override(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _not_plain(value: Any):
+    """json.dumps' hook for a value YAML gives but a config never holds (a date, a timestamp, bytes)."""
+    raise ConfigError(f"{value!r} is a {type(value).__name__}, not a number, string, list or section; "
+                      "quote it if it is meant as a string")
+
+
 def build_config(data: dict | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Validate a config dict with `key=value` overrides applied; raises ConfigError on any problem."""
-    data = json.loads(json.dumps(data or {}))  # deep copy, also rejects non-JSON types early
+    data = json.loads(json.dumps(data or {}, default=_not_plain))  # deep copy, also rejects non-JSON types early
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")

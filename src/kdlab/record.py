@@ -26,6 +26,7 @@ import math
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,36 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+class LockHeld(RuntimeError):
+    """Another process holds the lock (`file_lock(..., wait=False)`)."""
+
+
+@contextmanager
+def file_lock(path: str | Path, *, wait: bool = True):
+    """An exclusive lock on the file `path` for the `with` block (POSIX `flock`; the kernel releases it when
+    the process dies, so a killed run never leaves it stuck). With `wait=False` raises `LockHeld` naming the
+    holder's pid instead of waiting. A no-op where `fcntl` does not exist (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise LockHeld(f"{path} is held by another process (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def temp_dir(parent: str | Path, prefix: str) -> Path:
@@ -688,5 +719,5 @@ __all__ = [
     "MONITOR_METRICS", "Metrics", "MetricsError", "OFFLINE_DATA", "PER_PROMPT", "PLOTS", "PROXY", "REGIME", "REPORT", "SEED", "TAID_T", "TOKENS",
     "STEP", "STEP_ALIASES", "SUMMARY", "TENSORBOARD", "TRAINER_STATE", "TRAIN_LOSS", "WORLD", "append_row",
     "checkpoint_dir", "config_differences", "dir_mode", "file_mode", "find_log", "find_runs", "is_run_dir", "normalise_modes", "per_prompt_file", "publish",
-    "lower_bounds", "metric_storage", "read_metrics", "read_per_prompt", "se_column", "storage_column", "temp_dir", "write_bytes", "write_json", "write_text",
+    "LockHeld", "file_lock", "lower_bounds", "metric_storage", "read_metrics", "read_per_prompt", "se_column", "storage_column", "temp_dir", "write_bytes", "write_json", "write_text",
 ]

@@ -37,8 +37,8 @@ from kdlab.models.vllm_backend import check_backend, make_sampler
 from kdlab.pipeline.alignment import GradientAlignment
 from kdlab.pipeline.distributed import Distributed
 from kdlab.pipeline.evaluate import Evaluator, eval_steps
-from kdlab.pipeline.rundir import (latest_checkpoint, prepare_run_dir, read_metrics, save_checkpoint,
-                                   truncate_metrics, write_end_record)
+from kdlab.pipeline.rundir import (checkpoints_newest_first, hold_run_dir, latest_checkpoint, prepare_run_dir,
+                                   read_metrics, save_checkpoint, truncate_metrics, write_end_record)
 from kdlab.pipeline.trackers import MultiLogger, make_logger
 from kdlab.pipeline.world import World, build_world
 from kdlab.seeding import generator_for
@@ -236,7 +236,13 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
     """Run (or resume) one experiment into `cfg.output_dir`. Returns the run directory.
 
     `on_step(step, total)`, when given, is called after every optimizer step (the demo uses it to
-    report the progress of runs in worker processes)."""
+    report the progress of runs in worker processes). A second process on the same run directory is
+    refused (`RunDirectoryInUse`) while this one runs; the lock dies with the process."""
+    with hold_run_dir(Path(cfg.output_dir)):
+        return _run(cfg, resume, log, progress, on_step)
+
+
+def _run(cfg: RunConfig, resume: bool, log, progress: bool, on_step) -> Path:
     # ---------------------------------------------------------------------------------- setup
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -425,10 +431,19 @@ def restore(s: Stage2, resume: bool, log) -> Counters:
     restored in place and the metrics rows after it dropped (they are redone). Otherwise step 0, with
     an empty metrics log."""
     metrics_path = s.run_dir / record.METRICS
-    ckpt = latest_checkpoint(s.run_dir / record.CHECKPOINTS) if resume else None
-    c = Counters()
-    if ckpt is not None:
-        state = s.dist.load_checkpoint(ckpt, s.student.hf, s.model, s.optimizer)
+    c, state, first_error = Counters(), None, None
+    # The newest readable checkpoint: a truncated latest one (a kill or a full disk mid-write) falls back to
+    # the previous one rather than stopping the resume.
+    for ckpt in checkpoints_newest_first(s.run_dir / record.CHECKPOINTS) if resume else []:
+        try:
+            state = s.dist.load_checkpoint(ckpt, s.student.hf, s.model, s.optimizer)
+            break
+        except RuntimeError as err:
+            first_error = first_error or err
+            log(f"[stage 2] {err}; trying the previous checkpoint")
+    if resume and state is None and first_error is not None:
+        raise first_error
+    if state is not None:
         c = Counters(step=state["step"], tokens=state["tokens"], loss_sum=state["loss_sum"],
                      loss_count=state["loss_count"])
         if s.taid is not None:

@@ -32,17 +32,20 @@ eval_steps = log_spaced_steps  # the monitor's schedule too (kdlab.metrics.probe
 
 
 def _cache(path: Path, build) -> ReferenceCache:
-    if path.exists():
-        try:
-            return ReferenceCache.load(path)
-        except Exception:  # an interrupted write: rebuild it, it is derived data
-            shutil.rmtree(path, ignore_errors=True)
-    cache = build()
-    tmp = path.with_name(f".tmp-{path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cache.save(tmp)
-    tmp.replace(path)
-    return cache
+    """Load the reference cache at `path`, or build and save it once: runs that share it (a sweep's, started
+    at once) take its lock, so one builds and the others load."""
+    with record.file_lock(path.with_name(f".{path.name}.lock")):
+        if path.exists():
+            try:
+                return ReferenceCache.load(path)
+            except Exception:  # an interrupted write: rebuild it, it is derived data
+                shutil.rmtree(path, ignore_errors=True)
+        cache = build()
+        tmp = path.with_name(f".tmp-{path.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cache.save(tmp)
+        tmp.replace(path)
+        return cache
 
 
 class Evaluator:
@@ -67,10 +70,14 @@ class Evaluator:
             self.golden_cache = _cache(shared / "oracle", lambda: ReferenceCache.build(
                 world.oracle, ids.to(dev), mask.to(dev), generator=generator_for(cfg.world.seed, "eval-oracle"), **build))
             info_path = shared / "teacher_golden.json"
-            if not info_path.exists():  # the teacher's own distance to the truth: the floor it offers
-                est = sequence_fkl(world.teacher, self.golden_cache, batch_size=e.batch_size)
-                info_path.write_text(f'{{"teacher_golden_fkl": {est.mean}, "teacher_golden_fkl_se": {est.se}}}')
-            self.teacher_golden = json.loads(info_path.read_text())
+            with record.file_lock(shared / ".teacher_golden.lock"):
+                try:
+                    self.teacher_golden = json.loads(info_path.read_text())
+                except (OSError, json.JSONDecodeError):  # absent, or torn by an old non-atomic write: derived data
+                    # the teacher's own distance to the truth: the floor it offers
+                    est = sequence_fkl(world.teacher, self.golden_cache, batch_size=e.batch_size)
+                    self.teacher_golden = {"teacher_golden_fkl": est.mean, "teacher_golden_fkl_se": est.se}
+                    record.write_json(info_path, self.teacher_golden)
         else:
             self.teacher_golden = {}
         self.task = TaskScorer.create(cfg, world, shared)

@@ -7,6 +7,8 @@ Every file is written to a temporary name and renamed into place, so a run kille
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import shutil
@@ -28,6 +30,26 @@ atomic_write_json = record.write_json
 
 class RunDirectoryInUse(RuntimeError):
     """output_dir already holds a run, and it was not asked to resume."""
+
+
+LOCK = ".kdlab-run.lock"  # held by the process running in the directory (rank 0 under accelerate)
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path):
+    """Hold the run directory's lock for the `with` block; another process holding it is refused with a
+    message (not waited for). Under `accelerate launch` rank 0 holds it for every rank."""
+    from kdlab.pipeline.distributed import launched_rank
+
+    if launched_rank() != 0:
+        yield
+        return
+    try:
+        with record.file_lock(run_dir / LOCK, wait=False):
+            yield
+    except record.LockHeld as err:
+        raise RunDirectoryInUse(f"another kdlab process is running in {run_dir} ({err}); wait for it to finish, "
+                                "or choose another output_dir") from None
 
 
 def prepare_run_dir(run_dir: Path, config_text: str, resume: bool, dist) -> None:
@@ -187,6 +209,14 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def checkpoints_newest_first(ckpt_root: Path) -> list[Path]:
+    """The checkpoint `latest` names, then every other step-N directory, newest first (resume tries them in
+    this order until one reads)."""
+    latest = latest_checkpoint(ckpt_root)
+    others = sorted((p for p in ckpt_root.glob("step-*") if p.is_dir() and p != latest), reverse=True)
+    return ([latest] if latest is not None else []) + others
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model and optimizer in place; returns the JSON state (step, schedule, ...)."""
     weights, optimizer_state, state = read_checkpoint(path)
@@ -204,8 +234,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str
         state = json.loads((path / "state.json").read_text())
     except (SafetensorError, OSError, json.JSONDecodeError) as err:
         raise RuntimeError(
-            f"checkpoint {path} is unreadable ({err}). It may be truncated: delete that directory "
-            f"(and fix {path.parent / 'latest'} to name an older step-* directory) and resume again."
+            f"checkpoint {path} is unreadable ({err}); it may be truncated (resume falls back to an older "
+            f"step-* directory when one is intact; otherwise delete {path} and start again)"
         ) from None
     for alias, name in state.pop("tied_weights", {}).items():
         weights[alias] = weights[name]

@@ -6,6 +6,8 @@ once per world: prompt pools (kdlab.data.prompts), then stage 1 (kdlab.pipeline.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +61,12 @@ def build_world(cfg: RunConfig, device="cpu", log=print, dist: Distributed | Non
     With `dist`, every rank must call this: all take part in building, rank 0 writes."""
     dist = dist or Distributed(None)
     root = world_cache.entry_dir(cfg)
-    if dist.main_says(not world_cache.is_built(root)):
-        world_cache.build(cfg, root, device, log, dist)
-    dist.barrier()  # rank 0 has renamed the finished cache entry into place
+    # Runs started at once on one cache (array jobs) build each world once: the first takes the entry's lock
+    # and builds, the others wait for it and load. The lock dies with its process (a killed build frees it).
+    with world_cache.build_lock(root) if dist.is_main else contextlib.nullcontext():
+        if dist.main_says(not world_cache.is_built(root)):
+            world_cache.build(cfg, root, device, log, dist)
+        dist.barrier()  # rank 0 has renamed the finished cache entry into place
     return load_world(cfg, root, device)
 
 

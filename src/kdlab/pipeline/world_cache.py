@@ -41,6 +41,11 @@ def entry_dir(cfg: RunConfig) -> Path:
     return cfg.resolved_cache_dir() / f"stage1-{cfg.stage1_key()}"
 
 
+def build_lock(root: Path):
+    """The lock of one cache entry (a file beside it), held while it is checked and built."""
+    return record.file_lock(root.parent / f".{root.name}.lock")
+
+
 def is_built(root: Path) -> bool:
     return (root / INFO).exists()
 
@@ -57,7 +62,11 @@ def build(cfg: RunConfig, root: Path, device, log, dist: Distributed) -> None:
     tmp = None
     if dist.is_main:  # the other ranks compute alongside rank 0 (same seeds) and write nothing
         root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.temp_dir(root.parent, ".tmp-stage1-")  # ordinary mode, not mkdtemp's 0700
+        # Builds killed before their rename left temporary directories of this entry: under the entry's
+        # lock (build_lock) no other process is building it, so they are stale.
+        for stale in root.parent.glob(f".tmp-{root.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = record.temp_dir(root.parent, f".tmp-{root.name}-")  # ordinary mode, not mkdtemp's 0700
     try:
         log(f"[stage 1] building the world ({root.name})")
         if w.oracle == "none":
