@@ -208,7 +208,7 @@ def child_kdlab(name: str, root: Path, tag: str) -> dict:
     import kdlab.pipeline.distill as D
     from kdlab.models import LM
     from kdlab.config import build_config
-    from kdlab.data import regimes
+    from kdlab.data import sources
     from kdlab.pipeline.distill import run
 
     c = CONFIGS[name]
@@ -237,7 +237,7 @@ def child_kdlab(name: str, root: Path, tag: str) -> dict:
         stamps[step] = time.perf_counter()
         clock.step_done(step)
 
-    source_cls = regimes.OfflineSource if c["regime"] == "offline" else regimes.OnlineStudentSource
+    source_cls = sources.OfflineSource if c["regime"] == "offline" else sources.OnlineStudentSource
     clock.wrap(source_cls, "batch", "sampling")
     clock.wrap(D, "loss_on_batch", "student forward + loss")
     clock.wrap(LM, "response_logits", "teacher forward", when=lambda lm, *a: is_teacher(lm.hf))

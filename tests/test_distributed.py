@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kdlab.config import load_config
-from kdlab.data.regimes import Batch
+from kdlab.data.sources import Batch
 from kdlab.losses import SparseTarget
 from kdlab.pipeline.distill import run
 from kdlab.pipeline.distributed import Distributed
@@ -126,7 +126,7 @@ def test_online_sources_sample_only_this_ranks_rows(regime):
     """Rank r of W samples B/W rows, and they are rows [r·B/W, (r+1)·B/W) of what one process samples."""
     from transformers import LlamaForCausalLM
 
-    from kdlab.data.regimes import OnlineStudentSource, OnlineTeacherSource, SamplingParams
+    from kdlab.data.sources import OnlineStudentSource, OnlineTeacherSource, SamplingParams
     from kdlab.models import LM, tiny_llama_config
     from kdlab.models.sampling import sample
 

@@ -15,6 +15,15 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kdlab.data.regimes import MIXED, OFF_POLICY_REGIMES, OFFLINE, ONLINE_TEACHER, REGIMES
+from kdlab.losses.names import LOSS_NAMES
+
+# The allowed values of stage2.regime, stage2.mixed.other and loss.name come from the tables of the
+# packages that own them (torch-free), so adding a regime or a loss touches that table only.
+RegimeName = Literal[tuple(REGIMES)]
+OffPolicyRegimeName = Literal[OFF_POLICY_REGIMES]
+LossName = Literal[LOSS_NAMES]
+
 
 class ConfigError(ValueError):
     """A configuration problem, worded for the person who wrote the config."""
@@ -256,8 +265,8 @@ class MixedConfig(_Section):
     """GKD-style mixture: a fraction `lmbda` of batches on-policy, the rest from `other`."""
 
     lmbda: float = Field(0.5, ge=0, le=1, description="Fraction of on-policy (student-sampled) batches.")
-    other: Literal["offline", "online_teacher"] = Field(
-        "online_teacher", description="Regime of the remaining batches."
+    other: OffPolicyRegimeName = Field(
+        ONLINE_TEACHER, description="Regime of the remaining batches."
     )
 
 
@@ -280,8 +289,8 @@ class SamplingConfig(_Section):
 class Stage2Config(_Section):
     """Stage 2: distil the student from the teacher under a data regime."""
 
-    regime: Literal["offline", "online_teacher", "online_student", "mixed"] = Field(
-        "offline", description="Where (prompt, response) batches come from."
+    regime: RegimeName = Field(
+        OFFLINE, description="Where (prompt, response) batches come from."
     )
     steps: int = Field(3000, ge=1, description="Optimizer steps (the budget shared across regimes).")
     batch_size: int = Field(64, ge=1, description="Sequences per optimizer step.")
@@ -308,9 +317,7 @@ class Stage2Config(_Section):
 class LossConfig(_Section):
     """The token-level distillation loss (kdlab.losses)."""
 
-    name: Literal[
-        "forward_kl", "reverse_kl", "generalized_jsd", "tvd", "skew_kl", "skew_reverse_kl", "taid"
-    ] = Field("forward_kl", description="Divergence between teacher and student at each response position.")
+    name: LossName = Field("forward_kl", description="Divergence between teacher and student at each response position.")
     beta: float = Field(0.5, ge=0, le=1, description="generalized_jsd: 0 = forward KL, 1 = reverse KL.")
     alpha: float = Field(0.1, ge=0, lt=1, description="skew_kl / skew_reverse_kl mixing weight.")
     temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature on both sides.")
@@ -423,8 +430,8 @@ class RunConfig(_Section):
                         f"world.oracle='none' needs models.{who} = 'hf:<name or path>' (without an oracle "
                         "there are no samples to train it from)")
         o = self.stage2.offline
-        uses_offline = self.stage2.regime == "offline" or (
-            self.stage2.regime == "mixed" and self.stage2.mixed.other == "offline")
+        uses_offline = self.stage2.regime == OFFLINE or (
+            self.stage2.regime == MIXED and self.stage2.mixed.other == OFFLINE)
         if uses_offline and o.num_prompts * o.generations_per_prompt < self.stage2.batch_size:
             raise ValueError(
                 f"stage2.batch_size={self.stage2.batch_size} exceeds the offline dataset "

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from kdlab.analysis.detectors import lowest_window
+from kdlab.data.regimes import ONLINE_REGIMES
 
 __all__ = ["Curve", "TeacherFloor", "teacher_floor", "golden_at_proxy", "IsoProxyGap", "iso_proxy_gap",
            "PaperOrdering", "paper_ordering"]
@@ -286,9 +287,6 @@ class PaperOrdering:
             return ("paper ordering: holds (a larger teacher; every regime's student stays above the teacher's golden, "
                     "the online ones approach it)")
         return "paper ordering: does not hold (" + "; ".join(self.reasons) + ")"
-
-
-ONLINE_REGIMES = ("online_teacher", "online_student", "mixed")
 
 
 def paper_ordering(curves_by_regime: dict[str, list[Curve]], teacher_golden: float, teacher_golden_se: float = 0.0,

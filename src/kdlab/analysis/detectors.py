@@ -27,6 +27,20 @@ from scipy import special  # quantiles only (scipy.stats is slow to import)
 
 from kdlab.analysis.powerlaw import PowerLawFit, fit_power_law
 
+# The detectors by name: the keys of their verdicts in summary.json, `kdlab detect --json` and the
+# monitor's alarms (the sequential one lives in kdlab.analysis.sequential). Adding a detector is a line
+# here. name -> what its alarm means.
+GOLDEN = "golden"
+PROXY_DEVIATION = "proxy_deviation"
+PROXY_SEQUENTIAL = "proxy_sequential"
+
+DETECTORS: dict[str, str] = {
+    GOLDEN: "the distance to the oracle rises while the distance to the teacher keeps falling",
+    PROXY_DEVIATION: "the proxy has left its early power-law convergence upwards",
+    PROXY_SEQUENTIAL: "the proxy has broken from its smooth convergence law (tested at every evaluation; "
+                      "experimental)",
+}
+
 # --------------------------------------------------------------------------------------------
 # Noise
 

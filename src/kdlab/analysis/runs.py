@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from kdlab.analysis.detectors import (
+    GOLDEN,
+    PROXY_DEVIATION,
+    PROXY_SEQUENTIAL,
     GoldenConfig,
     GoldenVerdict,
     ProxyDeviationConfig,
@@ -38,6 +41,7 @@ from kdlab.analysis.detectors import (
 )
 from kdlab import record
 from kdlab.analysis.sequential import SequentialConfig, SequentialVerdict, detect_proxy_sequential, lr_columns
+from kdlab.data.regimes import OFFLINE
 from kdlab.record import Metrics, MetricsError, find_runs, is_run_dir, read_metrics, read_per_prompt
 
 # Config keys that do not define the condition: seeds vary across the runs of one condition (any
@@ -189,10 +193,10 @@ class RunAnalysis:
                 "golden_col": m.golden_col if self.golden is not None else None,
                 "final": {"proxy": last(m.proxy_col), "golden": last(m.golden_col), "train_loss": last(record.TRAIN_LOSS)},
                 "verdict": self.verdict_text(),
-                "golden": self.golden.to_dict() if self.golden is not None else None,
-                "proxy_deviation": self.proxy.to_dict(),
-                "train_proxy_deviation": self.train_proxy.to_dict() if self.train_proxy is not None else None,
-                "proxy_sequential": self.sequential.to_dict() if self.sequential is not None else None,
+                GOLDEN: self.golden.to_dict() if self.golden is not None else None,
+                PROXY_DEVIATION: self.proxy.to_dict(),
+                f"train_{PROXY_DEVIATION}": self.train_proxy.to_dict() if self.train_proxy is not None else None,
+                PROXY_SEQUENTIAL: self.sequential.to_dict() if self.sequential is not None else None,
                 "metric_storage": self.storage,
                 "notes": self.notes,
             }
@@ -221,7 +225,7 @@ def _condition(run_dir: Path, config: dict, metrics: Metrics) -> tuple[str, str,
         label = str(regime)
         prompts = _get(config, "stage2.offline.num_prompts")
         gens = _get(config, "stage2.offline.generations_per_prompt")
-        if str(regime).startswith("offline") and prompts is not None and gens is not None:
+        if str(regime).startswith(OFFLINE) and prompts is not None and gens is not None:
             label = f"{regime} {prompts}×{gens}"
     else:
         label = _SEED_SUFFIX.sub("", run_dir.name) or run_dir.name
@@ -435,7 +439,7 @@ def _aggregate(runs: list[RunAnalysis]) -> dict:
     seq_hits = [r for r in runs if r.sequential is not None and r.sequential.detected]
     sequential = {"n": len(runs), "detected": len(seq_hits), "onset_steps": [r.sequential.onset_step for r in seq_hits],
                   "onset_median": _median([r.sequential.onset_step for r in seq_hits]), "experimental": True}
-    return {"golden": golden, "proxy_deviation": proxy, "proxy_sequential": sequential, "verdict": "; ".join(text),
+    return {GOLDEN: golden, PROXY_DEVIATION: proxy, PROXY_SEQUENTIAL: sequential, "verdict": "; ".join(text),
             "notes": notes}
 
 
@@ -473,9 +477,9 @@ def sweep_summary(runs: list[RunAnalysis], golden_config=None, proxy_config=None
             "conditions": conditions,
             "regimes": regimes,
             "thresholds": {
-                "golden": vars(golden_config or GoldenConfig()),
-                "proxy_deviation": vars(proxy_config or ProxyDeviationConfig()),
-                "proxy_sequential": vars(SequentialConfig()),
+                GOLDEN: vars(golden_config or GoldenConfig()),
+                PROXY_DEVIATION: vars(proxy_config or ProxyDeviationConfig()),
+                PROXY_SEQUENTIAL: vars(SequentialConfig()),
             },
         }
     )

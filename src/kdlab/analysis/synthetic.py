@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kdlab.data.regimes import OFFLINE, ONLINE_STUDENT
+
 
 @dataclass
 class Curve:
@@ -153,7 +155,7 @@ def write_run(run_dir: str | Path, rows: list[dict], config: dict | None = None)
     return run_dir
 
 
-def run_rows(run: RunCurves, *, regime: str = "offline", train_loss_scale: float = 0.8, golden: bool = True) -> list[dict]:
+def run_rows(run: RunCurves, *, regime: str = OFFLINE, train_loss_scale: float = 0.8, golden: bool = True) -> list[dict]:
     """metrics.jsonl rows for a synthetic run. The training loss (per token, 16 tokens per
     response) tracks the proxy's running minimum: training keeps improving on its own data."""
     train_loss = train_loss_scale * np.minimum.accumulate(run.proxy.truth) / 16
@@ -189,9 +191,9 @@ def _reobserve(curve: Curve, rng: np.random.Generator) -> Curve:
 
 # condition → (regime, offline shape or None, kind of run); the shapes echo WORLD-NOTES' w0 sweep.
 SWEEP_CONDITIONS = {
-    "offline 256×8": ("offline", (256, 8), "hacking"),
-    "offline 128×1": ("offline", (128, 1), "overfitting"),
-    "online_student": ("online_student", None, "none"),
+    f"{OFFLINE} 256×8": (OFFLINE, (256, 8), "hacking"),
+    f"{OFFLINE} 128×1": (OFFLINE, (128, 1), "overfitting"),
+    ONLINE_STUDENT: (ONLINE_STUDENT, None, "none"),
 }
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from kdlab import record
-from kdlab.analysis.attribution import ONLINE_REGIMES, Curve, iso_proxy_gap, paper_ordering, teacher_floor
+from kdlab.analysis.attribution import Curve, iso_proxy_gap, paper_ordering, teacher_floor
 from kdlab.analysis.runs import RunAnalysis, analyse, find_runs, group_conditions
+from kdlab.data.regimes import ONLINE_REGIMES, ONLINE_TEACHER
 from kdlab.record import Metrics
 
 
@@ -97,7 +98,7 @@ def _control_name(groups: dict[str, list[RunAnalysis]], control: str | None) -> 
             raise ValueError(f"control condition {control!r} not among {sorted(groups)}")
         return control
     for name, runs in groups.items():
-        if runs and runs[0].regime == "online_teacher":
+        if runs and runs[0].regime == ONLINE_TEACHER:
             return name
     return None
 

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from kdlab.data.regimes import OFFLINE, ONLINE_REGIMES, ONLINE_TEACHER
+
 
 def command(
     quick: Annotated[bool, typer.Option(help="A reduced study on a tiny world (for tests; shows nothing).")] = False,
@@ -41,7 +43,9 @@ def command(
     groups = group_conditions(runs)
     n = s2.offline.num_prompts
     budgets = budgets_for(s2.steps)
-    findings = check_findings(groups, offline="offline", online=["online_teacher", "online_student"],
+    # the demo names its regime conditions by their regimes (kdlab.pipeline.demo.demo_conditions)
+    online = [c.name for c in conditions if c.name in ONLINE_REGIMES]
+    findings = check_findings(groups, offline=OFFLINE, online=online,
                               diversity=DIVERSITY_ORDER(n), generations=GENERATIONS_ORDER(n), budgets=budgets)
     rows = condition_rows(groups)
     report = write_report([out], findings=findings)  # the findings go on the report's page too
@@ -61,9 +65,9 @@ def command(
     from kdlab.analysis.worlds import assess_runs
     from kdlab.pipeline.demo import attribution_lines, evidence_lines
 
-    assessment = assess_runs(runs, control="online_teacher")
-    offline_names = [c.name for c in conditions if c.name not in ("online_teacher", "online_student")]
-    typer.echo("\nAttribution of the golden rises (vs the online_teacher control; kdlab.analysis.attribution):")
+    assessment = assess_runs(runs, control=ONLINE_TEACHER)
+    offline_names = [c.name for c in conditions if c.name not in online]
+    typer.echo(f"\nAttribution of the golden rises (vs the {ONLINE_TEACHER} control; kdlab.analysis.attribution):")
     for line in attribution_lines(assessment, offline_names):
         typer.echo(f"  {line}")
     evidence = evidence_lines()
@@ -89,7 +93,7 @@ def command(
 
 def _epochs(overrides: list[str], steps: int, batch: int) -> float | None:
     kv = dict(o.split("=", 1) for o in overrides)
-    if kv.get("stage2.regime") != "offline":
+    if kv.get("stage2.regime") != OFFLINE:
         return None
     size = int(kv["stage2.offline.num_prompts"]) * int(kv["stage2.offline.generations_per_prompt"])
     return round(steps * batch / size, 1)

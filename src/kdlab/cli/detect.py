@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from kdlab import record
+from kdlab.analysis.detectors import GOLDEN, PROXY_DEVIATION, PROXY_SEQUENTIAL
 
 
 def _golden_line(col: str, v: dict | None, status: str) -> str:
@@ -49,7 +50,7 @@ def command(
     step: Annotated[Optional[str], typer.Option("--step", help=f"Step column. Default: the first of {', '.join(record.STEP_ALIASES)} present.")] = None,
     control: Annotated[list[Path], typer.Option("--control", help="Metrics log of an online control run of the same world (repeatable, one per seed): adds the iso-proxy gap, the golden above the control's at the same proxy.")] = [],
     teacher_golden: Annotated[Optional[float], typer.Option("--teacher-golden", help="The teacher's own golden divergence (default: the file's teacher_golden_fkl column): adds the teacher-floor check.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the verdicts as JSON: {\"golden\": {...} | null, \"proxy_deviation\": {...}, \"proxy_sequential\": {...}, \"teacher_floor\": ..., \"iso_proxy_gap\": ...}.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help=f"Print the verdicts as JSON: {{\"{GOLDEN}\": {{...}} | null, \"{PROXY_DEVIATION}\": {{...}}, \"{PROXY_SEQUENTIAL}\": {{...}}, \"teacher_floor\": ..., \"iso_proxy_gap\": ...}}.")] = False,
 ) -> None:
     """Detect teacher hacking in a metrics log (JSONL, CSV/TSV, trainer_state.json, TensorBoard).
 
@@ -86,9 +87,9 @@ def command(
         "golden_status": golden_status(run.golden),
         "proxy_status": proxy_status(run.proxy),
         "verdict": run.verdict_text(),
-        "golden": run.golden.to_dict() if run.golden is not None else None,
-        "proxy_deviation": run.proxy.to_dict(),
-        "proxy_sequential": run.sequential.to_dict() if run.sequential is not None else None,
+        GOLDEN: run.golden.to_dict() if run.golden is not None else None,
+        PROXY_DEVIATION: run.proxy.to_dict(),
+        PROXY_SEQUENTIAL: run.sequential.to_dict() if run.sequential is not None else None,
         "metric_storage": run.storage,
         "notes": run.notes,
         **attribution,
@@ -97,10 +98,10 @@ def command(
         typer.echo(json.dumps(result, indent=2))
         return
     typer.echo(f"{run.metrics.path}: {len(steps)} evaluations, steps {int(steps[0]):,}–{int(steps[-1]):,}")
-    typer.echo(_golden_line(golden_col, result["golden"], result["golden_status"]))
-    typer.echo(_proxy_line(proxy, result["proxy_deviation"], result["proxy_status"]))
-    if result["proxy_sequential"] is not None:
-        typer.echo(_sequential_line(proxy, result["proxy_sequential"]))
+    typer.echo(_golden_line(golden_col, result[GOLDEN], result["golden_status"]))
+    typer.echo(_proxy_line(proxy, result[PROXY_DEVIATION], result["proxy_status"]))
+    if result[PROXY_SEQUENTIAL] is not None:
+        typer.echo(_sequential_line(proxy, result[PROXY_SEQUENTIAL]))
     for line in _attribution_lines(result):
         typer.echo(line)
     for note in run.notes:

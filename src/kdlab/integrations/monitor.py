@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 from transformers import TrainerCallback
 
-from kdlab.analysis.detectors import detect_golden, detect_proxy_deviation
+from kdlab.analysis.detectors import DETECTORS, GOLDEN, PROXY_DEVIATION, detect_golden, detect_proxy_deviation
 from kdlab.analysis.sequential import SequentialProxyDetector
 from kdlab.metrics import ReferenceCache
 from kdlab.metrics.probe import EvalProbe, Reference, log_spaced_steps
@@ -288,20 +288,18 @@ class TeacherHackingMonitor(TrainerCallback):
         else:
             pv = self.detect_proxy(steps, proxy, proxy_se, **({"config": self.proxy_config} if self.proxy_config else {}))
         if pv.detected:
-            return {"detected": True, "onset_step": pv.onset_step, "detector": "proxy_deviation", "reason": pv.reason}
+            return {"detected": True, "onset_step": pv.onset_step, "detector": PROXY_DEVIATION, "reason": pv.reason}
         if "golden" in self.caches:
             gv = self.detect_golden(steps, [r["golden_fkl"] for r in self.history],
                                     [r["golden_fkl_se"] for r in self.history], proxy, proxy_se,
                                     **({"config": self.golden_config} if self.golden_config else {}))
             if gv.detected and getattr(gv, "kind", "hacking") == "hacking":
-                return {"detected": True, "onset_step": gv.onset_step, "detector": "golden", "reason": gv.reason}
+                return {"detected": True, "onset_step": gv.onset_step, "detector": GOLDEN, "reason": gv.reason}
         return out
 
     def _on_detection(self, model, state, control, verdict) -> None:
-        what = {"proxy_deviation": "the proxy has left its early power-law convergence upwards",
-                "golden": "the distance to the oracle rises while the distance to the teacher keeps falling"}
         message = (f"teacher hacking detected at step {state.global_step} by the {verdict['detector']} detector "
-                   f"(onset at step {verdict['onset_step']}): {what.get(verdict['detector'], 'see reason')}. "
+                   f"(onset at step {verdict['onset_step']}): {DETECTORS.get(verdict['detector'], 'see reason')}. "
                    + (verdict.get("reason") or ""))
         if self.stop_on_hacking:
             control.should_training_stop = True

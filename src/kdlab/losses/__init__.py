@@ -6,39 +6,32 @@ bound) or a :class:`HiddenTarget` (the teacher's hidden states and head, exact).
 See DESIGN.md ("Losses (contract)") and each function's docstring for formula, direction and source.
 """
 
-from kdlab.losses.divergences import (
-    forward_kl,
-    generalized_jsd,
-    reverse_kl,
-    skew_kl,
-    skew_reverse_kl,
-    taid,
-    token_divergence,
-    tvd,
-)
-from kdlab.losses.hidden import HiddenTarget
-from kdlab.losses.lean import lean_loss
-from kdlab.losses.reduction import REDUCTIONS, reduce_tokens, token_count
-from kdlab.losses.registry import LOSSES, get
-from kdlab.losses.sparse import SparseTarget
-from kdlab.losses.schedule import TAIDSchedule
+# The names below load on first use (PEP 562): importing the package, or its torch-free table of
+# loss names (kdlab.losses.names, which the config reads), does not import torch.
+import importlib
 
-__all__ = [
-    "HiddenTarget",
-    "LOSSES",
-    "REDUCTIONS",
-    "SparseTarget",
-    "TAIDSchedule",
-    "forward_kl",
-    "generalized_jsd",
-    "get",
-    "lean_loss",
-    "reduce_tokens",
-    "reverse_kl",
-    "skew_kl",
-    "skew_reverse_kl",
-    "taid",
-    "token_count",
-    "token_divergence",
-    "tvd",
-]
+_SOURCE = {
+    "forward_kl": "divergences", "generalized_jsd": "divergences", "reverse_kl": "divergences",
+    "skew_kl": "divergences", "skew_reverse_kl": "divergences", "taid": "divergences",
+    "token_divergence": "divergences", "tvd": "divergences",
+    "lean_loss": "lean",
+    "REDUCTIONS": "reduction", "reduce_tokens": "reduction", "token_count": "reduction",
+    "LOSSES": "registry", "get": "registry",
+    "SparseTarget": "sparse",
+    "HiddenTarget": "hidden",
+    "TAIDSchedule": "schedule",
+}
+
+__all__ = sorted(_SOURCE)
+
+
+def __getattr__(name: str):
+    if name not in _SOURCE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_SOURCE[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SOURCE))

@@ -7,16 +7,11 @@ from typing import Callable
 
 from kdlab.losses import divergences
 from kdlab.losses.divergences import check_unit_interval
+from kdlab.losses.names import LOSS_PARAMS
 
-# name -> (function, the parameters it takes; each lies in [0, 1]).
+# name -> (function, the parameters it takes; each lies in [0, 1]), from the torch-free table of names.
 LOSSES: dict[str, tuple[Callable, tuple[str, ...]]] = {
-    "forward_kl": (divergences.forward_kl, ()),
-    "reverse_kl": (divergences.reverse_kl, ()),
-    "generalized_jsd": (divergences.generalized_jsd, ("beta",)),
-    "tvd": (divergences.tvd, ()),
-    "skew_kl": (divergences.skew_kl, ("alpha",)),
-    "skew_reverse_kl": (divergences.skew_reverse_kl, ("alpha",)),
-    "taid": (divergences.taid, ("t",)),
+    name: (getattr(divergences, name), params) for name, params in LOSS_PARAMS.items()
 }
 
 

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from kdlab.data.regimes import OnlineTeacherSource
+from kdlab.data.sources import OnlineTeacherSource
 
 
 class _FreshTeacher(OnlineTeacherSource):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdlab.config import RunConfig, load_config
+from kdlab.data.regimes import OFFLINE, ONLINE_STUDENT, ONLINE_TEACHER
 from kdlab.pipeline.study import Condition
 
 CONFIGS = Path(__file__).resolve().parent / "demo_configs"
@@ -26,13 +27,13 @@ def demo_conditions(cfg: RunConfig) -> list[Condition]:
 
     def offline(prompts: int, gens: int, group: str, name: str | None = None) -> Condition:
         return Condition(name or f"offline-{prompts}x{gens}", group,
-                         ["stage2.regime=offline", f"stage2.offline.num_prompts={prompts}",
+                         [f"stage2.regime={OFFLINE}", f"stage2.offline.num_prompts={prompts}",
                           f"stage2.offline.generations_per_prompt={gens}"])
 
     return [
-        offline(n, 1, "regimes", name="offline"),
-        Condition("online_teacher", "regimes", ["stage2.regime=online_teacher"]),
-        Condition("online_student", "regimes", ["stage2.regime=online_student"]),
+        offline(n, 1, "regimes", name=OFFLINE),
+        Condition(ONLINE_TEACHER, "regimes", [f"stage2.regime={ONLINE_TEACHER}"]),
+        Condition(ONLINE_STUDENT, "regimes", [f"stage2.regime={ONLINE_STUDENT}"]),
         offline(n // 2, 2, "diversity"),
         offline(n // 5, 5, "diversity"),
         offline(n // 5, 1, "generations"),
@@ -42,7 +43,7 @@ def demo_conditions(cfg: RunConfig) -> list[Condition]:
 
 # The ordered comparisons of finding 3: (label, [condition names in the order the paper predicts
 # an increasing golden rise]).
-DIVERSITY_ORDER = lambda n: ["offline", f"offline-{n // 2}x2", f"offline-{n // 5}x5"]  # noqa: E731
+DIVERSITY_ORDER = lambda n: [OFFLINE, f"offline-{n // 2}x2", f"offline-{n // 5}x5"]  # noqa: E731
 GENERATIONS_ORDER = lambda n: [f"offline-{n // 5}x5", f"offline-{n // 5}x2", f"offline-{n // 5}x1"]  # noqa: E731
 
 

@@ -29,8 +29,10 @@ from tqdm.auto import tqdm
 from kdlab import losses, record
 from kdlab.config import RunConfig, dump_config
 from kdlab.data.offline import build_offline_dataset, load_offline_dataset, offline_dataset_ready
-from kdlab.data.regimes import (Batch, MixedSource, OfflineSource, OnlineStudentSource, OnlineTeacherSource,
+from kdlab.data.regimes import MIXED, OFFLINE, ONLINE_STUDENT, ONLINE_TEACHER
+from kdlab.data.sources import (Batch, MixedSource, OfflineSource, OnlineStudentSource, OnlineTeacherSource,
                                 SamplingParams)
+from kdlab.losses.names import LOSS_PARAMS
 from kdlab.models import LM, bf16_autocast, check_vocab_compatible, set_dropout
 from kdlab.models.sampling import sample
 from kdlab.models.vllm_backend import check_backend, make_sampler
@@ -56,13 +58,13 @@ def resolve_device(name: str) -> torch.device:
 
 def make_loss(cfg: RunConfig):
     c = cfg.loss
-    params = {"generalized_jsd": {"beta": c.beta}, "skew_kl": {"alpha": c.alpha},
-              "skew_reverse_kl": {"alpha": c.alpha}}.get(c.name, {})
+    # the loss's parameters that the config sets (loss.beta, loss.alpha); TAID's t comes from its schedule
+    params = {p: getattr(c, p) for p in LOSS_PARAMS[c.name] if p in type(c).model_fields}
     return losses.get(c.name, **params)
 
 
 def make_taid_schedule(cfg: RunConfig):
-    if cfg.loss.name != "taid":
+    if "t" not in LOSS_PARAMS[cfg.loss.name]:  # TAID: its interpolation t comes from this schedule
         return None
     c = cfg.loss
     return losses.TAIDSchedule(cfg.stage2.steps, t_start=c.taid_t_start, t_end=c.taid_t_end,
@@ -86,13 +88,13 @@ def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | 
     pool_ids, pool_mask = world.prompts["stage2"]
     sp = s2.sampling
     if sampler is None:  # the online regimes' sampler: transformers generate, or vLLM engines
-        sampler = sample if regime == "offline" else make_sampler(
+        sampler = sample if regime == OFFLINE else make_sampler(
             sp.backend, teacher=world.teacher, teacher_dir=world.teacher_dir,
             student_dir=world.student_init_dir, gpu_memory_utilization=sp.vllm_gpu_memory, seed=cfg.seed)
     # The sampling model's compile switch compiles its decode step (builtin sampler only).
-    compile_step = sp.backend == "builtin" and (s2.compile_teacher if regime == "online_teacher" else s2.compile_student)
-    params = source_params(cfg, world, sampler, compile_step=compile_step and regime != "offline")
-    if regime == "offline":
+    compile_step = sp.backend == "builtin" and (s2.compile_teacher if regime == ONLINE_TEACHER else s2.compile_student)
+    params = source_params(cfg, world, sampler, compile_step=compile_step and regime != OFFLINE)
+    if regime == OFFLINE:
         o = s2.offline
         # The run seed chooses which prompts of the pool form the dataset (the seed varies the data).
         perm = torch.randperm(len(pool_ids), generator=generator_for(cfg.seed, "offline-prompts"))[:o.num_prompts]
@@ -107,12 +109,12 @@ def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | 
                 temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                 eos_token_id=params.eos_token_id, batch_size=cfg.generation_batch_size)
         return OfflineSource(load_offline_dataset(path), s2.batch_size, cfg.seed), (ids, mask)
-    if regime == "online_teacher":
+    if regime == ONLINE_TEACHER:
         return (OnlineTeacherSource(world.teacher, pool_ids, pool_mask, s2.batch_size, cfg.seed, params, shard),
                 (pool_ids, pool_mask))
-    if regime == "online_student":
+    if regime == ONLINE_STUDENT:
         return OnlineStudentSource(pool_ids, pool_mask, s2.batch_size, cfg.seed, params, shard), (pool_ids, pool_mask)
-    if regime == "mixed":
+    if regime == MIXED:
         other, prompts = make_source(cfg, world, run_dir, log, regime=s2.mixed.other, sampler=sampler, shard=shard)
         on_policy = OnlineStudentSource(pool_ids, pool_mask, s2.batch_size, cfg.seed, params, shard)
         return MixedSource(on_policy, other, s2.mixed.lmbda, cfg.seed), prompts
@@ -248,7 +250,7 @@ def _run(cfg: RunConfig, resume: bool, log, progress: bool, on_step) -> Path:
         torch.set_num_threads(cfg.threads)
     dist = Distributed.from_environment(cfg.device)  # a no-op unless started by `accelerate launch`
     dist.check_supported(cfg)
-    if cfg.stage2.regime != "offline":
+    if cfg.stage2.regime != OFFLINE:
         check_backend(cfg.stage2.sampling.backend)  # a missing vLLM is reported before any work
     device = dist.device or resolve_device(cfg.device)
     if not dist.is_main:

@@ -28,7 +28,7 @@ from datetime import timedelta
 import torch
 from torch import Tensor
 
-from kdlab.data.regimes import Batch
+from kdlab.data.sources import Batch
 from kdlab.losses import SparseTarget
 
 

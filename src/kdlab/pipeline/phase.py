@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from kdlab.config import ConfigError, RunConfig, load_config
+from kdlab.data.regimes import CONTROL_REGIMES, OFFLINE, ONLINE_TEACHER
 from kdlab.pipeline.study import Condition
 
 SPEC_KEYS = {"base", "out", "world_seeds", "seeds", "control", "rows", "panels", "columns", "jobs", "set"}
@@ -42,7 +43,7 @@ class PhaseSpec:
     panels: dict[str, dict] = field(default_factory=lambda: {"": {}})
     world_seeds: list[int] = field(default_factory=lambda: [0])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    control: str = "online_teacher"
+    control: str = ONLINE_TEACHER
     jobs: int = 2
     common: dict = field(default_factory=dict)
 
@@ -89,9 +90,9 @@ def load_phase_spec(path: str | Path, out: Path | None = None) -> PhaseSpec:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(SPEC_KEYS)}")
     if "base" not in data:
         raise ConfigError(f"{path}: 'base' (the run config every cell starts from) is required")
-    control = data.get("control", "online_teacher")
-    if control not in ("online_teacher", "online_student"):
-        raise ConfigError(f"{path}: control = {control!r}: must be online_teacher or online_student")
+    control = data.get("control", ONLINE_TEACHER)
+    if control not in CONTROL_REGIMES:
+        raise ConfigError(f"{path}: control = {control!r}: must be {' or '.join(CONTROL_REGIMES)}")
     spec = PhaseSpec(
         path=path, base=(path.parent / data["base"]).resolve(), out=Path(out or data.get("out", "runs/phase")),
         rows=_named_sets(data, "rows", path), columns=_named_sets(data, "columns", path),
@@ -124,12 +125,12 @@ def world_configs(spec: PhaseSpec) -> list[PhaseWorld]:
                     raise ConfigError(f"{spec.path}: cell panel={panel!r} row={row!r}: {err}") from None
                 conds = []
                 for col, c_over in spec.columns.items():
-                    c = ["stage2.regime=offline", *_overrides(c_over)]
+                    c = [f"stage2.regime={OFFLINE}", *_overrides(c_over)]
                     try:
                         load_config(spec.base, over + c)
                     except ConfigError as err:
                         raise ConfigError(f"{spec.path}: column {col!r}: {err}") from None
-                    conds.append(Condition(col, "offline", c))
+                    conds.append(Condition(col, OFFLINE, c))
                 conds.append(Condition(CONTROL_NAME, "control", [f"stage2.regime={spec.control}"]))
                 slug = "_".join(x for x in (_slug(panel), _slug(row), f"w{ws}") if x)
                 worlds.append(PhaseWorld(panel, row, ws, spec.out / slug, cfg, conds))

@@ -8,6 +8,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+from kdlab.analysis.detectors import GOLDEN, PROXY_DEVIATION
 from kdlab.analysis.runs import RunAnalysis, golden_status, golden_tested, proxy_status
 
 _CSS = """
@@ -79,10 +80,10 @@ def _run_row(run: RunAnalysis) -> str:
 def _condition_table(summary: dict) -> str:
     rows = []
     for c in summary["conditions"]:
-        g = c["golden"]
+        g = c[GOLDEN]
         golden = "no oracle" if g is None else f"{g['detected']}/{g['n']}"
         g_onset = "–" if g is None else _step(g["onset_median"])
-        p = c["proxy_deviation"]
+        p = c[PROXY_DEVIATION]
         cls = "hacking" if g is not None and g["detected"] else "none"
         rows.append(
             f"<tr><td>{_e(c['condition'])}</td><td>{_e(c['regime'])}</td><td>{len(c['runs'])}</td>"

@@ -1,0 +1,17 @@
+"""The losses' names and parameters, without torch: the table the config validates `loss.name`
+against (kdlab.config stays importable without torch). kdlab.losses.registry binds each name to its
+function; adding a loss is its function in kdlab.losses.divergences and its line here."""
+
+# name -> the parameters the loss takes (each lies in [0, 1]). A loss's name is its function's name in
+# kdlab.losses.divergences. `t` (TAID) comes from its schedule at each step; the others from `loss.<param>`.
+LOSS_PARAMS: dict[str, tuple[str, ...]] = {
+    "forward_kl": (),
+    "reverse_kl": (),
+    "generalized_jsd": ("beta",),
+    "tvd": (),
+    "skew_kl": ("alpha",),
+    "skew_reverse_kl": ("alpha",),
+    "taid": ("t",),
+}
+
+LOSS_NAMES = tuple(LOSS_PARAMS)
