@@ -42,10 +42,12 @@ def judge(run_dir: Path) -> dict:
     return {
         "run": str(run_dir),
         "condition": a.condition,
-        "golden": bool(g is not None and g.detected),
+        # Protocol C's reference: any golden rise the golden detector confirms, hacking or over-fitting
+        # (its `detected` flag is set for hacking only).
+        "golden": bool(g is not None and g.kind in ("hacking", "overfitting")),
         "golden_kind": g.kind if g is not None else None,
-        "paper_hacking": bool(g is not None and g.detected and g.kind == "hacking"),
-        "golden_onset": _frac(g.onset_step, steps) if g is not None and g.detected else None,
+        "paper_hacking": bool(g is not None and g.kind == "hacking"),
+        "golden_onset": _frac(g.onset_step, steps) if g is not None and g.kind in ("hacking", "overfitting") else None,
         "proxy": bool(a.proxy.detected),
         "proxy_onset": _frac(a.proxy.onset_step, steps) if a.proxy.detected else None,
         "sequential": bool(seq is not None and seq.detected),
