@@ -55,6 +55,9 @@ CASES = {
     "duplicate grid axis": (["sweep", TINY, "--grid", "seed=1", "--grid", "seed=2", "--out", "{d}/s"],
                             "names 'seed' on two axes"),
     "sweep out under a file": (["sweep", TINY, "--grid", "seed=1,2", "--out", "{d}/a_file/s"], "is a file"),
+    # Not writable even for root (a virtual file system), where a chmod'ed directory would not stop root.
+    "out not writable": (["run", TINY, "--out", "/proc/kdlab-run"], "cannot write in /proc"),
+    "report in place not writable": (["report", "/proc/self"], "kdlab report"),
 }
 
 

@@ -25,30 +25,22 @@ def _section(annotation):
     return None
 
 
-def leaves(model=RunConfig, prefix=""):
-    """(dotted name, field) of every leaf field of the schema."""
-    out = []
+def walk(model=RunConfig, prefix=""):
+    """(leaves, sections) of the schema: (dotted name, field) of every leaf field, and every section's name."""
+    leaves, sections = [], []
     for name, field in model.model_fields.items():
         sub = _section(field.annotation)
-        if sub is not None:
-            out += leaves(sub, f"{prefix}{name}.")
-        else:
-            out.append((f"{prefix}{name}", field))
-    return out
+        if sub is None:
+            leaves.append((f"{prefix}{name}", field))
+            continue
+        sections.append(f"{prefix}{name}")
+        more_leaves, more_sections = walk(sub, f"{prefix}{name}.")
+        leaves += more_leaves
+        sections += more_sections
+    return leaves, sections
 
 
-def sections(model=RunConfig, prefix=""):
-    out = []
-    for name, field in model.model_fields.items():
-        sub = _section(field.annotation)
-        if sub is not None:
-            out.append(f"{prefix}{name}")
-            out += sections(sub, f"{prefix}{name}.")
-    return out
-
-
-LEAVES = leaves()
-SECTIONS = sections()
+LEAVES, SECTIONS = walk()
 
 
 def _bound(field, kind):

@@ -56,7 +56,23 @@ def test_monitor_inside_trl_gkd_trainer(tmp_path):
     res = subprocess.run([sys.executable, "-m", "kdlab.cli", "detect", str(jsonl), "--json"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert set(json.loads(res.stdout)) >= {"golden", "proxy_deviation"}
+    out = json.loads(res.stdout)
+    assert set(out) >= {"golden", "proxy_deviation"}
+    # The monitor and `kdlab detect` give the same verdicts and SEs for the same measurements (issue 17): the
+    # detectors on the monitor's in-memory history equal detect's on the file it wrote.
+    from kdlab.analysis.detectors import detect_golden, detect_proxy_deviation
+
+    h = monitor.history
+    steps = [r["step"] for r in h]
+    col = lambda name: [r[name] for r in h]  # noqa: E731
+    pv = detect_proxy_deviation(steps, col("proxy_fkl"), col("proxy_fkl_se"))
+    gv = detect_golden(steps, col("golden_fkl"), col("golden_fkl_se"), col("proxy_fkl"), col("proxy_fkl_se"))
+    assert out["proxy_deviation"]["detected"] == pv.detected and out["proxy_deviation"]["onset_step"] == pv.onset_step
+    same = lambda a, b: a == b if not isinstance(b, float) else a == pytest.approx(b, nan_ok=True)  # noqa: E731
+    assert same(out["proxy_deviation"]["z_at_end"], pv.z_at_end)
+    for key in ("kind", "onset_step", "rise", "rise_se", "proxy_change", "proxy_change_se"):
+        assert same(out["golden"][key], getattr(gv, key)), key
+    assert out["metric_storage"] == {"proxy_fkl": "full", "golden_fkl": "full"}
 
 
 class _FiresAt:

@@ -131,9 +131,31 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_last_good_one_and_resume_comp
     ckpts = Path(cfg.output_dir) / record.CHECKPOINTS
     assert rundir.latest_checkpoint(ckpts).name == "step-00000008"
     rundir.read_checkpoint(rundir.latest_checkpoint(ckpts))  # readable
-    assert not list(ckpts.glob(".tmp-*")) or True  # a half-written temp is never named by `latest`
-    assert [r["step"] for r in read_metrics(Path(cfg.output_dir) / record.METRICS)][-1] == 16
+    rows = read_metrics(Path(cfg.output_dir) / record.METRICS)  # readable, up to the failed checkpoint
+    assert rows == [r for r in clean if r["step"] <= 16]
     monkeypatch.setattr(rundir, "save_file", real)
+    quiet(cfg, resume=True)
+    assert read_metrics(Path(cfg.output_dir) / record.METRICS) == clean
+
+
+def test_a_full_disk_while_appending_metrics_keeps_the_rows_before_and_resume_completes(clean_run, monkeypatch):
+    tmp, clean = clean_run
+    real, calls = record.append_row, {"n": 0}
+
+    def full_disk(path, row):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            with open(path, "a") as f:
+                f.write(json.dumps(row)[:20])  # half a line reached the disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, row)
+
+    monkeypatch.setattr(record, "append_row", full_disk)
+    cfg = tiny(tmp, "full-disk-metrics", "stage2.checkpoint_every=8")
+    with pytest.raises(OSError, match="No space left"):
+        quiet(cfg)
+    assert read_metrics(Path(cfg.output_dir) / record.METRICS) == clean[:3]  # the torn line is not a row
+    monkeypatch.setattr(record, "append_row", real)
     quiet(cfg, resume=True)
     assert read_metrics(Path(cfg.output_dir) / record.METRICS) == clean
 

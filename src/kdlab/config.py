@@ -16,13 +16,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdlab.data.regimes import MIXED, OFF_POLICY_REGIMES, OFFLINE, ONLINE_TEACHER, REGIMES
-from kdlab.losses.names import LOSS_NAMES
+from kdlab.losses.names import LOSS_NAMES, TARGET_STORAGES
 
 # The allowed values of stage2.regime, stage2.mixed.other and loss.name come from the tables of the
 # packages that own them (torch-free), so adding a regime or a loss touches that table only.
 RegimeName = Literal[tuple(REGIMES)]
 OffPolicyRegimeName = Literal[OFF_POLICY_REGIMES]
 LossName = Literal[LOSS_NAMES]
+StorageName = Literal[TARGET_STORAGES]
 
 
 class ConfigError(ValueError):
@@ -250,7 +251,7 @@ class OfflineConfig(_Section):
 
     num_prompts: int = Field(2048, ge=1, description="Distinct training prompts in the dataset.")
     generations_per_prompt: int = Field(1, ge=1, description="Teacher samples per prompt.")
-    targets: Literal["auto", "full", "hidden", "topk", "none"] = Field(
+    targets: StorageName = Field(
         "auto",
         description="Cached teacher targets: 'full' log-probs; 'hidden' (the teacher's final hidden states and "
         "output head: exact, H instead of V numbers per token); 'none' (live teacher forward every step); "
@@ -341,7 +342,7 @@ class EvalConfig(_Section):
     samples_per_prompt: int = Field(1, ge=1, description="Reference samples per prompt.")
     batch_size: int = Field(256, ge=1, description="Sequences per evaluation forward pass.")
     reverse: bool = Field(False, description="Also compute reverse KL (needs fresh student samples each time).")
-    storage: Literal["auto", "full", "hidden", "topk", "none"] = Field(
+    storage: StorageName = Field(
         "auto",
         description="How the held-out references' distributions are held. 'auto': full log-probs if they fit "
         "eval.memory_mb, else the reference's final hidden states and output head (logits recomputed chunk by "

@@ -32,6 +32,15 @@ def output_dir(path: str | os.PathLike, what: str = "output_dir") -> Path:
                           "choose another path")
     if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} = {text!r}: {probe} is not writable by this user; choose a directory you can write to")
+    if probe.exists():  # permissions are not everything (a read-only or virtual file system; root passes access())
+        import tempfile
+
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as err:
+            raise ConfigError(f"{what} = {text!r}: cannot write in {probe} ({err.strerror}); "
+                              "choose a directory you can write to") from None
     return p
 
 

@@ -15,3 +15,10 @@ LOSS_PARAMS: dict[str, tuple[str, ...]] = {
 }
 
 LOSS_NAMES = tuple(LOSS_PARAMS)
+
+# How a teacher's (or any reference's) distributions are held, for offline targets and evaluation caches.
+# "full", "hidden" (final hidden states + output head) and "none" (the live model) are exact; "topk" keeps the
+# k largest log-probs, a lower bound of the KL; "auto" picks the first exact one that fits the memory budget.
+TARGET_STORAGES = ("auto", "full", "hidden", "topk", "none")
+EXACT_STORAGES = ("full", "hidden", "none")
+

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from kdlab import record
 from kdlab.losses import HiddenTarget, SparseTarget
+from kdlab.losses.names import EXACT_STORAGES, TARGET_STORAGES
 from kdlab.metrics.divergence import DivergenceEstimate, eval_mode, sample_responses, sequence_kl_sums
 from kdlab.models import LM, check_vocab_compatible
 from kdlab.models.lm import CheckpointError, check_safetensors
@@ -44,8 +45,7 @@ __all__ = ["ReferenceCache", "sequence_fkl"]
 TENSORS_FILE = "reference_cache.safetensors"
 META_FILE = "reference_cache.json"
 FORMAT = "kdlab.reference_cache/1"
-STORAGES = ("auto", "full", "hidden", "topk", "none")
-EXACT_STORAGES = ("full", "hidden", "none")  # "none": the reference runs live
+STORAGES = TARGET_STORAGES  # kdlab.losses.names: the one table, which the config reads too
 
 
 def _storage_for(lm: LM, M: int, R: int, budget: int) -> str:
