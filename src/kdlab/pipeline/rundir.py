@@ -44,9 +44,16 @@ def hold_run_dir(run_dir: Path):
     if launched_rank() != 0:
         yield
         return
+    created = not run_dir.exists()
     try:
         with record.file_lock(run_dir / LOCK, wait=False):
-            yield
+            try:
+                yield
+            finally:
+                if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
+                    # nothing was written (the run stopped before its first file): leave no trace
+                    (run_dir / LOCK).unlink(missing_ok=True)
+                    run_dir.rmdir()
     except record.LockHeld as err:
         raise RunDirectoryInUse(f"another kdlab process is running in {run_dir} ({err}); wait for it to finish, "
                                 "or choose another output_dir") from None
