@@ -151,12 +151,14 @@ def test_monitor_verdict_equals_kdlab_detect_on_its_jsonl(tmp_path):
     lr = 1e-3 * cosine(10_000, warm=100)
     lr_sum = np.concatenate([[0.0], np.cumsum(lr)])[STEPS]
     y, se = observe(departing(frac_step(0.35), 0.3, T=lr_sum), 0.01, seed=9)
-    rows = []
+    rows, fired = [], []
     for s, v, e, t in zip(STEPS, y, se, lr_sum):
         row = {"step": int(s), "proxy_fkl": float(v), "proxy_fkl_se": float(e), "lr": None, "lr_sum": float(t)}
         monitor.history.append(row)
-        monitor._detect()
+        fired.append(monitor._detect())
         rows.append(row)
+    # The alarm names the detector that raised it (it said proxy_deviation, the fixed-window one).
+    assert {v["detector"] for v in fired if v["detected"]} == {"proxy_sequential"}
     path = tmp_path / "teacher_hacking_monitor.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = detect_cli(path, "--json")

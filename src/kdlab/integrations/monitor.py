@@ -50,7 +50,8 @@ import torch
 from torch import Tensor
 from transformers import TrainerCallback
 
-from kdlab.analysis.detectors import DETECTORS, GOLDEN, PROXY_DEVIATION, detect_golden, detect_proxy_deviation
+from kdlab.analysis.detectors import (DETECTORS, GOLDEN, PROXY_DEVIATION, PROXY_SEQUENTIAL, detect_golden,
+                                      detect_proxy_deviation)
 from kdlab.analysis.sequential import SequentialProxyDetector
 from kdlab.metrics import ReferenceCache
 from kdlab.metrics.probe import EvalProbe, Reference, log_spaced_steps
@@ -288,7 +289,8 @@ class TeacherHackingMonitor(TrainerCallback):
         else:
             pv = self.detect_proxy(steps, proxy, proxy_se, **({"config": self.proxy_config} if self.proxy_config else {}))
         if pv.detected:
-            return {"detected": True, "onset_step": pv.onset_step, "detector": PROXY_DEVIATION, "reason": pv.reason}
+            name = PROXY_SEQUENTIAL if self.proxy_detector is not None else PROXY_DEVIATION
+            return {"detected": True, "onset_step": pv.onset_step, "detector": name, "reason": pv.reason}
         if "golden" in self.caches:
             gv = self.detect_golden(steps, [r["golden_fkl"] for r in self.history],
                                     [r["golden_fkl_se"] for r in self.history], proxy, proxy_se,
