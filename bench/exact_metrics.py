@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -42,7 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+from common import machine, reset_peak, status_mib, write_section
+
 HEADING = "## Exact metrics at V = 151,936 (bench/exact_metrics.py)"
 SIZES = {"full": dict(V=151_936, H=512, N=512, P=16, R=128, eval_batch=16, chunk=1024, topk=256,
                       train_B=16, offline_seqs=4096, offline_probe=256, offline_topk=64),
@@ -50,19 +49,6 @@ SIZES = {"full": dict(V=151_936, H=512, N=512, P=16, R=128, eval_batch=16, chunk
                        train_B=8, offline_seqs=512, offline_probe=32, offline_topk=16)}
 EVAL_MODES = ("topk", "hidden", "live")
 TRAIN_MODES = ("topk", "hidden")
-
-
-def _status_mib(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> float:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak resident set (VmHWM) to the current one
-    return _status_mib("VmRSS")
 
 
 def _models(s: dict):
@@ -111,7 +97,7 @@ def case(kind: str, mode: str, s: dict, repeats: int) -> dict:
     out: dict = {"kind": kind, "mode": mode, "load_before": os.getloadavg()[0]}
     if kind == "eval":
         prompts, responses = _data(s, s["N"], 0)
-        rss0 = _reset_peak()
+        rss0 = reset_peak()
         t0 = time.perf_counter()
         storage = "none" if mode == "live" else mode
         cache = ReferenceCache.from_samples(teacher, prompts, None, responses, storage=storage, topk=s["topk"],
@@ -130,16 +116,16 @@ def case(kind: str, mode: str, s: dict, repeats: int) -> dict:
                                                        cache.response_ids_MxR, cache.response_mask_MxR))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        out["build_peak_extra_mib"] = _status_mib("VmHWM") - rss0
+        out["build_peak_extra_mib"] = status_mib("VmHWM") - rss0
         times, value = [], None
-        rss1 = _reset_peak()
+        rss1 = reset_peak()
         for _ in range(repeats):
             t0 = time.perf_counter()
             sums, _ = sequence_fkl_sums(student, cache, reference_lm=teacher, batch_size=s["eval_batch"])
             times.append(time.perf_counter() - t0)
             value = float(sums.double().mean())
         out["eval_s"], out["eval_s_all"], out["value"] = statistics.median(times), times, value
-        out["eval_peak_extra_mib"] = _status_mib("VmHWM") - rss1
+        out["eval_peak_extra_mib"] = status_mib("VmHWM") - rss1
     elif kind == "check":  # full log-probs on a subset: the exactness check of hidden (and of live)
         prompts, responses = _data(s, s["N"], 0)
         n = 8
@@ -175,7 +161,7 @@ def case(kind: str, mode: str, s: dict, repeats: int) -> dict:
             p_ids, p_mask = data.prompt_ids[idx], data.prompt_mask[idx]
             r_ids, r_mask = data.response_ids[idx], data.response_mask[idx]
             times = []
-            rss1 = _reset_peak()
+            rss1 = reset_peak()
             for _ in range(repeats):
                 student.hf.zero_grad(set_to_none=True)
                 t0 = time.perf_counter()
@@ -184,7 +170,7 @@ def case(kind: str, mode: str, s: dict, repeats: int) -> dict:
                 loss.backward()
                 times.append(time.perf_counter() - t0)
             out["step_s"], out["step_s_all"], out["loss"] = statistics.median(times), times, float(loss)
-            out["step_peak_extra_mib"] = _status_mib("VmHWM") - rss1
+            out["step_peak_extra_mib"] = status_mib("VmHWM") - rss1
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -204,11 +190,8 @@ def _gib(b: float) -> str:
 
 
 def _machine() -> str:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    mem = int(re.search(r"MemTotal:\s+(\d+)", open("/proc/meminfo").read()).group(1)) / 2**20
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB; Python {platform.python_version()}, torch {torch.__version__}, "
+    m = machine()
+    return (f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB; Python {m['python']}, torch {m['torch']}, "
             "2 torch threads")
 
 
@@ -217,7 +200,7 @@ def report(results: dict, s: dict, wall: float, size: str) -> str:
     M, R, V, H_t = s["N"], s["R"], s["V"], s["H"]
     full_bytes = M * R * V * 4
     exact = ev["hidden"]["value"]
-    mem_total = int(re.search(r"MemTotal:\s+(\d+)", open("/proc/meminfo").read()).group(1)) / 1024
+    mem_total = machine()["memory_gib"] * 1024
     lines = [HEADING, "",
              f"Date {time.strftime('%Y-%m-%d')}. Machine: {_machine()}. Command: `.venv/bin/python bench/exact_metrics.py"
              f"{' --quick' if size == 'quick' else ''} --write-results`. Whole benchmark: {wall:.0f} s; 1-min load before each "
@@ -273,16 +256,6 @@ def report(results: dict, s: dict, wall: float, size: str) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str) -> None:
-    old = RESULTS.read_text()
-    start = old.find(HEADING)
-    if start < 0:
-        RESULTS.write_text(old.rstrip() + "\n\n" + text + "\n")
-        return
-    end = old.find("\n## ", start + len(HEADING))
-    RESULTS.write_text(old[:start] + text + ("\n" + old[end + 1:] if end >= 0 else "\n"))
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (checks the script in seconds)")
@@ -311,7 +284,7 @@ def main(argv=None) -> None:
     print(text)
     Path(tempfile.gettempdir(), f"kdlab-exact-metrics-{size}.json").write_text(json.dumps(results, indent=2))
     if args.write_results:
-        write_results(text)
+        write_section(HEADING, text)
 
 
 if __name__ == "__main__":

@@ -18,26 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import re
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from common import machine, reset_peak, status_mib, write_section
 
 TOKENS, VOCAB, HIDDEN, THREADS, CHUNK = 8192, 32768, 512, 2, 1024
 LOSSES = {"forward_kl": {}, "generalized_jsd": {"beta": 0.5}}
 PATHS = ("dense", "lean", "naive")
 DATE = "2026-11-23"
-RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## Losses (bench/losses.py)"
-
-
-def _status_mib(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _naive(name, logits, teacher):
@@ -68,8 +59,7 @@ def run_case(path: str, name: str) -> dict:
     teacher = 2.0 * torch.randn(1, TOKENS, VOCAB, generator=g)
     params = LOSSES[name]
 
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS (VmHWM) to the current RSS
-    base = _status_mib("VmRSS")
+    base = reset_peak()
     start = time.perf_counter()
     if path == "lean":
         loss = L.lean_loss(name, hidden, weight, teacher, chunk_size=CHUNK, **params)
@@ -79,7 +69,7 @@ def run_case(path: str, name: str) -> dict:
         loss = _naive(name, hidden @ weight.T, teacher)
     loss.backward()
     seconds = time.perf_counter() - start
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     return {
         "load_before": __import__("os").getloadavg()[0],
         "path": path,
@@ -88,23 +78,6 @@ def run_case(path: str, name: str) -> dict:
         "seconds": seconds,
         "peak_extra_mib": peak - base,
         "grad_w_norm": weight.grad.norm().item(),
-    }
-
-
-def machine() -> dict:
-    import torch
-
-    model = "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = re.search(r"Model name:\s*(.+)", out).group(1).strip()
-    except Exception:  # lscpu missing: keep "unknown"
-        pass
-    return {
-        "cpu": model,
-        "cores": __import__("os").cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
     }
 
 
@@ -171,14 +144,7 @@ def report(rows: list[dict], total_seconds: float) -> list[str]:
 
 
 def write_results(lines: list[str]) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = "\n".join(lines) + "\n"
-    pattern = re.compile(re.escape(HEADING) + r".*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
+    write_section(HEADING, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -64,10 +63,9 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_bad_input_gets_one_clear_message_before_any_work(files, case):
     args, needle = CASES[case]
-    t0 = time.perf_counter()
     res = kdlab(*[a.replace("{d}", str(files)) for a in args], cwd=files)
     refused(res, needle)
-    assert time.perf_counter() - t0 < 60  # no stage-1 world was built (that takes minutes on this config)
+    # No work started: no run directory and no stage-1 cache (the world would be built there first).
     assert not (files / "r" / "config.yaml").exists() and not (files / ".kdlab-cache").exists()
 
 

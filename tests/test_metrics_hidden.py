@@ -40,7 +40,7 @@ def build(A, ids, mask, storage, **kw):
 def test_hidden_storage_equals_full_log_probs(kind):
     A, S, (ids, mask) = models(kind)
     full, hidden = build(A, ids, mask, "full"), build(A, ids, mask, "hidden")
-    assert hidden.storage == "hidden" and hidden.exact and hidden.label == "hidden"
+    assert hidden.storage == "hidden" and hidden.label == "hidden"
     assert torch.equal(full.response_ids_MxR, hidden.response_ids_MxR)
     H = hidden.targets.hidden.shape[-1]
     assert hidden.targets.hidden.shape[:2] == full.response_ids_MxR.shape and hidden.targets.weight.shape == (A.vocab_size, H)
@@ -86,7 +86,7 @@ def test_the_default_storage_is_exact_and_top_k_says_it_is_a_lower_bound():
     assert storage(hidden_bytes) == "hidden"
     assert storage(hidden_bytes - 1) == "none"  # the reference then runs live: still exact, never top-k
     topk = build(A, ids, mask, "topk", topk=8)
-    assert not topk.exact and topk.label == "top-8 lower bound"
+    assert topk.label == "top-8 lower bound"
     assert build(A, ids, mask, "none").label == "live"
     assert sequence_fkl(S, topk).mean < sequence_fkl(S, build(A, ids, mask, "hidden")).mean
 

@@ -132,9 +132,12 @@ LR_SUM = COLUMN["lr_sum"].name
 TRAIN_PREFIX = "train_"  # train_<col>: <col> measured on training prompts
 
 
+STORAGE_SUFFIX = "_storage"
+
+
 def storage_column(name: str) -> str:
     """The column saying how the reference behind metric `name` was held (``proxy_fkl_storage``)."""
-    return f"{name}_storage"
+    return name + STORAGE_SUFFIX
 
 
 def metric_storage(rows) -> dict[str, str]:
@@ -143,8 +146,8 @@ def metric_storage(rows) -> dict[str, str]:
     out: dict[str, str] = {}
     for row in rows:
         for key, value in row.items():
-            if key.endswith("_storage") and isinstance(value, str):
-                out.setdefault(key[: -len("_storage")], value)
+            if key.endswith(STORAGE_SUFFIX) and isinstance(value, str):
+                out.setdefault(key[: -len(STORAGE_SUFFIX)], value)
     return out
 
 

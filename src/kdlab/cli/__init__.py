@@ -71,14 +71,12 @@ def _lazy(module_name: str):
 def _describe(err: BaseException) -> str:
     """One line for an error nothing more specific caught: what failed, on which path, and what to do."""
     if isinstance(err, OSError) and err.filename is not None:
-        what = err.strerror or type(err).__name__
-        advice = {"EACCES": "check that you may write there", "EROFS": "the file system is read-only",
-                  "ENOSPC": "free some space and run again (finished work is kept)",
-                  "ENOTDIR": "a part of the path is a file, not a directory", "ENOENT": "check the path"}
         import errno
 
-        hint = advice.get(errno.errorcode.get(err.errno or 0, ""), "check the path")
-        return f"{what}: {err.filename} ({hint})"
+        advice = {errno.EACCES: "check that you may write there", errno.EROFS: "the file system is read-only",
+                  errno.ENOSPC: "free some space and run again (finished work is kept)",
+                  errno.ENOTDIR: "a part of the path is a file, not a directory"}
+        return f"{err.strerror or type(err).__name__}: {err.filename} ({advice.get(err.errno, 'check the path')})"
     if isinstance(err, MemoryError):
         return "out of memory: use smaller batches (eval.batch_size, stage2.batch_size) or a smaller model"
     return f"{type(err).__name__}: {err}"
@@ -117,7 +115,7 @@ def main() -> None:
     except Exception as err:  # the last line of defence: no traceback for a user's mistake
         if debug:
             raise
-        verb = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
-        typer.echo(f"kdlab {verb}: error: {_describe(err)}\n(run again with --debug to see the traceback)".replace(
-            "kdlab : ", "kdlab: "), err=True)
+        verb = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+        typer.echo(f"{'kdlab ' + verb if verb else 'kdlab'}: error: {_describe(err)}\n"
+                   "(run again with --debug to see the traceback)", err=True)
         sys.exit(1)

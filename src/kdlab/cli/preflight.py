@@ -48,8 +48,9 @@ def model_path(spec: str, field: str) -> None:
     """An 'hf:' model that is a local directory must hold config.json and its weights."""
     if not isinstance(spec, str) or not spec.startswith("hf:"):
         return
-    path = Path(spec[len("hf:"):]).expanduser()
-    looks_local = spec[3:].startswith(("/", "./", "../", "~")) or path.exists()
+    name = spec[len("hf:"):]
+    path = Path(name).expanduser()
+    looks_local = name.startswith(("/", "./", "../", "~")) or path.exists()
     if not looks_local:
         return  # a hub name: checked when it is downloaded
     if not path.is_dir():

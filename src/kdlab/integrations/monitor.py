@@ -191,6 +191,7 @@ class TeacherHackingMonitor(TrainerCallback):
         self.steps: list[int] = []
         self.history: list[dict[str, Any]] = []
         self.caches: dict[str, ReferenceCache] = {}
+        self.probe: EvalProbe | None = None  # over the caches, made once they are built (on_train_begin)
         self.detected_at: int | None = None  # the step at which a detector first fired
         self.verdict: dict[str, Any] | None = None
         self.lr_sum = 0.0  # Σ of the learning rate over the optimizer steps seen (the detector's time)
@@ -227,6 +228,8 @@ class TeacherHackingMonitor(TrainerCallback):
                     ref, self.prompt_ids.to(dev), self.prompt_mask.to(dev),
                     generator=generator_for(self.seed, "monitor", name), **build)
                 logger.info("teacher-hacking monitor: the %s reference is held as '%s'", name, self.caches[name].label)
+        self.probe = EvalProbe([Reference(name, cache, self.teacher if name == "proxy" else self.oracle)
+                                for name, cache in self.caches.items()], batch_size=self.batch_size)
         if state.global_step in self.steps:
             self._measure(args, state, control, model)
         return control
@@ -255,9 +258,7 @@ class TeacherHackingMonitor(TrainerCallback):
         row: dict[str, Any] = {"step": step}
         if self._lr_now is not None or step == 0:
             row["lr"], row["lr_sum"] = self._lr_now, self.lr_sum
-        probe = EvalProbe([Reference(name, cache, self.teacher if name == "proxy" else self.oracle)
-                           for name, cache in self.caches.items()], batch_size=self.batch_size)
-        row.update(probe(student)[0])
+        row.update(self.probe(student)[0])
         self.history.append(row)
         if self.keep_best and self._main:
             self._snapshot(model, step)

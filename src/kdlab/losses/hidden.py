@@ -35,18 +35,6 @@ class HiddenTarget(NamedTuple):
     weight: Tensor
     bias: Tensor | None = None
 
-    @property
-    def vocab_size(self) -> int:
-        return int(self.weight.shape[0])
-
-    def rows(self, sl) -> "HiddenTarget":
-        """The target of batch rows ``sl`` (the head is shared, not copied)."""
-        return HiddenTarget(self.hidden[sl], self.weight, self.bias)
-
-    def to(self, device) -> "HiddenTarget":
-        b = None if self.bias is None else self.bias.to(device)
-        return HiddenTarget(self.hidden.to(device), self.weight.to(device), b)
-
     def flat_logits(self, rows: Tensor | slice | None, dtype: torch.dtype = torch.float32) -> Tensor:
         """Logits (n, V) of the flattened (B*T) positions ``rows`` (None: all), computed in ``dtype``."""
         B, T, H = self.hidden.shape

@@ -180,7 +180,7 @@ def lean_loss(
         flat_teacher = SparseTarget(teacher.indices.reshape(B * T, K), teacher.logprobs.reshape(B * T, K))
     elif isinstance(teacher, HiddenTarget):  # exact; its logits are made chunk by chunk beside the student's
         check_hidden(teacher, (B, T), V)
-        flat_teacher = HiddenTarget(teacher.hidden.reshape(B * T, 1, -1), teacher.weight, teacher.bias)
+        flat_teacher = teacher  # flat_logits takes rows of the flattened (B*T) positions
     elif isinstance(teacher, Tensor) and tuple(teacher.shape) == (B, T, V):
         flat_teacher = teacher.reshape(B * T, V)
     else:

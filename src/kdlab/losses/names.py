@@ -20,5 +20,4 @@ LOSS_NAMES = tuple(LOSS_PARAMS)
 # "full", "hidden" (final hidden states + output head) and "none" (the live model) are exact; "topk" keeps the
 # k largest log-probs, a lower bound of the KL; "auto" picks the first exact one that fits the memory budget.
 TARGET_STORAGES = ("auto", "full", "hidden", "topk", "none")
-EXACT_STORAGES = ("full", "hidden", "none")
 

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from kdlab import record
 from kdlab.losses import HiddenTarget, SparseTarget
-from kdlab.losses.names import EXACT_STORAGES, TARGET_STORAGES
+from kdlab.losses.names import TARGET_STORAGES
 from kdlab.metrics.divergence import DivergenceEstimate, eval_mode, sample_responses, sequence_kl_sums
 from kdlab.models import LM, check_vocab_compatible
 from kdlab.models.lm import CheckpointError, check_safetensors
@@ -94,11 +94,6 @@ class ReferenceCache:
         if isinstance(self.targets, HiddenTarget):
             return "hidden"
         return "topk" if isinstance(self.targets, SparseTarget) else "full"
-
-    @property
-    def exact(self) -> bool:
-        """False only for top-k targets, whose KL is a lower bound of the full-vocabulary KL."""
-        return self.storage in EXACT_STORAGES
 
     @property
     def label(self) -> str:

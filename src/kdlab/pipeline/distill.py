@@ -464,7 +464,7 @@ def finish(s: Stage2, total: int, seconds: float, log) -> None:
     cfg = s.cfg
     rows = read_metrics(s.run_dir / record.METRICS)
     final = rows[-1] if rows else {}
-    write_end_record(s.run_dir, {**s.world.info, **s.evaluator.teacher_golden},
+    write_end_record(s.run_dir, {**s.world.info, **s.evaluator.world_info},
                      {"steps": total, "seconds_this_session": round(seconds, 1), "processes": s.dist.world_size})
     log(f"[done] {cfg.name} seed {cfg.seed}: {total} steps, proxy {_fmt(final.get(record.PROXY))}, "
         f"golden {_fmt(final.get(record.GOLDEN))} nats/response -> {s.run_dir}")

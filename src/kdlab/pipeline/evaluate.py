@@ -92,8 +92,12 @@ class Evaluator:
         self.probe = EvalProbe([Reference("proxy", self.proxy_cache, world.teacher),
                                 Reference("golden", self.golden_cache, world.oracle),
                                 Reference("train_proxy", self.train_cache, world.teacher)], batch_size=e.batch_size)
-        # world.json records how every metric's reference was held (exact, or a top-k lower bound).
-        self.teacher_golden["metric_storage"] = self.probe.storage
+
+    @property
+    def world_info(self) -> dict:
+        """What the run's world.json adds to the world's description: the teacher's own golden (and task
+        scores), and how every metric's reference was held (exact, or a top-k lower bound)."""
+        return {**self.teacher_golden, "metric_storage": self.probe.storage}
 
     @torch.no_grad()
     def __call__(self, student: LM, step: int, per_prompt_dir: Path | None = None) -> dict[str, float | str | None]:

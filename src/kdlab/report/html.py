@@ -8,6 +8,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+from kdlab import record
 from kdlab.analysis.detectors import GOLDEN, PROXY_DEVIATION
 from kdlab.analysis.runs import RunAnalysis, golden_status, golden_tested, proxy_status
 
@@ -169,8 +170,7 @@ def _storage(runs: list[RunAnalysis]) -> str:
     """Which storage produced the metrics: one line when every number is exact, a warning naming the
     runs whose metrics are top-k lower bounds (issue 18)."""
     labels = sorted({label for run in runs for label in run.storage.values()})
-    bounded = sorted({f"{run.name}: {col}" for run in runs for col, label in run.storage.items()
-                      if label.startswith("top-")})
+    bounded = sorted({f"{run.name}: {col}" for run in runs for col in record.lower_bounds(run.metrics.rows)})
     if bounded:
         return ("<p class='warn'><b>Lower bounds</b>: these metrics kept only the reference's top-k log-probs, so "
                 "they are lower bounds of the full-vocabulary KL, not the KL: " + _e("; ".join(bounded)) +
