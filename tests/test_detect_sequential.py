@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from kdlab.analysis.sequential import SequentialConfig, SequentialProxyDetector, detect_proxy_sequential, lr_time
 
@@ -199,6 +200,34 @@ def test_kdlab_learning_rate_sum_matches_the_schedule():
     cfg.stage2.warmup_steps, cfg.stage2.lr = 7, 2e-3
     for step in (0, 1, 5, 7, 8, 40):
         assert lr_sum_at(step, cfg) == pytest.approx(sum(lr_at(t, cfg) for t in range(step)))
+
+
+@pytest.mark.parametrize("schedule, final", [("linear", 0.0), ("cosine", 0.0), ("cosine", 0.1)])
+def test_decaying_schedules_match_transformers(schedule, final):
+    """After the warm-up, kdlab's decays are transformers' schedulers (an independent implementation);
+    the optimizer of a run is set from lr_at, and lr_sum_at sums it."""
+    import transformers
+    from kdlab.config import RunConfig
+    from kdlab.pipeline.distill import lr_at, lr_sum_at
+
+    cfg = RunConfig()
+    cfg.stage2.steps, cfg.stage2.warmup_steps, cfg.stage2.lr = 50, 5, 2e-3
+    cfg.stage2.lr_schedule, cfg.stage2.lr_final_ratio = schedule, final
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.stage2.lr)
+    if schedule == "linear":
+        sched = transformers.get_linear_schedule_with_warmup(opt, 5, 50)
+    else:
+        sched = transformers.get_cosine_with_min_lr_schedule_with_warmup(opt, 5, 50, min_lr_rate=final)
+    hf = []
+    for _ in range(50):
+        hf.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ours = [lr_at(t, cfg) for t in range(50)]
+    assert ours[5:] == pytest.approx(hf[5:], rel=1e-12, abs=1e-15)
+    assert ours[:5] == pytest.approx([2e-3 * (t + 1) / 5 for t in range(5)])
+    for step in (0, 3, 5, 27, 50):
+        assert lr_sum_at(step, cfg) == pytest.approx(sum(ours[:step]))
 
 
 def test_monitor_sums_the_rate_of_every_optimizer_step():

@@ -1,6 +1,6 @@
 """Proxy-only detectors against the golden detector on kdlab runs (issue 16, protocol C in docs/LOG.md).
 
-    .venv/bin/python bench/detection/agreement.py DIR [DIR ...] [--json OUT]
+    .venv/bin/python bench/detection/agreement.py DIR [DIR ...] [--split KEY] [--json OUT]
 
 Every finished run (a run directory with done.json) under each DIR is analysed by
 `kdlab.analysis.runs.analyse` (what `kdlab detect` and `kdlab report` run). The golden detector's verdict is
@@ -9,7 +9,8 @@ the default proxy-only detector (`detect_proxy_deviation`) and the experimental 
 agreement, detection (on golden-detected runs), false alarms (on the others), and the median onset lag on runs
 where both fire, in fractions of the run's log-step range (positive: the proxy-only detector is later). A
 sequential verdict of "not tested" (too few evaluations) counts as not detected. Thresholds: the detectors'
-defaults, unchanged.
+defaults, unchanged. `--split stage2.lr_schedule` (protocol D) also reports each value of that config key as
+its own set.
 """
 
 from __future__ import annotations
@@ -34,7 +35,14 @@ def _frac(step, steps) -> float | None:
     return (math.log(step) - lo) / (hi - lo) if hi > lo else None
 
 
-def judge(run_dir: Path) -> dict:
+def config_value(config: dict, key: str):
+    """`key` (dotted, e.g. stage2.lr_schedule) in a run's resolved config, or None."""
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def judge(run_dir: Path, split: str | None = None) -> dict:
     a = analyse(run_dir)
     steps = [int(s) for s in a.metrics.steps]
     g = a.golden
@@ -52,6 +60,7 @@ def judge(run_dir: Path) -> dict:
         "proxy_onset": _frac(a.proxy.onset_step, steps) if a.proxy.detected else None,
         "sequential": bool(seq is not None and seq.detected),
         "sequential_onset": _frac(seq.onset_step, steps) if seq is not None and seq.detected else None,
+        "split": config_value(a.config, split) if split else None,
     }
 
 
@@ -77,13 +86,18 @@ def summarise(rows: list[dict], reference: str = "golden") -> dict[str, dict]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", type=Path, help="sweep, study or search directories of kdlab runs")
+    ap.add_argument("--split", help="also report each value of this config key (e.g. stage2.lr_schedule) as a set")
     ap.add_argument("--json", type=Path, help="write every run's verdicts and the summaries here")
     args = ap.parse_args(argv)
     sets: dict[str, list[dict]] = {}
     for d in args.dirs:
         runs = [p for p in record.find_runs([d]) if (p / record.DONE).exists()]
-        sets[d.name] = [judge(p) for p in runs]
-    sets["pooled"] = [r for rows in list(sets.values()) for r in rows]
+        sets[d.name] = [judge(p, args.split) for p in runs]
+    pooled = [r for rows in list(sets.values()) for r in rows]
+    if args.split:
+        for value in sorted({str(r["split"]) for r in pooled}):
+            sets[f"{args.split}={value}"] = [r for r in pooled if str(r["split"]) == value]
+    sets["pooled"] = pooled
     table = ["| set | runs | golden rises (hacking) | detector | agreement | detection | false alarms | median onset lag (n) |",
              "|---|---|---|---|---|---|---|---|"]
     summaries = {}

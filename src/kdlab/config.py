@@ -298,6 +298,12 @@ class Stage2Config(_Section):
     lr: float = Field(1e-3, gt=0, le=10, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Learning rate after the warm-up: 'constant', or a 'linear' or 'cosine' decay "
+        "from lr towards lr x lr_final_ratio at the end of training (as transformers' schedulers of those names). The "
+        "proxy-only detector measures time in cumulative learning rate, so a decay is not read as hacking.")
+    lr_final_ratio: float = Field(
+        0.0, ge=0, le=1, description="Decaying schedules: the last step's learning rate as a fraction of lr.")
     grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm (None = no clipping).")
     offline: OfflineConfig = Field(default_factory=OfflineConfig, description="Offline dataset.")
     mixed: MixedConfig = Field(default_factory=MixedConfig, description="Mixed regime.")

@@ -153,15 +153,30 @@ def compiled(lm: LM) -> LM:
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
-    warm = cfg.stage2.warmup_steps
-    return cfg.stage2.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
+    """The learning rate of optimizer step `step` (0-based): a linear warm-up over `warmup_steps`, then
+    constant or a linear / cosine decay towards lr x lr_final_ratio at the end of training. After the
+    warm-up these are transformers' get_linear_schedule_with_warmup and
+    get_cosine_with_min_lr_schedule_with_warmup (tests/test_detect_sequential.py compares them); the
+    warm-up differs on purpose: step 0 trains at lr/W, not at 0."""
+    s2 = cfg.stage2
+    warm = s2.warmup_steps
+    if warm and step < warm:
+        return s2.lr * (step + 1) / warm
+    if s2.lr_schedule == "constant":
+        return s2.lr
+    progress = min(1.0, (step - warm) / max(1, s2.steps - warm))
+    shape = 1.0 - progress if s2.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return s2.lr * (s2.lr_final_ratio + (1.0 - s2.lr_final_ratio) * shape)
 
 
 def lr_sum_at(step: int, cfg: RunConfig) -> float:
     """Σ_{t<step} lr_at(t): the optimisation time the proxy-only detector measures convergence in
     (`kdlab.analysis.sequential`, issue 16), so that a schedule is not read as a departure. Closed form
-    of the linear warm-up: lr · m(m+1) / 2W over its first m = min(step, W) steps."""
+    for the linear warm-up and a constant rate (lr · m(m+1) / 2W over its first m = min(step, W) steps);
+    a decaying schedule is summed term by term (one evaluation's cost: `steps` multiplications)."""
     warm, lr = cfg.stage2.warmup_steps, cfg.stage2.lr
+    if cfg.stage2.lr_schedule != "constant":
+        return math.fsum(lr_at(t, cfg) for t in range(step))
     if not warm:
         return lr * step
     m = min(step, warm)
