@@ -91,7 +91,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     sets: dict[str, list[dict]] = {}
     for d in args.dirs:
-        runs = [p for p in record.find_runs([d]) if (p / record.DONE).exists()]
+        # finished kdlab runs, and monitor logs of trainer runs that ended (trl_runs.py writes trl_run.json last)
+        runs = [p for p in record.find_runs([d]) if (p / record.DONE).exists() or (p / "trl_run.json").exists()]
         sets[d.name] = [judge(p, args.split) for p in runs]
     pooled = [r for rows in list(sets.values()) for r in rows]
     if args.split:
