@@ -396,7 +396,8 @@ class RunConfig(_Section):
         description="Where stage-1 results and evaluation references are cached by config hash "
         "(default: <output_dir>/../.kdlab-cache).",
     )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch's default).")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None = the cores free when the run starts, "
+                                   "at most the physical cores; $KDLAB_THREADS or $OMP_NUM_THREADS override it: kdlab.threads).")
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N', or 'auto'.")
     generation_batch_size: int = Field(
         512, ge=1, description="Prompts per sampling call when stage 1 samples the oracle and when an offline "

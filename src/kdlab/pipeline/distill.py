@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from kdlab import losses, record
+from kdlab import losses, record, threads
 from kdlab.config import RunConfig, dump_config
 from kdlab.data.offline import build_offline_dataset, load_offline_dataset, offline_dataset_ready
 from kdlab.data.regimes import MIXED, OFFLINE, ONLINE_STUDENT, ONLINE_TEACHER
@@ -261,8 +261,7 @@ def run(cfg: RunConfig, resume: bool = False, log=print, progress: bool = True, 
 
 def _run(cfg: RunConfig, resume: bool, log, progress: bool, on_step) -> Path:
     # ---------------------------------------------------------------------------------- setup
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads.apply(cfg.threads)  # the cores free now, unless the config or $KDLAB_THREADS says (kdlab.threads)
     dist = Distributed.from_environment(cfg.device)  # a no-op unless started by `accelerate launch`
     dist.check_supported(cfg)
     if cfg.stage2.regime != OFFLINE:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from kdlab import record
+from kdlab import record, threads
 from kdlab.config import RunConfig, build_config
 from kdlab.pipeline.distill import run
 from kdlab.pipeline.evaluate import Evaluator
@@ -75,6 +75,7 @@ def run_study(configs: list[RunConfig], jobs: int = 2, log=print) -> list[Path]:
         return []
     # Stage 1 and the shared eval references, once, before the workers (they only read them).
     t0 = time.time()
+    threads.apply(None)  # the parent builds stage 1 on the cores free now (its workers use one thread each)
     world = build_world(configs[0], log=log)
     Evaluator(configs[0], world, None, Path(configs[0].output_dir))
     log(f"[study] world ready in {time.time() - t0:.0f} s; {len(configs)} runs on {jobs} worker(s)")
