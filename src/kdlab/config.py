@@ -15,8 +15,9 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kdlab.data.regimes import MIXED, OFF_POLICY_REGIMES, OFFLINE, ONLINE_TEACHER, REGIMES
+from kdlab.data.regimes import MIXED, OFF_POLICY_REGIMES, OFFLINE, ONLINE_STUDENT, ONLINE_TEACHER, REGIMES
 from kdlab.losses.names import LOSS_NAMES, TARGET_STORAGES
+from kdlab.policies import DATA_POLICIES, DIVERSIFY, MIX, OFF, POLICIES, PROXY, PROXY_DETECTORS, TRIGGERS
 
 # The allowed values of stage2.regime, stage2.mixed.other and loss.name come from the tables of the
 # packages that own them (torch-free), so adding a regime or a loss touches that table only.
@@ -24,6 +25,9 @@ RegimeName = Literal[tuple(REGIMES)]
 OffPolicyRegimeName = Literal[OFF_POLICY_REGIMES]
 LossName = Literal[LOSS_NAMES]
 StorageName = Literal[TARGET_STORAGES]
+PolicyName = Literal[tuple(POLICIES)]
+TriggerName = Literal[tuple(TRIGGERS)]
+ProxyDetectorName = Literal[PROXY_DETECTORS]
 
 
 class ConfigError(ValueError):
@@ -287,6 +291,39 @@ class SamplingConfig(_Section):
     )
 
 
+class ControllerConfig(_Section):
+    """The closed-loop controller (issue 20; kdlab.pipeline.controller): after each evaluation it runs the
+    detectors on the curve so far and, when its trigger fires, applies a policy. Off by default. Every
+    action is logged in <run>/controller.jsonl with its step, trigger and cost."""
+
+    policy: PolicyName = Field(
+        OFF, description="What to do when the trigger fires: " + "; ".join(f"'{k}': {v}" for k, v in POLICIES.items())
+        + ".")
+    trigger: TriggerName = Field(
+        PROXY, description="Which detectors fire the controller: " + "; ".join(f"'{k}': {v}" for k, v in TRIGGERS.items())
+        + ". The detectors are the ones `kdlab detect` runs, on the run's metrics so far (kdlab.analysis.analyse).")
+    proxy_detector: ProxyDetectorName = Field(
+        PROXY_DETECTORS[0], description="The proxy-only detector of the 'proxy' and 'any' triggers: 'proxy_deviation' "
+        "(the default one of `kdlab detect`) or 'proxy_sequential' (the experimental sequential one).")
+    min_step: int = Field(
+        0, ge=0, description="No action at evaluations before this step (the detectors also refuse to fire until "
+        "they have enough evaluations).")
+    cooldown_evals: int = Field(
+        2, ge=1, description="Evaluations after an action before the next one may fire (the detectors keep an "
+        "alarm raised while the curve stays off its law; this gives the new data time to show).")
+    max_actions: int = Field(3, ge=1, description="The most actions in one run ('mix' and 'stop' act once).")
+    extra_teacher_samples: int | None = Field(
+        None, ge=0, description="refresh / diversify: the most extra teacher samples (sequences) the controller may "
+        "draw in the whole run (None = one offline dataset's worth, num_prompts x generations_per_prompt). An "
+        "action that would pass it replaces fewer sequences; none are left = no more actions.")
+    refresh_fraction: float = Field(
+        0.25, gt=0, le=1, description="refresh / diversify: the fraction of the offline dataset's sequences replaced "
+        "per action (the oldest first: actions go round the dataset in a fixed random order).")
+    mix_lmbda: float = Field(
+        0.5, gt=0, le=1, description="mix: the fraction of on-policy batches after the action (stage2.mixed.lmbda's "
+        "meaning).")
+
+
 class Stage2Config(_Section):
     """Stage 2: distil the student from the teacher under a data regime."""
 
@@ -309,6 +346,8 @@ class Stage2Config(_Section):
     mixed: MixedConfig = Field(default_factory=MixedConfig, description="Mixed regime.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Response sampling.")
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (also at the end).")
+    controller: ControllerConfig = Field(
+        default_factory=ControllerConfig, description="The closed-loop controller (off by default).")
     compile_teacher: bool = Field(
         False, description="torch.compile the teacher forward that makes live targets (offline without cached "
         "targets, on-policy), and in the online_teacher regime its decode step: ~20% faster per forward on the "
@@ -445,6 +484,7 @@ class RunConfig(_Section):
                 f"stage2.batch_size={self.stage2.batch_size} exceeds the offline dataset "
                 f"(stage2.offline.num_prompts x generations_per_prompt = {o.num_prompts * o.generations_per_prompt})"
             )
+        self._check_controller(uses_offline)
         if self.stage1.teacher_error.fraction > 0 and self.world.oracle != "synthetic":
             raise ValueError("stage1.teacher_error needs the synthetic world (world.oracle: synthetic): it "
                              "resamples the oracle on prompts chosen by their first token")
@@ -455,6 +495,29 @@ class RunConfig(_Section):
                     f"stage1.{who}.num_samples={n} exceeds world.pools.stage1={self.world.pools.stage1}"
                 )
         return self
+
+    def _check_controller(self, uses_offline: bool) -> None:
+        c, s2 = self.stage2.controller, self.stage2
+        if c.policy == OFF:
+            return
+        if c.trigger != PROXY and self.world.oracle == "none":
+            raise ValueError(f"stage2.controller.trigger={c.trigger!r} needs the golden metric, and world.oracle is "
+                             f"'none': use trigger '{PROXY}' (the oracle-free detector)")
+        if c.policy in DATA_POLICIES and not uses_offline:
+            raise ValueError(f"stage2.controller.policy={c.policy!r} changes the offline dataset: it needs "
+                             f"stage2.regime={OFFLINE!r} (or {MIXED!r} with stage2.mixed.other={OFFLINE!r}), "
+                             f"not {s2.regime!r}")
+        if c.policy == DIVERSIFY and self.world.pools.stage2 <= s2.offline.num_prompts:
+            raise ValueError(f"stage2.controller.policy={DIVERSIFY!r} draws prompts of the stage-2 pool that are not in "
+                             f"the dataset, and world.pools.stage2={self.world.pools.stage2} are all in it "
+                             f"(stage2.offline.num_prompts={s2.offline.num_prompts})")
+        if c.policy == MIX:
+            if s2.regime == ONLINE_STUDENT:
+                raise ValueError(f"stage2.controller.policy={MIX!r} moves towards on-policy batches; "
+                                 f"stage2.regime={ONLINE_STUDENT!r} is on-policy already")
+            if s2.sampling.backend != "builtin":
+                raise ValueError(f"stage2.controller.policy={MIX!r} samples the student with the builtin sampler; "
+                                 "stage2.sampling.backend='vllm' is not supported with it yet")
 
     # -- hashing for caches -------------------------------------------------------------------
     def stage1_key(self) -> str:

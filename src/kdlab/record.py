@@ -50,6 +50,8 @@ OFFLINE_DATA = "offline_data"  # the offline regime's dataset of teacher samples
 EVAL_TRAIN_REFERENCE = "eval_train_reference"  # reference samples on the run's training prompts
 TENSORBOARD = "tensorboard"  # the TensorBoard mirror of metrics.jsonl
 CACHE = ".kdlab-cache"  # stage-1 worlds and evaluation references, keyed by config hash
+CONTROLLER_LOG = "controller.jsonl"  # one JSON object per action of the stage-2 controller (ACTION_FIELDS)
+CONTROLLER_DIR = "controller"  # the controller's data: each action's new sequences, weight snapshots ('stop')
 
 # Logs written by other tools that the reader understands.
 MONITOR_METRICS = "teacher_hacking_monitor.jsonl"  # kdlab.integrations.monitor, in the trainer's output_dir
@@ -63,6 +65,19 @@ def per_prompt_file(step: int) -> str:
 
 def checkpoint_dir(step: int) -> str:
     return f"step-{int(step):08d}"
+
+
+def action_dir(index: int) -> str:
+    """controller/action-N: the sequences the controller's N-th action (0-based) put into the offline dataset."""
+    return f"action-{int(index):03d}"
+
+
+def snapshot_file(step: int) -> str:
+    """controller/snapshot-step-N.safetensors: the student's weights at the evaluation of step N ('stop')."""
+    return f"snapshot-step-{int(step):08d}.safetensors"
+
+
+SNAPSHOT_GLOB = "snapshot-step-*.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +128,9 @@ COLUMNS: tuple[Column, ...] = (
            "teacher samples (eval.grad_alignment)", "higher"),
     Column("grad_cos_golden", "cosine of the training-batch gradient with a gradient on fresh oracle samples "
            "(eval.grad_alignment)", "higher"),
+    Column("controller_actions", "actions the stage-2 controller took before this evaluation (stage2.controller)"),
+    Column("controller_teacher_samples", "extra teacher samples (sequences) the controller drew before this "
+           "evaluation", unit="sequences"),
 )
 COLUMN: dict[str, Column] = {c.name: c for c in COLUMNS}
 
@@ -129,7 +147,32 @@ TRAIN_LOSS = COLUMN["train_loss"].name
 TEACHER_GOLDEN = COLUMN["teacher_golden_fkl"].name
 LR = COLUMN["lr"].name
 LR_SUM = COLUMN["lr_sum"].name
+CONTROLLER_ACTIONS = COLUMN["controller_actions"].name
+CONTROLLER_TEACHER_SAMPLES = COLUMN["controller_teacher_samples"].name
 TRAIN_PREFIX = "train_"  # train_<col>: <col> measured on training prompts
+
+# The fields of one action in controller.jsonl (kdlab.pipeline.controller writes them, the report reads them).
+ACTION_FIELDS: tuple[Column, ...] = (
+    Column("step", "the evaluation after which the action was taken (its effect starts at the next step)"),
+    Column("policy", "what was done: refresh, diversify, mix or stop (kdlab.policies.POLICIES)"),
+    Column("detector", "the detector that fired (kdlab.analysis.detectors.DETECTORS)"),
+    Column("onset_step", "the onset the detector gave"),
+    Column("reason", "the detector's reason"),
+    Column("teacher_samples", "extra teacher samples (sequences) this action drew", unit="sequences"),
+    Column("teacher_samples_total", "extra teacher samples drawn in the run so far, this action's included",
+           unit="sequences"),
+    Column("budget", "stage2.controller.extra_teacher_samples as resolved", unit="sequences"),
+    Column("sampling_seconds", "seconds spent sampling the teacher (and its targets) for this action", unit="s"),
+    Column("seconds", "seconds the whole action took (sampling, writing its data, restoring weights)", unit="s"),
+    Column("replaced", "offline sequences replaced by this action", unit="sequences"),
+    Column("new_prompts", "prompts of the stage-2 pool new to the dataset (diversify)"),
+    Column("data", "the directory under controller/ holding the sequences this action wrote"),
+    Column("lmbda", "the on-policy fraction from the next step on (mix)"),
+    Column("restored_step", "the evaluation whose weights the run ends with (stop)"),
+    Column("restored_proxy_fkl", "proxy_fkl measured at restored_step: the stopped run's final proxy (stop)"),
+    Column("restored_golden_fkl", "golden_fkl measured at restored_step: the stopped run's final golden (stop)"),
+)
+ACTION: dict[str, Column] = {c.name: c for c in ACTION_FIELDS}
 
 
 STORAGE_SUFFIX = "_storage"
@@ -689,6 +732,25 @@ def read_per_prompt(run_dir: str | Path, steps, column: str) -> np.ndarray | Non
     return np.stack(rows).astype(float)
 
 
+def read_actions(run_dir: str | Path) -> list[dict] | None:
+    """The controller's actions of a run (controller.jsonl), in order; None when the run has no controller log.
+    A half-written last line (a kill mid-append; the resumed run redoes that action) is dropped."""
+    path = Path(run_dir) / CONTROLLER_LOG
+    if not path.is_file():
+        return None
+    rows, lines = [], path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise MetricsError(f"{_where(path, number)}: not valid JSON") from None
+    return rows
+
+
 def is_run_dir(path: str | Path) -> bool:
     """A directory with a metrics log of its own (kdlab's or the monitor's)."""
     p = Path(path)
@@ -718,7 +780,8 @@ def find_runs(dirs) -> list[Path]:
 
 
 __all__ = [
-    "CACHE", "CHECKPOINTS", "COLUMN", "COLUMNS", "CONDITION", "CONFIG", "Column", "DONE", "EPOCHS", "EVAL_TRAIN_REFERENCE", "GOLDEN", "LATEST", "METRICS",
+    "ACTION", "ACTION_FIELDS", "CACHE", "CHECKPOINTS", "CONTROLLER_ACTIONS", "CONTROLLER_DIR", "CONTROLLER_LOG",
+    "CONTROLLER_TEACHER_SAMPLES", "SNAPSHOT_GLOB", "action_dir", "read_actions", "snapshot_file", "COLUMN", "COLUMNS", "CONDITION", "CONFIG", "Column", "DONE", "EPOCHS", "EVAL_TRAIN_REFERENCE", "GOLDEN", "LATEST", "METRICS",
     "MONITOR_METRICS", "Metrics", "MetricsError", "OFFLINE_DATA", "PER_PROMPT", "PLOTS", "PROXY", "REGIME", "REPORT", "SEED", "TAID_T", "TOKENS",
     "STEP", "STEP_ALIASES", "SUMMARY", "TENSORBOARD", "TRAINER_STATE", "TRAIN_LOSS", "WORLD", "append_row",
     "checkpoint_dir", "config_differences", "dir_mode", "file_mode", "find_log", "find_runs", "is_run_dir", "normalise_modes", "per_prompt_file", "publish",

@@ -58,6 +58,35 @@ class OfflineData:
     def has_targets(self) -> bool:
         return any(t is not None for t in (self.target_logprobs, self.target_indices, self.target_hidden))
 
+    @property
+    def target_kind(self) -> str:
+        """How the targets are held: 'full', 'hidden', 'topk' or 'none' (`choose_target_kind`'s names)."""
+        if self.target_logprobs is not None:
+            return "full"
+        if self.target_hidden is not None:
+            return "hidden"
+        return "topk" if self.target_indices is not None else "none"
+
+    def with_rows(self, idx: Tensor, new: "OfflineData") -> "OfflineData":
+        """A copy whose rows `idx` are `new`'s rows (in order); the head is kept. Both must hold the same
+        kind of targets and the same widths (the stage-2 controller's refresh and diversify)."""
+        if new.target_kind != self.target_kind:
+            raise ValueError(f"new rows hold {new.target_kind!r} targets, the dataset {self.target_kind!r}")
+        out = {}
+        for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "target_logprobs",
+                     "target_indices", "target_topk_logprobs", "target_hidden"):
+            mine, theirs = getattr(self, name), getattr(new, name)
+            if mine is None:
+                out[name] = None
+                continue
+            if mine.shape[1:] != theirs.shape[1:]:
+                raise ValueError(f"new rows of {name} have shape {tuple(theirs.shape[1:])}, the dataset's "
+                                 f"{tuple(mine.shape[1:])}")
+            merged = mine.clone()
+            merged[idx] = theirs.to(mine.dtype)
+            out[name] = merged
+        return OfflineData(**out, head_weight=self.head_weight, head_bias=self.head_bias)
+
     def target(self, idx: Tensor) -> Tensor | SparseTarget | HiddenTarget | None:
         if self.target_logprobs is not None:
             return self.target_logprobs[idx]
@@ -66,6 +95,14 @@ class OfflineData:
         if self.target_indices is not None:
             return SparseTarget(self.target_indices[idx], self.target_topk_logprobs[idx])
         return None
+
+
+def offline_prompt_order(seed: int, pool_size: int) -> Tensor:
+    """The order in which the stage-2 pool's prompts enter an offline dataset: the first `num_prompts` form
+    it (the run seed chooses them), and the stage-2 controller's 'diversify' takes the next ones."""
+    from kdlab.seeding import generator_for
+
+    return torch.randperm(pool_size, generator=generator_for(seed, "offline-prompts"))
 
 
 def choose_target_kind(kind: str, n_seq: int, response_length: int, teacher: LM, budget_mb: float) -> str:
@@ -102,18 +139,30 @@ def build_offline_dataset(
     batch_size: int = 256,
 ) -> Path:
     """Sample the teacher on each prompt `generations_per_prompt` times, compute its targets, save."""
-    import datasets
-
     ids = prompt_ids_NxP.repeat_interleave(generations_per_prompt, 0)
     mask = prompt_mask_NxP.repeat_interleave(generations_per_prompt, 0)
     kind = choose_target_kind(targets, len(ids), max_new_tokens, teacher, target_memory_mb)
     if kind == "hidden" and not teacher.has_linear_head:
         raise ValueError(f"stage2.offline.targets=hidden needs a teacher whose logits are hidden @ lm_head.T; "
                          f"{type(teacher.hf).__name__} post-processes them: use 'full' or 'none'")
+    data = sample_teacher_rows(teacher, ids, mask, kind=kind, topk=topk, max_new_tokens=max_new_tokens,
+                               generator=generator, temperature=temperature, top_k=top_k, top_p=top_p,
+                               eos_token_id=eos_token_id, batch_size=batch_size)
+    return write_offline_dataset(data, out_dir, kind=kind, topk=topk, generations_per_prompt=generations_per_prompt,
+                                 head_weight=teacher.lm_head_weight if kind == "hidden" else None)
+
+
+@torch.no_grad()
+def sample_teacher_rows(teacher: LM, ids_NxP: Tensor, mask_NxP: Tensor, *, kind: str, topk: int, max_new_tokens: int,
+                        generator: torch.Generator, temperature: float = 1.0, top_k: int | None = None,
+                        top_p: float | None = None, eos_token_id: int | tuple[int, ...] | None = None,
+                        batch_size: int = 256) -> dict[str, np.ndarray]:
+    """One teacher sample per row of `ids_NxP`, with its targets of storage `kind` (not 'auto'), as the
+    columns of an offline dataset: drawn `batch_size` rows at a time from one `generator`."""
     columns: dict[str, list[np.ndarray]] = {k: [] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")}
     dev = teacher.device
-    for i in range(0, len(ids), batch_size):
-        p_ids, p_mask = ids[i:i + batch_size].to(dev), mask[i:i + batch_size].to(dev)
+    for i in range(0, len(ids_NxP), batch_size):
+        p_ids, p_mask = ids_NxP[i:i + batch_size].to(dev), mask_NxP[i:i + batch_size].to(dev)
         s = sample(teacher, p_ids, p_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,
                    return_logits=kind in ("full", "topk"))
@@ -133,9 +182,16 @@ def build_offline_dataset(
                 top = logp.topk(min(topk, logp.shape[-1]), dim=-1)
                 columns.setdefault("target_indices", []).append(top.indices.cpu().numpy().astype(np.int32))
                 columns.setdefault("target_topk_logprobs", []).append(top.values.cpu().numpy().astype(np.float32))
-    data = {k: np.concatenate(v) for k, v in columns.items()}
-    ds = datasets.Dataset.from_dict({k: list(v) for k, v in data.items()})
+    return {k: np.concatenate(v) for k, v in columns.items()}
 
+
+def write_offline_dataset(data: dict[str, np.ndarray], out_dir: Path, *, kind: str, topk: int,
+                          generations_per_prompt: int, head_weight: Tensor | None = None) -> Path:
+    """Write the columns of `sample_teacher_rows` as an offline dataset at `out_dir` (a temporary directory
+    renamed into place, the marker last; `head_weight` beside `hidden` targets)."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({k: list(v) for k, v in data.items()})
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = record.temp_dir(out_dir.parent, f".tmp-{out_dir.name}-")  # ordinary mode, not mkdtemp's 0700
@@ -143,8 +199,8 @@ def build_offline_dataset(
     if kind == "hidden":
         from safetensors.torch import save_file
 
-        save_file({"weight": teacher.lm_head_weight.detach().float().cpu().contiguous()}, str(tmp / HEAD_FILE))
-    (tmp / MARKER).write_text(json.dumps({"sequences": len(ids), "targets": kind, "exact": kind != "topk",
+        save_file({"weight": head_weight.detach().float().cpu().contiguous()}, str(tmp / HEAD_FILE))
+    (tmp / MARKER).write_text(json.dumps({"sequences": len(data["prompt_ids"]), "targets": kind, "exact": kind != "topk",
                                           "topk": topk if kind == "topk" else None,
                                           "generations_per_prompt": generations_per_prompt}))
     if out_dir.exists():
