@@ -7,6 +7,8 @@ train  : for each step, `train_step`: batch -> teacher target (cached, or a live
          student forward -> loss (sum over response tokens / tokens in the batch) -> backward -> clip
          -> step; `evaluate` at log-spaced steps; `checkpoint` every `checkpoint_every` steps and at the end
 cleanup: `finish`: world.json, then done.json (the report is the caller's)
+With stage2.controller on, `Controller.observe` runs after each evaluation row and may change the data
+source or, with 'stop', roll the student back and end the loop (kdlab.pipeline.controller).
 A killed run resumes from its last checkpoint and continues the same trajectory (every random draw
 is derived from (seed, step), see kdlab.seeding).
 Under `accelerate launch` each process is one data-parallel rank (kdlab.pipeline.distributed): every
@@ -28,7 +30,8 @@ from tqdm.auto import tqdm
 
 from kdlab import losses, record, threads
 from kdlab.config import RunConfig, dump_config
-from kdlab.data.offline import build_offline_dataset, load_offline_dataset, offline_dataset_ready
+from kdlab.data.offline import (build_offline_dataset, load_offline_dataset, offline_dataset_ready,
+                                offline_prompt_order)
 from kdlab.data.regimes import MIXED, OFFLINE, ONLINE_STUDENT, ONLINE_TEACHER
 from kdlab.data.sources import (Batch, MixedSource, OfflineSource, OnlineStudentSource, OnlineTeacherSource,
                                 SamplingParams)
@@ -37,12 +40,14 @@ from kdlab.models import LM, bf16_autocast, check_vocab_compatible, set_dropout
 from kdlab.models.sampling import sample
 from kdlab.models.vllm_backend import check_backend, make_sampler
 from kdlab.pipeline.alignment import GradientAlignment
+from kdlab.pipeline.controller import Controller
 from kdlab.pipeline.distributed import Distributed
 from kdlab.pipeline.evaluate import Evaluator, eval_steps
 from kdlab.pipeline.rundir import (checkpoints_newest_first, hold_run_dir, latest_checkpoint, prepare_run_dir,
                                    read_metrics, save_checkpoint, truncate_metrics, write_end_record)
 from kdlab.pipeline.trackers import MultiLogger, make_logger
 from kdlab.pipeline.world import World, build_world
+from kdlab.policies import OFF
 from kdlab.seeding import generator_for
 
 
@@ -97,7 +102,7 @@ def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | 
     if regime == OFFLINE:
         o = s2.offline
         # The run seed chooses which prompts of the pool form the dataset (the seed varies the data).
-        perm = torch.randperm(len(pool_ids), generator=generator_for(cfg.seed, "offline-prompts"))[:o.num_prompts]
+        perm = offline_prompt_order(cfg.seed, len(pool_ids))[:o.num_prompts]
         ids, mask = pool_ids[perm], pool_mask[perm]
         path = run_dir / record.OFFLINE_DATA
         if not offline_dataset_ready(path):
@@ -236,6 +241,7 @@ class Stage2:
     taid: losses.TAIDSchedule | None
     alignment: GradientAlignment | None
     logger: MultiLogger | None  # rank 0 only
+    controller: Controller | None = None  # stage2.controller (None when its policy is 'off')
 
 
 @dataclass
@@ -285,14 +291,18 @@ def _run(cfg: RunConfig, resume: bool, log, progress: bool, on_step) -> Path:
     interactive = progress and sys.stderr.isatty()
     plain_progress = progress and not interactive
     aligned: dict = {}  # the last alignment measurement, written into the next evaluation row
+    stopped = s.controller is not None and s.controller.stopped  # a stopped run resumed: nothing left to train
     if c.step == 0 and 0 not in done:
         row = evaluate(s, c, aligned)
         if plain_progress:
             log(_progress_line(cfg, row, c.step))
+        stopped = s.controller is not None and s.controller.observe(s, c.step)
+        if stopped:
+            checkpoint(s, c)
     bar = tqdm(total=total, initial=c.step, desc=f"stage 2: {cfg.name} (seed {cfg.seed})", disable=not interactive,
                dynamic_ncols=True, leave=False)
     t0 = time.time()
-    while c.step < total:
+    while c.step < total and not stopped:
         loss, n_tokens, measured = train_step(s, c.step, align=s.alignment is not None and c.step + 1 in evals)
         aligned = measured or aligned
         c.step += 1
@@ -305,7 +315,9 @@ def _run(cfg: RunConfig, resume: bool, log, progress: bool, on_step) -> Path:
                 log(_progress_line(cfg, row, c.step))
             bar.set_postfix(loss=f"{row[record.TRAIN_LOSS]:.3f}", proxy=_fmt(row.get(record.PROXY)),
                             golden=_fmt(row.get(record.GOLDEN)))
-        if c.step % cfg.stage2.checkpoint_every == 0 or c.step == total:
+            # the controller acts on the curve so far, before this step's checkpoint (which saves its state)
+            stopped = s.controller is not None and s.controller.observe(s, c.step)
+        if c.step % cfg.stage2.checkpoint_every == 0 or c.step == total or stopped:
             checkpoint(s, c)
         bar.update(1)
         if on_step is not None:
@@ -317,7 +329,7 @@ def _run(cfg: RunConfig, resume: bool, log, progress: bool, on_step) -> Path:
         s.logger.close()
     dist.barrier()
     if dist.is_main:
-        finish(s, total, time.time() - t0, log)
+        finish(s, c.step if stopped else total, time.time() - t0, log)
     return run_dir
 
 
@@ -344,6 +356,12 @@ def setup(cfg: RunConfig, run_dir: Path, device, dist: Distributed, log) -> Stag
         trainee = compiled(student)  # the same parameters: the optimizer and checkpoints are unchanged
     model.train()
     logger = make_logger(cfg, run_dir) if dist.is_main else None
+    controller = None
+    if cfg.stage2.controller.policy != OFF:
+        if dist.enabled:
+            raise ValueError("stage2.controller supports single-process runs; under accelerate launch set "
+                             "stage2.controller.policy to 'off'")
+        controller = Controller(cfg, run_dir, world.teacher, world.prompts["stage2"], source_params(cfg, world))
     alignment = None
     if cfg.eval.grad_alignment:
         if dist.enabled:
@@ -352,7 +370,8 @@ def setup(cfg: RunConfig, run_dir: Path, device, dist: Distributed, log) -> Stag
                                                 source_params(cfg, world))
     return Stage2(cfg=cfg, run_dir=run_dir, device=device, dist=dist, world=world, source=source,
                   evaluator=evaluator, student=student, model=model, trainee=trainee, target_teacher=target_teacher,
-                  optimizer=optimizer, loss_fn=loss_fn, taid=taid, alignment=alignment, logger=logger)
+                  optimizer=optimizer, loss_fn=loss_fn, taid=taid, alignment=alignment, logger=logger,
+                  controller=controller)
 
 
 def train_step(s: Stage2, step: int, align: bool = False) -> tuple[float, int, dict | None]:
@@ -424,6 +443,8 @@ def evaluate(s: Stage2, c: Counters, aligned: dict) -> dict:
         row[record.TAID_T] = s.taid.t
     if aligned.get("step") == step:
         row.update({k: v for k, v in aligned.items() if k != "step"})
+    if s.controller is not None:
+        row.update(s.controller.columns())
     if s.logger is not None:
         s.logger.log(row)
     c.loss_sum, c.loss_count = 0.0, 0
@@ -436,10 +457,12 @@ def checkpoint(s: Stage2, c: Counters) -> None:
     weights, optimizer_state = s.dist.checkpoint_views(s.model, s.optimizer)  # FSDP: every rank gathers
     if not s.dist.is_main:
         return
-    save_checkpoint(s.run_dir / record.CHECKPOINTS, c.step, weights, optimizer_state, {
-        "tokens": c.tokens, "loss_sum": c.loss_sum, "loss_count": c.loss_count,
-        "taid": s.taid.state_dict() if s.taid is not None else None},
-        hf_config=s.student.hf.config, tokenizer=s.student.tokenizer)
+    state = {"tokens": c.tokens, "loss_sum": c.loss_sum, "loss_count": c.loss_count,
+             "taid": s.taid.state_dict() if s.taid is not None else None}
+    if s.controller is not None:
+        state["controller"] = s.controller.state_dict()
+    save_checkpoint(s.run_dir / record.CHECKPOINTS, c.step, weights, optimizer_state, state,
+                    hf_config=s.student.hf.config, tokenizer=s.student.tokenizer)
 
 
 def restore(s: Stage2, resume: bool, log) -> Counters:
@@ -464,23 +487,36 @@ def restore(s: Stage2, resume: bool, log) -> Counters:
                      loss_count=state["loss_count"])
         if s.taid is not None:
             s.taid.load_state_dict(state["taid"])
+        if s.controller is not None:
+            s.controller.load_state_dict(s, state.get("controller"))
         if s.dist.is_main:
             truncate_metrics(metrics_path, c.step)
         log(f"[stage 2] resumed {s.run_dir} at step {c.step}")
     elif s.dist.is_main:
         metrics_path.unlink(missing_ok=True)
+        if s.controller is not None:
+            s.controller.load_state_dict(s, None)  # a fresh start: no actions, no controller.jsonl
     s.dist.barrier()
     return c
 
 
 def finish(s: Stage2, total: int, seconds: float, log) -> None:
-    """The end-of-run record (rank 0): world.json, then done.json last."""
+    """The end-of-run record (rank 0): world.json, then done.json last. `total`: the steps trained (fewer than
+    stage2.steps when the controller stopped the run; done.json then says so, and why)."""
     cfg = s.cfg
     rows = read_metrics(s.run_dir / record.METRICS)
     final = rows[-1] if rows else {}
-    write_end_record(s.run_dir, {**s.world.info, **s.evaluator.world_info},
-                     {"steps": total, "seconds_this_session": round(seconds, 1), "processes": s.dist.world_size})
-    log(f"[done] {cfg.name} seed {cfg.seed}: {total} steps, proxy {_fmt(final.get(record.PROXY))}, "
+    done = {"steps": total, "seconds_this_session": round(seconds, 1), "processes": s.dist.world_size}
+    note = ""
+    if s.controller is not None:
+        done["controller"] = summary = s.controller.finish()
+        if summary["stopped_early"]:
+            stop = summary["stop"]
+            final = {record.PROXY: stop["restored_proxy_fkl"], record.GOLDEN: stop["restored_golden_fkl"]}
+            note = (f" (stopped by the controller: {stop['detector']} fired at step {stop['step']}, onset "
+                    f"{stop['onset_step']}; the weights of step {stop['restored_step']} restored)")
+    write_end_record(s.run_dir, {**s.world.info, **s.evaluator.world_info}, done)
+    log(f"[done] {cfg.name} seed {cfg.seed}: {total} steps{note}, proxy {_fmt(final.get(record.PROXY))}, "
         f"golden {_fmt(final.get(record.GOLDEN))} nats/response -> {s.run_dir}")
 
 
