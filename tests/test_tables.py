@@ -51,6 +51,18 @@ def test_config_allows_exactly_the_regime_table():
         build_config({}, ["stage2.regime=nope"])
 
 
+def test_config_allows_exactly_the_controller_tables():
+    from kdlab.config import ControllerConfig
+    from kdlab.pipeline.controller import Controller
+    from kdlab.policies import DATA_POLICIES, OFF, POLICIES, PROXY_DETECTORS, TRIGGERS
+
+    assert allowed(ControllerConfig, "policy") == tuple(POLICIES)
+    assert allowed(ControllerConfig, "trigger") == tuple(TRIGGERS)
+    assert allowed(ControllerConfig, "proxy_detector") == PROXY_DETECTORS and set(PROXY_DETECTORS) < set(DETECTORS)
+    assert set(DATA_POLICIES) < set(POLICIES) and OFF in POLICIES
+    assert Controller.observe.__doc__ and build_config({}).stage2.controller.policy == OFF
+
+
 def test_help_lists_the_tables_names():
     lines = describe_fields()
     assert any(line.startswith(f"loss.name (one of {'|'.join(LOSS_NAMES)},") for line in lines)
@@ -65,7 +77,7 @@ def test_verdicts_are_keyed_by_the_detector_table(tmp_path):
 
 
 def test_the_tables_and_the_config_import_without_torch():
-    code = ("import sys, kdlab.config, kdlab.losses.names, kdlab.data.regimes, kdlab.analysis.detectors; "
+    code = ("import sys, kdlab.config, kdlab.losses.names, kdlab.data.regimes, kdlab.analysis.detectors, kdlab.policies; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
