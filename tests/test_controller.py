@@ -189,11 +189,11 @@ def test_mix_draws_on_policy_batches_at_the_configured_rate_after_the_action(sha
             drawn[step] = _kind
             return _real(self, step, student)
         monkeypatch.setattr(cls, "batch", recording)
-    monkeypatch.setattr(controller, "fired", FiresAt(4))
+    monkeypatch.setattr(controller, "fired", FiresAt(3))  # fires from step 2 on; min_step holds it until step 5
     run_dir = quiet(tiny(shared, "mix", "stage2.controller.policy=mix", "stage2.controller.mix_lmbda=0.75",
-                         "stage2.steps=120"))
+                         "stage2.steps=120", "stage2.controller.min_step=5"))
     (act,) = actions(run_dir)
-    assert act["step"] == rows(run_dir)[3]["step"] and act["lmbda"] == 0.75
+    assert act["step"] == min(r["step"] for r in rows(run_dir) if r["step"] >= 5) and act["lmbda"] == 0.75
     assert sorted(drawn) == list(range(120))
     assert all(drawn[t] == "offline" for t in range(act["step"])), "batch t trains step t+1: none on-policy before"
     after = [drawn[t] == "on_policy" for t in range(act["step"], 120)]
@@ -204,11 +204,16 @@ def test_mix_draws_on_policy_batches_at_the_configured_rate_after_the_action(sha
 # ------------------------------------------------------------------------------------------ stop
 
 
+def _stop_run(shared, monkeypatch) -> Path:
+    monkeypatch.setattr(controller, "fired", FiresAt(5, onset_index=3))
+    out = shared / "stop"
+    return out if (out / record.DONE).exists() else quiet(tiny(shared, "stop", "stage2.controller.policy=stop"))
+
+
 def test_stop_ends_the_run_with_the_weights_of_the_onset(shared, monkeypatch):
     """Fires at the 5th evaluation (step 7) with the onset at the 4th (step 4): the run ends at step 7 holding
     the weights a plain 4-step run ends with (an independent run: same data order, constant rate)."""
-    monkeypatch.setattr(controller, "fired", FiresAt(5, onset_index=3))
-    stopped = quiet(tiny(shared, "stop", "stage2.controller.policy=stop"))
+    stopped = _stop_run(shared, monkeypatch)
     (act,) = actions(stopped)
     evals = [r["step"] for r in rows(stopped)]
     assert evals == [0, 1, 2, 4, 7] and act["step"] == 7 and act["onset_step"] == act["restored_step"] == 4
@@ -305,3 +310,37 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="stage2.controller.policy = 'later'"):
         load_config(TINY, ["stage2.controller.policy=later"])
     assert load_config(TINY, ["stage2.controller.policy=mix", "stage2.regime=online_teacher"]).stage2.controller.policy == "mix"
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def test_the_report_shows_the_actions_in_a_table_and_on_the_curves(shared, monkeypatch, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from kdlab.analysis import analyse
+    from kdlab.report import plots, write_report
+
+    stopped = _stop_run(shared, monkeypatch)
+    monkeypatch.setattr(controller, "fired", FiresAt(4))
+    acted = quiet(tiny(shared, "report-refresh", "stage2.controller.policy=refresh", "stage2.steps=12",
+                       "stage2.controller.cooldown_evals=1", "stage2.controller.max_actions=2"))
+    steps = [a["step"] for a in actions(acted)]
+    assert len(steps) == 2
+    page = write_report([acted, stopped], tmp_path / "report").read_text()
+    assert "<h2>Controller actions</h2>" in page and "weights of step 4 restored" in page
+    for step in steps:
+        assert f"<td>report-refresh</td><td>{step}</td><td>refresh</td>" in page
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    by_name = {r["run"]: r for r in summary["runs"]}
+    assert [a["step"] for a in by_name["report-refresh"]["controller_actions"]] == steps
+    fig, ax = plt.subplots()
+    plots._curves_panel(ax, analyse(acted))
+    labels = [ln.get_label() for ln in ax.get_lines()]
+    xs = sorted({float(ln.get_xdata()[0]) for ln in ax.get_lines() if ln.get_color() == plots.ACTION_COLOR})
+    plt.close(fig)
+    assert labels.count("controller: refresh") == 1 and xs == [float(s) for s in steps]
+    from kdlab.analysis import synthetic as syn
+
+    plain = syn.write_run(tmp_path / "plain", syn.run_rows(syn.healthy_run(np.random.default_rng(0))), {"seed": 0})
+    assert "controller_actions" not in analyse(plain).summary(), "no controller log, no key"

@@ -151,6 +151,7 @@ class RunAnalysis:
     paired: dict = field(default_factory=dict)  # column -> (n_evals × k) per-prompt values, or None
     sequential: SequentialVerdict | None = None  # the experimental sequential proxy-only detector (issue 16)
     notes: list[str] = field(default_factory=list)
+    actions: list[dict] | None = None  # the stage-2 controller's actions (controller.jsonl); None: no controller log
 
     @property
     def storage(self) -> dict[str, str]:
@@ -199,6 +200,7 @@ class RunAnalysis:
                 PROXY_SEQUENTIAL: self.sequential.to_dict() if self.sequential is not None else None,
                 "metric_storage": self.storage,
                 "notes": self.notes,
+                **({"controller_actions": self.actions} if self.actions is not None else {}),
             }
         )
 
@@ -266,6 +268,7 @@ def analyse(
     metrics = read_metrics(source, proxy_col=proxy_col, golden_col=golden_col, step_col=step_col)
     run_dir = source if source.is_dir() else (metrics.run_dir or source.parent)
     config = load_config(run_dir) if metrics.run_dir is not None or source.is_dir() else {}
+    actions = record.read_actions(run_dir) if metrics.run_dir is not None or source.is_dir() else None
     label, key, regime = _condition(run_dir, config, metrics)
     steps = metrics.steps
     notes = []
@@ -316,6 +319,7 @@ def analyse(
         train_proxy=train_proxy,
         notes=notes,
         sequential=sequential,
+        actions=actions,
     )
 
 

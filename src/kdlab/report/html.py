@@ -142,6 +142,8 @@ def render(summary: dict, runs: list[RunAnalysis], run_plots: dict[str, Path], s
         "ones before it (CUSUM, confirmed by a broken power law), in cumulative-learning-rate time when the run "
         "logs its learning rate; the onset comes with an interval.</p>",
     ]
+    if any(r.actions is not None for r in runs):
+        parts += ["<h2>Controller actions</h2>", _actions(runs)]
     if attribution is not None:
         parts += ["<h2>Attribution of the golden rises</h2>", _attribution(attribution)]
     if sweep_plot is not None:
@@ -164,6 +166,40 @@ def render(summary: dict, runs: list[RunAnalysis], run_plots: dict[str, Path], s
     parts.append(f"<pre>{_e(json.dumps(summary.get('thresholds', {}), indent=2))}</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _actions(runs: list[RunAnalysis]) -> str:
+    """The stage-2 controller's actions (controller.jsonl of each run that has one): when, on which detector's
+    alarm, what it did and what it cost. Marked on the curves as vertical lines."""
+    rows = []
+    for run in runs:
+        if run.actions is None:
+            continue
+        if not run.actions:
+            rows.append(f"<tr><td>{_e(run.name)}</td><td colspan='8' class='none'>no action (the trigger never fired "
+                        "while the controller could act)</td></tr>")
+        for a in run.actions:
+            detail = []
+            if a.get("replaced"):
+                detail.append(f"{a['replaced']} sequences replaced" + (f", {a['new_prompts']} new prompts"
+                                                                       if a.get("new_prompts") else ""))
+            if a.get("lmbda") is not None:
+                detail.append(f"on-policy fraction {a['lmbda']:g} from the next step")
+            if a.get("restored_step") is not None:
+                detail.append(f"run stopped; weights of step {a['restored_step']:,} restored (golden "
+                              f"{_num(a.get('restored_golden_fkl'))}, proxy {_num(a.get('restored_proxy_fkl'))})")
+            budget = f" of {a['budget']:,}" if a.get("budget") is not None else ""
+            rows.append(f"<tr><td>{_e(run.name)}</td><td>{_step(a['step'])}</td><td>{_e(a['policy'])}</td>"
+                        f"<td>{_e(a.get('detector'))}</td><td>{_step(a.get('onset_step'))}</td>"
+                        f"<td>{a.get('teacher_samples', 0):,} ({a.get('teacher_samples_total', 0):,}{budget} so far)</td>"
+                        f"<td>{_num(a.get('sampling_seconds'), '{:.2f}')} / {_num(a.get('seconds'), '{:.2f}')}</td>"
+                        f"<td>{_e('; '.join(detail))}</td><td>{_e(a.get('reason'))}</td></tr>")
+    return ("<table><tr><th>run</th><th>step</th><th>policy</th><th>detector</th><th>onset</th>"
+            "<th>extra teacher samples (run total)</th><th>seconds sampling / whole action</th><th>what changed</th>"
+            "<th>detector's reason</th></tr>" + "".join(rows) + "</table><p class='muted'>stage2.controller "
+            "(kdlab.pipeline.controller): after each evaluation the detectors run on the curve so far; an action "
+            "takes effect from the next training step. On-policy batches after a 'mix' cost student sampling and a "
+            "live teacher forward each; that cost shows in the run's wall time, not here.</p>")
 
 
 def _storage(runs: list[RunAnalysis]) -> str:

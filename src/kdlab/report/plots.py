@@ -118,6 +118,7 @@ def _curves_panel(ax, run: RunAnalysis) -> None:
         style = "hacking" if run.golden.detected else run.golden.kind
         ax.axvline(run.golden.onset_step, color=GOLDEN_COLOR, ls=":", lw=1.8,
                    label=f"golden minimum ({style} onset) step {run.golden.onset_step:,}")
+    _action_lines(ax, run)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training step (log scale; step 0 not shown)")
@@ -127,6 +128,24 @@ def _curves_panel(ax, run: RunAnalysis) -> None:
     _plain_log_ticks(ax)
     # Below the axes: inside, the legend would hide the late part of the curves, where onsets are.
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+
+
+ACTION_COLOR = "tab:purple"
+
+
+def _action_lines(ax, run: RunAnalysis) -> None:
+    """The stage-2 controller's actions as vertical lines at their steps (one legend entry per policy); a
+    'stop' also marks the step whose weights the run ends with."""
+    labelled = set()
+    for a in run.actions or []:
+        if a["step"] <= 0:
+            continue
+        label = None if a["policy"] in labelled else f"controller: {a['policy']}"
+        labelled.add(a["policy"])
+        ax.axvline(a["step"], color=ACTION_COLOR, ls="--", lw=1.4, label=label)
+        if a.get("restored_step"):
+            ax.axvline(a["restored_step"], color=ACTION_COLOR, ls=":", lw=1.4,
+                       label=f"weights restored: step {a['restored_step']:,}")
 
 
 def _arrow_path(ax, x, y, color, every: int | None = None) -> None:
@@ -222,6 +241,7 @@ def _loss_panel(ax, run: RunAnalysis) -> None:
         return
     s, y, _ = _positive(m.steps, m.column(record.TRAIN_LOSS))
     ax.plot(s, y, "o-", ms=3, color="0.25", lw=1.2)
+    _action_lines(ax, run)
     ax.set_xscale("log")
     if len(y) and np.all(y > 0):
         ax.set_yscale("log")
@@ -343,6 +363,10 @@ def _sweep_axes(groups: dict[str, list[RunAnalysis]], axes) -> bool:
             if run.proxy.detected:
                 v = _value_at(s, y, run.proxy.onset_step)
                 axes[0].plot([run.proxy.onset_step], [v], "^", color=color, mec="k", ms=8, zorder=4)
+            for a in run.actions or []:  # the controller's actions: a diamond on the curve at each
+                v = _value_at(s, y, a["step"])
+                if v is not None:
+                    axes[0].plot([a["step"]], [v], "D", color=color, mec=ACTION_COLOR, mew=1.5, ms=7, zorder=4)
             if m.golden is None:
                 continue
             any_golden = True
@@ -376,7 +400,8 @@ def _sweep_axes(groups: dict[str, list[RunAnalysis]], axes) -> bool:
         ax.grid(True, which="major", alpha=0.3)
         _plain_log_ticks(ax)
     first = next(iter(groups.values()))[0].metrics
-    axes[0].set_title("Proxy vs step (▲ proxy-only departure onset)")
+    acted = any(run.actions for runs in groups.values() for run in runs)
+    axes[0].set_title("Proxy vs step (▲ proxy-only departure onset" + (", ◆ controller action)" if acted else ")"))
     axes[0].set_xlabel("training step (log scale)")
     axes[0].set_ylabel(f"{metric_label(first.proxy_col, 'proxy')} ({UNITS})")
     axes[1].set_title("Golden vs step (★ golden minimum of a hacking run, ✖ over-fitting)")
