@@ -325,8 +325,12 @@ class LossConfig(_Section):
     """The token-level distillation loss (kdlab.losses)."""
 
     name: LossName = Field("forward_kl", description="Divergence between teacher and student at each response position.")
-    beta: float = Field(0.5, ge=0, le=1, description="generalized_jsd: 0 = forward KL, 1 = reverse KL.")
-    alpha: float = Field(0.1, ge=0, lt=1, description="skew_kl / skew_reverse_kl mixing weight.")
+    beta: float = Field(0.5, ge=0, le=1, description="generalized_jsd: 0 = forward KL, 1 = reverse KL. "
+                        "ab_divergence: β, the confidence concentration (α = 0, β = 1: reverse KL).")
+    alpha: float = Field(0.1, ge=0, lt=1, description="skew_kl / skew_reverse_kl mixing weight. ab_divergence: α, "
+                         "the hardness concentration (α → 1 with β = 0: forward KL; use forward_kl for that end).")
+    mu: float = Field(0.5, ge=0, le=1, description="adaptive_kl: the teacher's head holds the tokens whose "
+                      "cumulative probability reaches mu (0.5 in the AKL paper).")
     temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature on both sides.")
     taid_t_start: float = Field(0.4, ge=0, le=1, description="taid: initial interpolation t.")
     taid_t_end: float = Field(1.0, ge=0, le=1, description="taid: final interpolation t.")
