@@ -371,6 +371,12 @@ class EvalConfig(_Section):
         "decoding costs far more than a divergence evaluation.")
     task_metric_prompts: int = Field(
         128, ge=1, description="Held-out prompts decoded for the task metrics (at most eval.num_prompts).")
+    drift: bool = Field(
+        False, description="Log the drift panel at each evaluation (kdlab.metrics.drift): student against teacher "
+        "response length and runs without EOS, EOS mass, per-token entropy (and the oracle's), n-gram repetition, "
+        "top-k overlap and the exposure gap, each with its SE, on the first eval.drift_prompts held-out prompts. "
+        "Costs one student sampling pass and three forward passes per evaluation.")
+    drift_prompts: int = Field(256, ge=2, description="Held-out prompts of the drift panel (at most eval.num_prompts).")
     grad_alignment: bool = Field(
         False, description="At each evaluation step, log the cosine between the training batch's gradient and "
         "the gradient on fresh prompts with fresh teacher samples (grad_cos_fresh) and, with an oracle, fresh "
