@@ -118,3 +118,18 @@ def test_a_log_without_the_panel_has_no_alarms_and_detect_reports_them(tmp_path)
     assert out["alarms"][REPETITION_COLLAPSE]["fired"] and out["alarms"][REPETITION_COLLAPSE]["onset_step"] == STEPS[7]
     res = CliRunner().invoke(app, [str(path)])
     assert f"alarm {REPETITION_COLLAPSE}: FIRED" in res.output
+
+
+def test_the_report_shows_a_fired_alarm(tmp_path):
+    from kdlab.report import write_report
+
+    rows = inject(healthy_rows(seed=4), record.ENTROPY_STUDENT, lambda i: 0.3, 8)
+    for r in rows:
+        r[record.PROXY], r[record.se_column(record.PROXY)] = 10.0 / (1 + r[record.STEP]) ** 0.3, 0.05
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / record.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    html = write_report(run).read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["alarms"][ENTROPY_COLLAPSE]["fired"] and summary["alarms"][ENTROPY_COLLAPSE]["onset_step"] == STEPS[8]
+    assert f"alarm {ENTROPY_COLLAPSE}: FIRED" in html
