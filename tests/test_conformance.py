@@ -100,6 +100,21 @@ def test_normalisation_is_measured_not_assumed():
         assert report.case("value").status == report.case("gradient").status == PASS
 
 
+def test_normalisation_of_a_loss_that_ignores_its_mask():
+    """TRL's generalized_jsd_loss without labels: sum over all positions / B. Its full-batch normalisation is
+    still found (so the value passes), the ragged batch matches none, and masking fails."""
+
+    def no_mask_batchmean(student_logits, teacher_logits, mask=None, *, reduction="mean", temperature=1.0):
+        per = cb.kl_rows(torch.log_softmax(teacher_logits, -1), torch.log_softmax(student_logits, -1))
+        return per.sum() / per.shape[0]
+
+    report = run_suite(make_adapter(no_mask_batchmean, "kdlab", None), "fkl")
+    assert report.case("normalisation").status == FAIL
+    assert report.case("normalisation").numbers["normaliser"] is None
+    assert list(suite.NORMALISERS)[2] in report.case("normalisation").reason  # sum / B on full batches
+    assert report.case("value").status == PASS and report.case("masking").status == FAIL
+
+
 def test_topk_bias_is_disclosed_and_fails_only_a_claim_of_exactness():
     """kdlab's SparseTarget (top-3 of V=7, tail as one bucket) is a lower bound of the forward KL: reported."""
     report = check("kdlab.losses:forward_kl", "fkl", topk=3)

@@ -283,43 +283,49 @@ def predicted(name: str, own_BxT: Tensor, mask: Tensor) -> float:
 
 
 def case_normalisation(s: Setting, z_s: Tensor, z_t: Tensor) -> CaseResult:
-    """The loss's own per-token values come from calls on one row with one counted token (one row, so that a
-    division by the batch size or by B·T differs from a plain sum); each normalisation in NORMALISERS then
-    predicts the value of the ragged three-row batch, and the one that matches is the loss's."""
-    mask = mask_of(RAGGED)
-    batch = s.call(z_s, z_t, mask)
-    if not batch.ok:
-        return failed_call("normalisation", "on a ragged batch the loss", batch)
-    single: dict[tuple[int, int], float] = {}
-    for b, t in mask.nonzero().tolist():
-        one = torch.zeros(1, T, dtype=torch.bool)
-        one[0, t] = True
-        out = s.call(z_s[b:b + 1], z_t[b:b + 1], one)
+    """The loss's own per-token values u come from calls on single positions (1×1 batches, no mask needed).
+    The full batch's value gives the factor to a token mean, Σu / (B·T) over the loss's value, whatever the
+    normalisation; the normalisations in NORMALISERS that predict it are then told apart on the ragged batch
+    (rows of 5, 2 and 4 counted tokens), which needs the loss to honour its mask (see masking)."""
+    one = torch.ones(1, 1, dtype=torch.bool)
+    own = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            out = s.call(z_s[b:b + 1, t:t + 1], z_t[b:b + 1, t:t + 1], one)
+            if not out.ok:
+                return failed_call("normalisation", f"on the single position ({b}, {t}) the loss", out)
+            own[b, t] = out.value
+    full, ragged = mask_of(FULL), mask_of(RAGGED)
+    whole, part = s.call(z_s, z_t, full), s.call(z_s, z_t, ragged)
+    for out, what in ((whole, "on a full batch"), (part, "on a ragged batch")):
         if not out.ok:
-            return failed_call("normalisation", f"on row {b} with one counted token ({t}) the loss", out)
-        single[(b, t)] = float(out.value)
-    one_token = torch.zeros(1, T, dtype=torch.bool)
-    one_token[0, 0] = True
-    for name, denominator in NORMALISERS.items():
-        scale = denominator(one_token) if denominator is not None else 1.0
-        own = torch.zeros(B, T, dtype=torch.float64)
-        for (b, t), v in single.items():
-            own[b, t] = v * scale  # the per-token value under this hypothesis
-        if close(batch.value, predicted(name, own, mask), s.tol):
-            full = mask_of(FULL)
-            s.normaliser = name
-            s.to_token_mean = (denominator(full) if denominator is not None else full.sum().item()) / float(full.sum())
-            n = int(mask.sum())
-            if name == "token mean":
-                return result("normalisation", PASS, f"the batch value is the mean over its {n} counted tokens "
-                              f"(rows of {', '.join(map(str, RAGGED))})", value=batch.value)
-            return result("normalisation", FAIL,
-                          f"the batch value is the {name}, not the mean over its {n} counted tokens: tokens are "
-                          f"weighted by their row or batch, not equally (TRL #4719); the value-type cases undo it "
-                          f"(×{s.to_token_mean:.4g} on a full batch)", value=batch.value, normaliser=name)
-    return result("normalisation", FAIL, f"no normalisation of its own single-token values gives the batch value "
-                  f"{fmt(batch.value)} (their token mean: {fmt(predicted('token mean', own, mask))}): the loss is "
-                  "not a sum of per-token terms; the other cases assume a token mean", value=batch.value)
+            return failed_call("normalisation", f"{what} the loss", out)
+
+    def scaled(name):  # the per-token values under a normalisation: a 1×1 batch divides by its denominator
+        denominator = NORMALISERS[name]
+        return own * (denominator(one) if denominator is not None else 1.0)
+
+    on_full = [name for name in NORMALISERS if close(whole.value, predicted(name, scaled(name), full), s.tol)]
+    if not on_full:
+        return result("normalisation", FAIL, f"the full batch's value {fmt(whole.value)} is no normalisation of the "
+                      f"loss's values at its single positions (their mean: {fmt(own.mean())}): not a sum of "
+                      "per-token terms; the other cases take it as a token mean", value=whole.value)
+    token_mean = predicted("token mean", scaled(on_full[0]), full)  # Σu / (B·T): what kdlab's contract returns
+    s.to_token_mean = token_mean / float(whole.value) if float(whole.value) else 1.0
+    n = int(ragged.sum())
+    on_ragged = [name for name in on_full if close(part.value, predicted(name, scaled(name), ragged), s.tol)]
+    if not on_ragged:
+        s.normaliser = on_full[0]
+        return result("normalisation", FAIL, f"on full batches the {on_full[0]}, but with a ragged mask ({n} counted "
+                      f"tokens) the value {fmt(part.value)} is no normalisation of the counted tokens' values: does the "
+                      "loss ignore its mask? (see masking)", value=part.value, normaliser=None)
+    s.normaliser = on_ragged[0]
+    if s.normaliser == "token mean":
+        return result("normalisation", PASS, f"the batch value is the mean over its {n} counted tokens (rows of "
+                      f"{', '.join(map(str, RAGGED))})", value=part.value, normaliser=s.normaliser)
+    return result("normalisation", FAIL, f"the batch value is the {s.normaliser}, not the mean over its {n} counted "
+                  f"tokens: tokens are weighted by their row or batch, not equally (TRL #4719); the value-type cases "
+                  f"undo it (×{s.to_token_mean:.4g} on a full batch)", value=part.value, normaliser=s.normaliser)
 
 
 # ---------------------------------------------------------------------------------------------------------
