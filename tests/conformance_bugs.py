@@ -11,7 +11,6 @@ P = teacher, Q = student, per position; KL(a ‖ b) = Σ a·(log a − log b) wi
 
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import torch

@@ -149,12 +149,12 @@ class Setting:
         self.value_ok = True  # the value case passed: later cases may compare values, not only their finiteness
 
     def call(self, z_s: Tensor, z_t: Tensor, mask: Tensor, *, temperature: float | None = None,
-             param: float | None = None, seed: int = 0, use_param: bool = True) -> Outcome:
+             param: float | None = None, seed: int = 0) -> Outcome:
         """The loss on (z_s, z_t, mask), its float64 value and gradient w.r.t. z_s. The global RNG is seeded
         with ``seed`` for the call and restored after it, so a loss that draws random numbers is repeatable."""
         student = z_s.detach().to(self.input_dtype).requires_grad_(True)
         teacher = z_t.detach().to(self.input_dtype)
-        if use_param and param is None:
+        if param is None:
             param = self.param
         if temperature is None and self.adapter.takes_temperature:
             temperature = 1.0
@@ -240,8 +240,8 @@ def diagnose(s: Setting, value: Tensor, z_s: Tensor, z_t: Tensor, temperature: f
     tol = max(s.tol, 1e-6)
     mask = mask_of(FULL)
     candidates: list[tuple[str, Tensor]] = []
-    entropy = ref.token_mean(ref.teacher_entropy(z_t, temperature), mask)
     if s.family == ref.FKL:
+        entropy = ref.token_mean(ref.teacher_entropy(z_t, temperature), mask)
         fkl = ref.token_mean(ref.per_token(ref.FKL, z_s, z_t, None, temperature), mask)
         candidates.append(("the cross-entropy H(P, Q) = KL(P‖Q) + H(P): the same gradient, the value offset by "
                            "the teacher's entropy", fkl + entropy))
