@@ -84,6 +84,13 @@ def test_an_effect_within_its_noise_stays_quiet(name, col, values):
     assert not check_alarms(rows)[name].fired
 
 
+def test_the_eos_mass_gap_alone_does_not_fire():
+    rows = healthy_rows(seed=5)
+    for r in rows:
+        r[record.EOS_MASS_GAP_MAX] = 0.9
+    assert not check_alarms(rows)[EOS_MISMATCH].fired
+
+
 def test_an_effect_below_its_size_threshold_or_its_noise_stays_quiet():
     # 1.3x longer, far beyond noise: below the 1.5 ratio
     rows = inject(healthy_rows(seed=2), record.LENGTH_STUDENT, lambda i: 26.0, 4)

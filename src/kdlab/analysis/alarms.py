@@ -7,8 +7,7 @@ of `persist` consecutive evaluations where its effect passes both a size thresho
     length_inflation   the student's responses are longer than the teacher's: ratio > length_ratio
                        (StableOPD; Bittensor SN97's length veto at 3-10x)
     eos_mismatch       student samples reach the length limit without EOS more often than the teacher's, by
-                       more than eos_gap, or the EOS mass differs by more than eos_gap at some position
-                       (ms-swift #9526: teacher and student with different EOS tokens)
+                       more than eos_gap (ms-swift #9526: teacher and student with different EOS tokens)
     entropy_collapse   the student's per-token entropy along the teacher's samples falls below
                        entropy_ratio x the teacher's
     repetition_collapse  the student repeats n-grams more than the teacher, by more than repetition_gap
@@ -44,6 +43,11 @@ ALARMS: dict[str, str] = {
     REPETITION_COLLAPSE: "the student repeats itself far more than the teacher",
     EXPOSURE_GAP_GROWTH: "the student is drifting to prefixes the teacher never visits (exposure gap rising)",
 }
+
+
+def alarm_column(name: str) -> str:
+    """The monitor's per-measurement flag of alarm `name` (1 once it has fired)."""
+    return f"alarm_{name}"
 
 
 @dataclass(frozen=True)
@@ -121,11 +125,10 @@ def check_alarms(rows: list[dict], config: AlarmConfig | None = None, steps=None
         if any(r.get(record.NO_EOS_STUDENT) is not None for r in rows):
             gap = _col(rows, record.NO_EOS_STUDENT) - _col(rows, record.NO_EOS_TEACHER)
             gap_se = _quad(_se(rows, record.NO_EOS_STUDENT), _se(rows, record.NO_EOS_TEACHER))
-            mass = _col(rows, record.EOS_MASS_GAP_MAX)
-            flags = ((gap > cfg.eos_gap) & (gap > z * gap_se)) | (np.nan_to_num(mass) > cfg.eos_gap)
-            effect = np.fmax(gap, mass)
-            out[EOS_MISMATCH] = _verdict(EOS_MISMATCH, steps, effect, flags, cfg,
-                                         "excess share without EOS or EOS-mass gap")
+            # (The largest per-position EOS-mass gap is logged beside it but does not fire: it has no SE, and on
+            # a development run it stayed above 0.25 for a student that was still learning where to end.)
+            flags = (gap > cfg.eos_gap) & (gap > z * gap_se)
+            out[EOS_MISMATCH] = _verdict(EOS_MISMATCH, steps, gap, flags, cfg, "excess share of samples without EOS")
 
         es, et = _col(rows, record.ENTROPY_STUDENT), _col(rows, record.ENTROPY_TEACHER)
         e_se = _quad(_se(rows, record.ENTROPY_STUDENT), _se(rows, record.ENTROPY_TEACHER))
