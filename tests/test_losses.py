@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kdlab.losses as L
-from test_losses_reference import CASES, case_id, logits, loss_fn, ragged_mask, reference_dense, one_torch_thread  # noqa: F401 (autouse fixture)
+from test_losses_reference import STOP_GRADIENT, softmax64, CASES, case_id, logits, loss_fn, ragged_mask, reference_dense, one_torch_thread  # noqa: F401 (autouse fixture)
 
 ALL_NAMES = sorted(L.LOSSES)
 
@@ -15,6 +15,7 @@ ALL_NAMES = sorted(L.LOSSES)
 def test_cases_cover_every_loss():
     assert {name for name, _ in CASES} == set(L.LOSSES) == {
         "forward_kl", "reverse_kl", "generalized_jsd", "tvd", "skew_kl", "skew_reverse_kl", "taid",
+        "ab_divergence", "adaptive_kl",
     }
 
 
@@ -246,7 +247,7 @@ def test_micro_batch_accumulation_equals_one_batch(case):
 # ---------------------------------------------------------------- gradcheck (float64)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] != "taid"], ids=case_id)
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] not in STOP_GRADIENT], ids=case_id)
 def test_gradcheck_student_and_teacher(case):
     name, params = case
     fn = loss_fn(name, params)
@@ -271,6 +272,35 @@ def test_gradcheck_taid():
     g_taid = torch.autograd.grad(L.taid(s, t.detach(), mask, t=0.6, temperature=1.3), s)[0]
     g_frozen = torch.autograd.grad(L.forward_kl(s / 1.3, frozen, mask), s)[0]
     torch.testing.assert_close(g_taid, g_frozen, rtol=1e-10, atol=1e-14)
+
+
+def test_adaptive_kl_gradient_is_the_frozen_weight_mixture():
+    """AKL's weights carry no gradient (Wu et al. 2025's code detaches them): its gradient is that of
+    g·FKL + (1 − g)·RKL with g computed from the float64 reference's head and tail, held constant."""
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    s = logits(2, 3, 6, seed=47).requires_grad_()
+    t = logits(2, 3, 6, seed=48)
+    P, Q = softmax64(t), softmax64(s.detach())
+    fkl, rkl = (P * torch.log(P / Q)).sum(-1), (Q * torch.log(Q / P)).sum(-1)
+    akl = reference_dense("adaptive_kl", s.detach(), t, {"mu": 0.5})
+    g = (akl - rkl) / (fkl - rkl)  # the reference's head weight, recovered position by position
+    frozen = lambda a: (g * L.forward_kl(a, t, reduction="none") + (1 - g) * L.reverse_kl(a, t, reduction="none"))  # noqa: E731
+    want = torch.autograd.grad((frozen(s) * mask).sum() / mask.sum(), s)[0]
+    got = torch.autograd.grad(L.adaptive_kl(s, t, mask, mu=0.5), s)[0]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+def test_ab_divergence_endpoints_and_hellinger():
+    """α = 1, β = 0 is forward KL; α = 0, β = 1 reverse KL (exactly, through the limits); α = β = ½ is
+    4 (1 − Σ √(PQ)); the general formula approaches its β → 0 limit continuously."""
+    z_s, z_t = logits(2, 3, 8, seed=49), logits(2, 3, 8, seed=50)
+    ab = lambda a, b: L.ab_divergence(z_s, z_t, reduction="none", alpha=a, beta=b)  # noqa: E731
+    torch.testing.assert_close(ab(1.0, 0.0), L.forward_kl(z_s, z_t, reduction="none"), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ab(0.0, 1.0), L.reverse_kl(z_s, z_t, reduction="none"), rtol=1e-12, atol=1e-14)
+    P, Q = softmax64(z_t), softmax64(z_s)
+    torch.testing.assert_close(ab(0.5, 0.5), 4 * (1 - (P * Q).sqrt().sum(-1)), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ab(0.6, 1e-6), ab(0.6, 0.0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ab(1e-6, 0.4), ab(0.0, 0.4), rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- dtypes

@@ -19,8 +19,18 @@ CASES = [
     ("skew_kl", {"alpha": 0.1}),
     ("skew_reverse_kl", {"alpha": 0.1}),
     ("taid", {"t": 0.4}),
+    ("ab_divergence", {"alpha": 0.5, "beta": 0.5}),
+    ("adaptive_kl", {"mu": 0.5}),
 ]
+# Losses with a stop-gradient inside (TAID's target, AKL's weights): gradcheck sees the full derivative, the
+# loss the stopped one; their gradients are tested against frozen-target equivalents instead.
+STOP_GRADIENT = {"taid", "adaptive_kl"}
 REFERENCE_CASES = CASES + [
+    ("ab_divergence", {"alpha": 0.2, "beta": 0.7}),
+    ("ab_divergence", {"alpha": 0.9, "beta": 0.0}),
+    ("ab_divergence", {"alpha": 0.0, "beta": 0.3}),
+    ("ab_divergence", {"alpha": 0.0, "beta": 0.0}),
+    ("adaptive_kl", {"mu": 0.2}),
     ("generalized_jsd", {"beta": 0.9}),
     ("skew_kl", {"alpha": 0.5}),
     ("skew_reverse_kl", {"alpha": 0.7}),
@@ -99,6 +109,31 @@ def reference_from_probs(name, P, Q, params):
         t = params["t"]
         Pt = Q ** (1 - t) * P**t  # softmax((1-t) z_s + t z_t) = Q^(1-t) P^t / Z
         return kl64(Pt / Pt.sum(dim=-1, keepdim=True), Q)
+    if name == "ab_divergence":  # Cichocki et al. 2011, Eq. 4 and its limits (their Eq. 5), term by term
+        a, b = params["alpha"], params["beta"]
+        if a == 0 and b == 0:
+            return 0.5 * ((torch.log(Q) - torch.log(P)) ** 2).sum(-1)
+        if b == 0:
+            return (P**a * torch.log(P**a / Q**a) - P**a + Q**a).sum(-1) / a**2
+        if a == 0:
+            return (Q**b * torch.log(Q**b / P**b) - Q**b + P**b).sum(-1) / b**2
+        return -(P**a * Q**b - a / (a + b) * P ** (a + b) - b / (a + b) * Q ** (a + b)).sum(-1) / (a * b)
+    if name == "adaptive_kl":  # Wu et al. 2025, Eqs. 9-11, one position at a time
+        out = torch.empty(P.shape[:-1], dtype=torch.float64)
+        flatP, flatQ = P.reshape(-1, P.shape[-1]), Q.reshape(-1, Q.shape[-1])
+        for i, (p, q) in enumerate(zip(flatP.tolist(), flatQ.tolist())):
+            ranked = sorted(range(len(p)), key=lambda v: -p[v])
+            head, cum = set(), 0.0
+            for j, v in enumerate(ranked):  # a prefix: cumulative P up to mu, the top token always
+                cum += p[v]
+                if j > 0 and cum > params["mu"]:
+                    break
+                head.add(v)
+            e_head = sum(abs(p[v] - q[v]) for v in head)
+            e_tail = sum(abs(p[v] - q[v]) for v in range(len(p)) if v not in head)
+            g = e_head / (e_head + e_tail)
+            out.view(-1)[i] = g * kl64(flatP[i], flatQ[i]) + (1 - g) * kl64(flatQ[i], flatP[i])
+        return out
     raise KeyError(name)
 
 

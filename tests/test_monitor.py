@@ -234,3 +234,109 @@ def test_trl_distillation_trainer_keeps_its_loss_and_buffered_metrics(tmp_path, 
     assert [h["step"] for h in monitor_rows] == [r["step"] for r in monitor.history]
     assert all(set(h) <= {"step"} | {k for k in h if k.startswith("teacher_hacking/")} for h in monitor_rows)
     assert all("completions/mean_length" in h and "entropy" in h for h in rows if "loss" in h)
+
+
+def _sft_run(tmp_path, name, **monitor_kw):
+    """30 steps of TRL's `SFTTrainer` on the teacher's own samples (sequence-level distillation), tiny models,
+    logging every 2 steps."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    example = _example()
+    tok = example.tiny_tokenizer()
+    teacher = example.tiny_model(len(tok), 32, 1, tok.eos_token_id, tok.pad_token_id)
+    student = example.tiny_model(len(tok), 16, 2, tok.eos_token_id, tok.pad_token_id)
+    rows = example.synthetic_data(teacher, tok, 48, seed=0)
+    train = Dataset.from_dict({"messages": [[{"role": "user", "content": r["prompt"]},
+                                             {"role": "assistant", "content": r["response"]}] for r in rows[16:]]})
+    eval_prompts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False) for r in rows[:16]]
+    config = trl.SFTConfig(output_dir=str(tmp_path / name), max_steps=30, per_device_train_batch_size=4,
+                           learning_rate=3e-3, logging_steps=2, save_strategy="no", report_to="none", use_cpu=True,
+                           disable_tqdm=True, bf16=False, max_length=64)
+    trainer = trl.SFTTrainer(model=student, args=config, train_dataset=train, processing_class=tok)
+    monitor = TeacherHackingMonitor(teacher, eval_prompts, tokenizer=tok, max_new_tokens=5, num_points=8,
+                                    **monitor_kw).attach(trainer)
+    trainer.train()
+    return trainer, monitor
+
+
+@pytest.mark.filterwarnings("ignore::kdlab.integrations.TeacherHackingWarning")
+@pytest.mark.parametrize("stop", [False, True])
+def test_trl_sft_trainer_keeps_its_logs_and_stops_on_hacking(tmp_path, stop):
+    """Issue 21, item 3: the monitor inside TRL's `SFTTrainer`. Its loss and its own metrics (`entropy`,
+    `mean_token_accuracy`) appear at every logging step, in its own rows; the monitor's rows hold only the
+    monitor's columns; a detector that fires at the 4th measurement stops training there."""
+    kw = dict(stop_on_hacking=True, detect_proxy=_FiresAt(n=4, onset_index=2)) if stop else {}
+    trainer, monitor = _sft_run(tmp_path, f"sft{stop}", **kw)
+    last = trainer.state.global_step
+    measured = [r["step"] for r in monitor.history]
+    if stop:
+        assert last == measured[4] < 30  # stopped at the measurement where the detector fired
+    else:
+        assert last == 30 and measured == log_spaced_steps(30, 8)
+    # (No direction asserted for the proxy: the tiny random teacher's free samples are near uniform, and SFT on
+    # its word-only replies of fixed length moves the student away from them.)
+    assert all(r["proxy_fkl"] > 0 and r["proxy_fkl_se"] > 0 for r in monitor.history)
+    rows = trainer.state.log_history
+    assert [h["step"] for h in rows if "loss" in h] == list(range(2, last + 1, 2))
+    assert all("entropy" in h and "mean_token_accuracy" in h for h in rows if "loss" in h)
+    monitor_rows = [h for h in rows if any(k.startswith("teacher_hacking/") for k in h)]
+    assert [h["step"] for h in monitor_rows] == measured
+    assert all(set(h) <= {"step"} | {k for k in h if k.startswith("teacher_hacking/")} for h in monitor_rows)
+
+
+def _eos_failure_run(tmp_path, end_token: str):
+    """Issue 21, item 4: a failure built on purpose. A tiny teacher SFT'd to answer 4 words then <eos>; a student
+    first SFT'd the same way (a 'pretrained' student that ends where the teacher does), then distilled by TRL's
+    SFTTrainer on teacher-style data whose answers end with `end_token` — another tokenizer's EOS (<user>) in
+    the failure, the teacher's own <eos> in the control — watched by the monitor with the drift panel."""
+    trl = pytest.importorskip("trl")
+    import random
+
+    from datasets import Dataset
+
+    example = _example()
+    tok = example.tiny_tokenizer()
+    eos = tok.eos_token_id
+    rng = random.Random(0)
+
+    def data(n, end):
+        rows = []
+        for _ in range(n):
+            p = tok.apply_chat_template([{"role": "user", "content": " ".join(rng.choice(example.WORDS[:8]) for _ in range(3))}],
+                                        add_generation_prompt=True, tokenize=True, return_dict=False)
+            rows.append((p, [tok.convert_tokens_to_ids(w) for w in rng.choices(example.WORDS[8:16], k=4)] + [end]))
+        return rows
+
+    def sft(model, rows, name, steps, monitor=None):
+        ds = Dataset.from_dict({"input_ids": [p + r for p, r in rows],
+                                "completion_mask": [[0] * len(p) + [1] * len(r) for p, r in rows]})
+        cfg = trl.SFTConfig(output_dir=str(tmp_path / name), max_steps=steps, per_device_train_batch_size=16,
+                            learning_rate=3e-3, logging_steps=1000, save_strategy="no", report_to="none", use_cpu=True,
+                            disable_tqdm=True, bf16=False, completion_only_loss=True, max_length=64)
+        trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
+        if monitor is not None:
+            monitor.attach(trainer)
+        trainer.train()
+
+    teacher = example.tiny_model(len(tok), 32, 1, eos, tok.pad_token_id)
+    sft(teacher, data(256, eos), "teacher", 120)
+    student = example.tiny_model(len(tok), 16, 2, eos, tok.pad_token_id)
+    sft(student, data(256, eos), "pretrain", 200)
+    eval_prompts = [p for p, _ in data(32, eos)]
+    monitor = TeacherHackingMonitor(teacher, eval_prompts, tokenizer=tok, max_new_tokens=8, num_points=6, drift=True)
+    sft(student, data(256, tok.convert_tokens_to_ids(end_token)), "distil", 120, monitor)
+    return monitor
+
+
+@pytest.mark.filterwarnings("ignore::kdlab.integrations.TeacherHackingWarning")
+def test_eos_mismatch_alarm_fires_on_a_student_trained_on_another_eos_and_not_on_the_control(tmp_path):
+    from kdlab.analysis.alarms import EOS_MISMATCH, alarm_column
+
+    failure = _eos_failure_run(tmp_path / "failure", "<user>")
+    control = _eos_failure_run(tmp_path / "control", "<eos>")
+    assert EOS_MISMATCH in failure.alarms and failure.alarms[EOS_MISMATCH].onset_step > 0
+    assert failure.history[-1]["no_eos_student"] > 0.5 and failure.history[-1][alarm_column(EOS_MISMATCH)] == 1
+    assert EOS_MISMATCH not in control.alarms, control.alarms
+    assert control.history[-1]["no_eos_student"] < 0.25

@@ -364,8 +364,12 @@ class LossConfig(_Section):
     """The token-level distillation loss (kdlab.losses)."""
 
     name: LossName = Field("forward_kl", description="Divergence between teacher and student at each response position.")
-    beta: float = Field(0.5, ge=0, le=1, description="generalized_jsd: 0 = forward KL, 1 = reverse KL.")
-    alpha: float = Field(0.1, ge=0, lt=1, description="skew_kl / skew_reverse_kl mixing weight.")
+    beta: float = Field(0.5, ge=0, le=1, description="generalized_jsd: 0 = forward KL, 1 = reverse KL. "
+                        "ab_divergence: β, the confidence concentration (α = 0, β = 1: reverse KL).")
+    alpha: float = Field(0.1, ge=0, lt=1, description="skew_kl / skew_reverse_kl mixing weight. ab_divergence: α, "
+                         "the hardness concentration (α → 1 with β = 0: forward KL; use forward_kl for that end).")
+    mu: float = Field(0.5, ge=0, le=1, description="adaptive_kl: the teacher's head holds the tokens whose "
+                      "cumulative probability reaches mu (0.5 in the AKL paper).")
     temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature on both sides.")
     taid_t_start: float = Field(0.4, ge=0, le=1, description="taid: initial interpolation t.")
     taid_t_end: float = Field(1.0, ge=0, le=1, description="taid: final interpolation t.")
@@ -406,6 +410,12 @@ class EvalConfig(_Section):
         "decoding costs far more than a divergence evaluation.")
     task_metric_prompts: int = Field(
         128, ge=1, description="Held-out prompts decoded for the task metrics (at most eval.num_prompts).")
+    drift: bool = Field(
+        False, description="Log the drift panel at each evaluation (kdlab.metrics.drift): student against teacher "
+        "response length and runs without EOS, EOS mass, per-token entropy (and the oracle's), n-gram repetition, "
+        "top-k overlap and the exposure gap, each with its SE, on the first eval.drift_prompts held-out prompts. "
+        "Costs one student sampling pass and three forward passes per evaluation.")
+    drift_prompts: int = Field(256, ge=2, description="Held-out prompts of the drift panel (at most eval.num_prompts).")
     grad_alignment: bool = Field(
         False, description="At each evaluation step, log the cosine between the training batch's gradient and "
         "the gradient on fresh prompts with fresh teacher samples (grad_cos_fresh) and, with an oracle, fresh "

@@ -128,6 +128,23 @@ COLUMNS: tuple[Column, ...] = (
            "teacher samples (eval.grad_alignment)", "higher"),
     Column("grad_cos_golden", "cosine of the training-batch gradient with a gradient on fresh oracle samples "
            "(eval.grad_alignment)", "higher"),
+    # the drift panel (eval.drift; kdlab.metrics.drift): oracle-free signs of on-policy failure modes
+    *(Column(name, meaning, None, f"{name}_se", unit) for name, meaning, unit in (
+        ("length_student", "mean length of student samples on held-out prompts", "tokens"),
+        ("length_teacher", "mean length of teacher samples on held-out prompts", "tokens"),
+        ("no_eos_student", "fraction of student samples that reach the length limit without EOS", ""),
+        ("no_eos_teacher", "fraction of teacher samples that reach the length limit without EOS", ""),
+        ("eos_mass_student", "mean student probability of EOS along the teacher's samples", ""),
+        ("eos_mass_teacher", "mean teacher probability of EOS along its own samples", ""),
+        ("entropy_student", "mean per-token entropy of the student along the teacher's samples", "nats per token"),
+        ("entropy_teacher", "mean per-token entropy of the teacher along its samples", "nats per token"),
+        ("entropy_oracle", "mean per-token entropy of the oracle along the teacher's samples", "nats per token"),
+        ("repetition_student", "fraction of repeated n-grams within a student sample", ""),
+        ("repetition_teacher", "fraction of repeated n-grams within a teacher sample", ""),
+        ("topk_overlap", "share of the teacher's top-k tokens among the student's top-k, along teacher samples", ""),
+        ("exposure_gap", "per-token KL(student || teacher) on student samples minus per-token KL(teacher || "
+         "student) on teacher samples", "nats per token"))),
+    Column("eos_mass_gap_max", "largest gap between student and teacher EOS probability at one position"),
     Column("controller_actions", "actions the stage-2 controller took before this evaluation (stage2.controller)"),
     Column("controller_teacher_samples", "extra teacher samples (sequences) the controller drew before this "
            "evaluation", unit="sequences"),
@@ -147,6 +164,15 @@ TRAIN_LOSS = COLUMN["train_loss"].name
 TEACHER_GOLDEN = COLUMN["teacher_golden_fkl"].name
 LR = COLUMN["lr"].name
 LR_SUM = COLUMN["lr_sum"].name
+LENGTH_STUDENT, LENGTH_TEACHER = COLUMN["length_student"].name, COLUMN["length_teacher"].name
+NO_EOS_STUDENT, NO_EOS_TEACHER = COLUMN["no_eos_student"].name, COLUMN["no_eos_teacher"].name
+EOS_MASS_STUDENT, EOS_MASS_TEACHER = COLUMN["eos_mass_student"].name, COLUMN["eos_mass_teacher"].name
+EOS_MASS_GAP_MAX = COLUMN["eos_mass_gap_max"].name
+ENTROPY_STUDENT, ENTROPY_TEACHER = COLUMN["entropy_student"].name, COLUMN["entropy_teacher"].name
+ENTROPY_ORACLE = COLUMN["entropy_oracle"].name
+REPETITION_STUDENT, REPETITION_TEACHER = COLUMN["repetition_student"].name, COLUMN["repetition_teacher"].name
+TOPK_OVERLAP = COLUMN["topk_overlap"].name
+EXPOSURE_GAP = COLUMN["exposure_gap"].name
 CONTROLLER_ACTIONS = COLUMN["controller_actions"].name
 CONTROLLER_TEACHER_SAMPLES = COLUMN["controller_teacher_samples"].name
 TRAIN_PREFIX = "train_"  # train_<col>: <col> measured on training prompts

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kdlab.analysis.alarms import check_alarms
 from kdlab.analysis.detectors import (
     GOLDEN,
     PROXY_DEVIATION,
@@ -150,6 +151,7 @@ class RunAnalysis:
     train_proxy: ProxyVerdict | None
     paired: dict = field(default_factory=dict)  # column -> (n_evals × k) per-prompt values, or None
     sequential: SequentialVerdict | None = None  # the experimental sequential proxy-only detector (issue 16)
+    alarms: dict = field(default_factory=dict)  # name -> AlarmVerdict, when the log has the drift panel (issue 21)
     notes: list[str] = field(default_factory=list)
     actions: list[dict] | None = None  # the stage-2 controller's actions (controller.jsonl); None: no controller log
 
@@ -199,6 +201,7 @@ class RunAnalysis:
                 f"train_{PROXY_DEVIATION}": self.train_proxy.to_dict() if self.train_proxy is not None else None,
                 PROXY_SEQUENTIAL: self.sequential.to_dict() if self.sequential is not None else None,
                 "metric_storage": self.storage,
+                "alarms": {name: v.to_dict() for name, v in self.alarms.items()},
                 "notes": self.notes,
                 **({"controller_actions": self.actions} if self.actions is not None else {}),
             }
@@ -319,6 +322,7 @@ def analyse(
         train_proxy=train_proxy,
         notes=notes,
         sequential=sequential,
+        alarms=check_alarms(metrics.rows, steps=steps),
         actions=actions,
     )
 

@@ -54,7 +54,7 @@ def command(
 ) -> None:
     """Detect teacher hacking in a metrics log (JSONL, CSV/TSV, trainer_state.json, TensorBoard).
 
-    Three verdicts: the golden detector in the paper's terms (hacking: golden rises beyond its noise while the held-out proxy falls or stays flat; over-fitting: both rise; needs a golden column), the fixed-window proxy-only detector (the proxy leaves the power law of an early window upwards; needs no oracle) and the experimental sequential proxy-only detector (held-out detection 8 %, false alarms up to 24 %: bench/DETECTION.md; each evaluation tested against the law of the ones before it, in cumulative-learning-rate time when the file has lr_sum, lr or learning_rate). A detector with too few evaluations says "not tested".
+    Three verdicts: the golden detector in the paper's terms (hacking: golden rises beyond its noise while the held-out proxy falls or stays flat; over-fitting: both rise; needs a golden column), the fixed-window proxy-only detector (the proxy leaves the power law of an early window upwards; needs no oracle) and the experimental sequential proxy-only detector (held-out detection 8 %, false alarms up to 24 %: bench/DETECTION.md; each evaluation tested against the law of the ones before it, in cumulative-learning-rate time when the file has lr_sum, lr or learning_rate). A detector with too few evaluations says "not tested". When the log has the drift panel (eval.drift, or the monitor's drift=True), the named failure-mode alarms too: length inflation, EOS mismatch, entropy collapse, repetition collapse, exposure-gap growth (kdlab.analysis.alarms).
 
     Attribution of a golden rise: the teacher floor (the student's golden below the teacher's own, from the file's teacher_golden_fkl column or --teacher-golden) and, with --control runs, the iso-proxy gap (the golden above an online control's at the same proxy).
 
@@ -91,6 +91,7 @@ def command(
         PROXY_DEVIATION: run.proxy.to_dict(),
         PROXY_SEQUENTIAL: run.sequential.to_dict() if run.sequential is not None else None,
         "metric_storage": run.storage,
+        "alarms": {name: v.to_dict() for name, v in run.alarms.items()},
         "notes": run.notes,
         **attribution,
     }
@@ -104,6 +105,8 @@ def command(
         typer.echo(_sequential_line(proxy, result[PROXY_SEQUENTIAL]))
     for line in _attribution_lines(result):
         typer.echo(line)
+    for name, v in result["alarms"].items():
+        typer.echo(f"alarm {name}: {'FIRED' if v['fired'] else 'quiet'} — {v['reason']}")
     for note in run.notes:
         typer.echo(f"note: {note}")
 

@@ -52,8 +52,10 @@ from transformers import TrainerCallback
 
 from kdlab.analysis.detectors import (DETECTORS, GOLDEN, PROXY_DEVIATION, PROXY_SEQUENTIAL, detect_golden,
                                       detect_proxy_deviation)
+from kdlab.analysis.alarms import alarm_column, check_alarms
 from kdlab.analysis.sequential import SequentialProxyDetector
 from kdlab.metrics import ReferenceCache
+from kdlab.metrics.drift import DriftPanel
 from kdlab.metrics.probe import EvalProbe, Reference, log_spaced_steps
 from kdlab.models import LM
 from kdlab.models.sampling import eos_ids
@@ -134,6 +136,10 @@ class TeacherHackingMonitor(TrainerCallback):
             sequential detector online, one measurement at a time (held-out detection 8 %, false alarms
             up to 24 %: bench/DETECTION.md; not the default for that reason).
         trainer: the trainer whose loggers receive the metrics (or call :meth:`attach` later).
+        drift: also log the drift panel at each measurement (``kdlab.metrics.drift``: student against teacher
+            lengths and samples without EOS, EOS mass, entropies, repetition, top-k overlap, exposure gap) and
+            the failure-mode alarms on it (``kdlab.analysis.alarms``: ``alarm_<name>`` = 1 once fired). Costs a
+            student sampling pass and three forward passes per measurement.
     """
 
     def __init__(
@@ -162,6 +168,7 @@ class TeacherHackingMonitor(TrainerCallback):
         detect_proxy: Callable | None = detect_proxy_deviation,
         detect_golden_fn: Callable = detect_golden,
         trainer=None,
+        drift: bool = False,
     ):
         self.teacher = _as_lm(teacher)
         self.oracle = _as_lm(oracle) if oracle is not None else None
@@ -187,6 +194,9 @@ class TeacherHackingMonitor(TrainerCallback):
         self.proxy_config, self.golden_config = proxy_config, golden_config
         self.detect_proxy, self.detect_golden = detect_proxy, detect_golden_fn
         self.trainer = trainer
+        self.drift = drift
+        self.drift_panel: DriftPanel | None = None
+        self.alarms: dict[str, Any] = {}  # name -> AlarmVerdict of the drift panel's alarms, once fired
         # state
         self.steps: list[int] = []
         self.history: list[dict[str, Any]] = []
@@ -230,6 +240,10 @@ class TeacherHackingMonitor(TrainerCallback):
                 logger.info("teacher-hacking monitor: the %s reference is held as '%s'", name, self.caches[name].label)
         self.probe = EvalProbe([Reference(name, cache, self.teacher if name == "proxy" else self.oracle)
                                 for name, cache in self.caches.items()], batch_size=self.batch_size)
+        if self.drift and self.drift_panel is None:
+            self.drift_panel = DriftPanel(self.teacher, self.prompt_ids, self.prompt_mask, self.max_new_tokens,
+                                          oracle=self.oracle, eos_token_id=self.eos_token_id, seed=self.seed,
+                                          batch_size=self.batch_size)
         if state.global_step in self.steps:
             self._measure(args, state, control, model)
         return control
@@ -259,7 +273,16 @@ class TeacherHackingMonitor(TrainerCallback):
         if self._lr_now is not None or step == 0:
             row["lr"], row["lr_sum"] = self._lr_now, self.lr_sum
         row.update(self.probe(student)[0])
+        if self.drift_panel is not None:
+            row.update(self.drift_panel(student))
         self.history.append(row)
+        if self.drift_panel is not None:
+            for name, alarm in check_alarms(self.history).items():
+                if alarm.fired and name not in self.alarms:
+                    self.alarms[name] = alarm
+                    warnings.warn(f"kdlab monitor: alarm {name} at step {alarm.onset_step}: {alarm.reason}",
+                                  TeacherHackingWarning, stacklevel=2)
+                row[alarm_column(name)] = int(name in self.alarms)
         if self.keep_best and self._main:
             self._snapshot(model, step)
         verdict = self._detect()

@@ -11,7 +11,7 @@ See DESIGN.md ("Losses (contract)") and each function's docstring for formula, d
 import importlib
 
 _SOURCE = {
-    "forward_kl": "divergences", "generalized_jsd": "divergences", "reverse_kl": "divergences",
+    "ab_divergence": "divergences", "adaptive_kl": "divergences", "forward_kl": "divergences", "generalized_jsd": "divergences", "reverse_kl": "divergences",
     "skew_kl": "divergences", "skew_reverse_kl": "divergences", "taid": "divergences",
     "token_divergence": "divergences", "tvd": "divergences",
     "lean_loss": "lean",

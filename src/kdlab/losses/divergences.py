@@ -169,6 +169,41 @@ def taid_rows(log_q_NxA: Tensor, log_p_NxA: Tensor, t: float) -> Tensor:
     return _kl_rows(log_target, log_q_NxA)
 
 
+def ab_divergence_rows(log_q_NxA: Tensor, log_p_NxA: Tensor, alpha: float, beta: float) -> Tensor:
+    """D_AB^(α,β)(P ‖ Q) per row (see :func:`ab_divergence`), with its limits at α = 0 or β = 0."""
+    a, b = alpha, beta
+    if a == 0.0 and b == 0.0:  # ½ Σ (log Q − log P)²; atoms where both are 0 contribute nothing
+        d = log_q_NxA - log_p_NxA
+        d = d.masked_fill((log_q_NxA == NEG_INF) & (log_p_NxA == NEG_INF), 0.0)
+        return 0.5 * (d * d).sum(dim=-1)
+    if b == 0.0:  # (1/α) Σ P^α (log P − log Q) − (1/α²) Σ (P^α − Q^α);  α = 1: KL(P ‖ Q)
+        pa, qa = (a * log_p_NxA).exp(), (a * log_q_NxA).exp()
+        diff = (log_p_NxA - log_q_NxA).masked_fill(log_p_NxA == NEG_INF, 0.0)
+        return (pa * diff).sum(dim=-1) / a - (pa - qa).sum(dim=-1) / (a * a)
+    if a == 0.0:  # the mirror image: (1/β) Σ Q^β (log Q − log P) − (1/β²) Σ (Q^β − P^β);  β = 1: KL(Q ‖ P)
+        qb, pb = (b * log_q_NxA).exp(), (b * log_p_NxA).exp()
+        diff = (log_q_NxA - log_p_NxA).masked_fill(log_q_NxA == NEG_INF, 0.0)
+        return (qb * diff).sum(dim=-1) / b - (qb - pb).sum(dim=-1) / (b * b)
+    s = a + b
+    cross = (a * log_p_NxA + b * log_q_NxA).exp()
+    return -(cross - (a / s) * (s * log_p_NxA).exp() - (b / s) * (s * log_q_NxA).exp()).sum(dim=-1) / (a * b)
+
+
+def adaptive_kl_rows(log_q_NxA: Tensor, log_p_NxA: Tensor, mu: float) -> Tensor:
+    """AKL per row (see :func:`adaptive_kl`): g_head·KL(P ‖ Q) + g_tail·KL(Q ‖ P), weights without gradient."""
+    with torch.no_grad():
+        p_sorted, order = log_p_NxA.exp().sort(dim=-1, descending=True)
+        q_sorted = log_q_NxA.exp().gather(-1, order)
+        tail = p_sorted.cumsum(dim=-1) > mu
+        tail[:, 0] = False  # the teacher's top token is always in the head
+        gap = (p_sorted - q_sorted).abs()
+        head_gap = gap.masked_fill(tail, 0.0).sum(dim=-1)
+        total = gap.sum(dim=-1)
+        # identical rows have no gap: both KLs are 0 there, any weights give 0 (½ keeps it finite)
+        g_head = torch.where(total > 0, head_gap / total.clamp_min(torch.finfo(total.dtype).tiny), 0.5)
+    return g_head * _kl_rows(log_p_NxA, log_q_NxA) + (1.0 - g_head) * _kl_rows(log_q_NxA, log_p_NxA)
+
+
 # --------------------------------------------------------------------------------------------
 # Parameter checks (one message format everywhere: the parameter, the value, the allowed range).
 
@@ -342,5 +377,48 @@ def taid(student_logits_BxTxV, teacher, mask_BxT=None, *, reduction="mean", temp
 
     def kernel(log_q, log_p):
         return taid_rows(log_q, log_p, t)
+
+    return token_divergence(kernel, student_logits_BxTxV, teacher, mask_BxT, reduction, temperature)
+
+
+def ab_divergence(student_logits_BxTxV, teacher, mask_BxT=None, *, reduction="mean", temperature=1.0, alpha=0.5,
+                  beta=0.5):
+    """α-β divergence of ABKD (Wang et al. 2025, "ABKD: Pursuing a Proper Allocation of the Probability Mass in
+    Knowledge Distillation via α-β-Divergence", ICML, arXiv 2505.04560, Eq. 5; the family of Cichocki, Cruces
+    and Amari 2011, Entropy 13(1), Eq. 4), P = teacher, Q = student:
+
+        D_AB^(α,β)(P ‖ Q) = −1/(αβ) Σ_v ( P^α Q^β − α/(α+β) P^(α+β) − β/(α+β) Q^(α+β) ),
+
+    with its limits (1/α) Σ P^α log(P/Q) − (1/α²) Σ (P^α − Q^α) at β = 0 (α = 1, β = 0: forward KL exactly),
+    the mirror image at α = 0 (α = 0, β = 1: reverse KL exactly) and ½ Σ (log P − log Q)² at α = β = 0.
+    α = β = ½ is 4 (1 − Σ √(PQ)), twice the squared Hellinger distance. kdlab takes α, β in [0, 1] (the
+    paper's grid lies there); α controls the hardness concentration and β the confidence concentration
+    (paper, Sec. 4). The general case is a difference of terms scaled by 1/(αβ): in float32 it loses digits
+    as αβ → 0; the limits are exact.
+    """
+    alpha, beta = check_unit_interval("alpha", alpha), check_unit_interval("beta", beta)
+
+    def kernel(log_q, log_p):
+        return ab_divergence_rows(log_q, log_p, alpha, beta)
+
+    return token_divergence(kernel, student_logits_BxTxV, teacher, mask_BxT, reduction, temperature)
+
+
+def adaptive_kl(student_logits_BxTxV, teacher, mask_BxT=None, *, reduction="mean", temperature=1.0, mu=0.5):
+    """Adaptive KL (AKL) of Wu et al. 2025, "Rethinking Kullback-Leibler Divergence in Knowledge Distillation
+    for Large Language Models", COLING, arXiv 2404.02657, Eqs. 9-11: at each position the teacher's tokens,
+    sorted by P, form a head (cumulative P up to ``mu``, the top token always included) and a tail; with the
+    gaps ε_head = Σ_head |P − Q| and ε_tail = Σ_tail |P − Q|,
+
+        AKL = g_head·KL(P ‖ Q) + g_tail·KL(Q ‖ P),   g_head = ε_head / (ε_head + ε_tail),  g_tail = 1 − g_head,
+
+    forward KL (which fits the head first) where the head's gap dominates, reverse KL (the tail) elsewhere.
+    The weights carry no gradient (the authors' code computes them from detached probabilities). ``mu`` = 0.5
+    in the paper. On a top-k target the rest bucket is one tail atom.
+    """
+    mu = check_unit_interval("mu", mu)
+
+    def kernel(log_q, log_p):
+        return adaptive_kl_rows(log_q, log_p, mu)
 
     return token_divergence(kernel, student_logits_BxTxV, teacher, mask_BxT, reduction, temperature)

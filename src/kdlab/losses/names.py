@@ -12,6 +12,8 @@ LOSS_PARAMS: dict[str, tuple[str, ...]] = {
     "skew_kl": ("alpha",),
     "skew_reverse_kl": ("alpha",),
     "taid": ("t",),
+    "ab_divergence": ("alpha", "beta"),
+    "adaptive_kl": ("mu",),
 }
 
 LOSS_NAMES = tuple(LOSS_PARAMS)

@@ -63,7 +63,7 @@ def resolve_device(name: str) -> torch.device:
 
 def make_loss(cfg: RunConfig):
     c = cfg.loss
-    # the loss's parameters that the config sets (loss.beta, loss.alpha); TAID's t comes from its schedule
+    # the loss's parameters that the config sets (loss.beta, loss.alpha, loss.mu); TAID's t comes from its schedule
     params = {p: getattr(c, p) for p in LOSS_PARAMS[c.name] if p in type(c).model_fields}
     return losses.get(c.name, **params)
 

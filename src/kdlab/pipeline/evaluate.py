@@ -22,6 +22,7 @@ import torch
 from kdlab import record
 from kdlab.config import RunConfig
 from kdlab.metrics import ReferenceCache, sequence_fkl, sequence_rkl
+from kdlab.metrics.drift import DriftPanel
 from kdlab.metrics.probe import EvalProbe, Reference, log_spaced_steps
 from kdlab.models import LM
 from kdlab.pipeline.world import World
@@ -89,6 +90,12 @@ class Evaluator:
             t_ids, t_mask = t_ids[:e.train_prompts], t_mask[:e.train_prompts]
             self.train_cache = _cache(run_dir / record.EVAL_TRAIN_REFERENCE, lambda: ReferenceCache.build(
                 world.teacher, t_ids.to(dev), t_mask.to(dev), generator=generator_for(cfg.seed, "eval-train"), **build))
+        self.drift = None
+        if e.drift:
+            n = min(e.drift_prompts, len(ids))
+            self.drift = DriftPanel(world.teacher, ids[:n], mask[:n], cfg.world.max_response_tokens,
+                                    oracle=world.oracle, eos_token_id=world.eos_token_id, seed=cfg.world.seed,
+                                    batch_size=e.batch_size)
         self.probe = EvalProbe([Reference("proxy", self.proxy_cache, world.teacher),
                                 Reference("golden", self.golden_cache, world.oracle),
                                 Reference("train_proxy", self.train_cache, world.teacher)], batch_size=e.batch_size)
@@ -134,6 +141,8 @@ class Evaluator:
                 row[f"{name}_rkl_se"] = est.se
         if self.task is not None:
             row.update(self.task(student))
+        if self.drift is not None:
+            row.update(self.drift(student))
         return {k: v if isinstance(v, str) else (None if v is None or not math.isfinite(v) else float(v))
                 for k, v in row.items()}
 

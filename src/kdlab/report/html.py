@@ -156,6 +156,8 @@ def render(summary: dict, runs: list[RunAnalysis], run_plots: dict[str, Path], s
         if run.golden is not None:
             reasons.append(f"golden: {run.golden.reason}")
         reasons.append(f"proxy-only: {run.proxy.reason}")
+        for name, alarm in run.alarms.items():  # the drift panel's alarms, when the run logged it (issue 21)
+            reasons.append(f"alarm {name}: {'FIRED' if alarm.fired else 'quiet'} — {alarm.reason}")
         parts.append("<ul>" + "".join(f"<li>{_e(r)}</li>" for r in reasons) + "</ul>")
         plot = run_plots.get(str(run.path))
         if plot is not None:
