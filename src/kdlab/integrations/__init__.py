@@ -4,6 +4,6 @@
 `GKDTrainer` and `DistillationTrainer` (see `kdlab.integrations.monitor`).
 """
 
-from kdlab.integrations.monitor import TeacherHackingMonitor, TeacherHackingWarning, log_spaced_steps
+from kdlab.integrations.monitor import SwappableDataset, TeacherHackingMonitor, TeacherHackingWarning, log_spaced_steps
 
-__all__ = ["TeacherHackingMonitor", "TeacherHackingWarning", "log_spaced_steps"]
+__all__ = ["SwappableDataset", "TeacherHackingMonitor", "TeacherHackingWarning", "log_spaced_steps"]

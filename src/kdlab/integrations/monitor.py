@@ -17,8 +17,11 @@ It then runs the proxy-only detector (`kdlab.analysis.detect_proxy_deviation`: t
 early power-law convergence upwards; or, with ``detect_proxy=None``, the experimental sequential one,
 `kdlab.analysis.sequential.SequentialProxyDetector`, one `update` per measurement in time measured as
 the cumulative learning rate, which the monitor sums over every optimizer step) and, with an oracle, the golden detector, and when either fires
-it warns — or, with ``stop_on_hacking=True``, stops training and restores the best weights (the last
-measurement before the onset; with an oracle, the lowest golden), which it also keeps on disk.
+it acts as ``on_hacking`` says: it warns (``"warn"``, the default); stops training and restores the best weights
+(``"stop"``, also ``stop_on_hacking=True``: the last measurement before the onset; with an oracle, the lowest
+golden), which it also keeps on disk; or calls a hook ``hook(trainer, monitor, verdict)`` that can change the
+training, e.g. give it fresh teacher samples (`SwappableDataset`). The action is logged in the JSONL row of the
+measurement that fired (``hacking_action``, ``hacking_action_detail``).
 
 Metrics go to the trainer's own loggers (its ``on_log`` callbacks: TensorBoard, W&B, ... whatever
 ``report_to`` says; not through ``trainer.log``, which would drop the trainer's own loss log at that
@@ -64,10 +67,40 @@ from kdlab.seeding import generator_for
 logger = logging.getLogger(__name__)
 
 PREFIX = "teacher_hacking/"
+WARN, STOP = "warn", "stop"
+ON_HACKING = (WARN, STOP)  # the named actions of `on_hacking` (or a callable hook)
+ACTION_KEY, ACTION_DETAIL_KEY = "hacking_action", "hacking_action_detail"  # where the JSONL row logs the action
 
 
 class TeacherHackingWarning(UserWarning):
     """Raised (as a warning) when a detector flags teacher hacking during training."""
+
+
+class SwappableDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose rows an `on_hacking` hook can replace while the trainer runs.
+
+    `transformers.Trainer` makes its dataloader once per ``train()`` call and the dataloader keeps the dataset
+    object it was given, so a hook cannot swap ``trainer.train_dataset``; it can swap what this wrapper holds.
+    Every row fetched after ``swap`` comes from the new data (accelerate's dataloader fetches one batch ahead,
+    so that batch is the old data's). The new data must have the same length: the epoch's sampler has already
+    drawn its indices."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index):
+        return self.data[index]
+
+    def swap(self, new):
+        """Serve `new` from now on; returns the data it replaces."""
+        if len(new) != len(self.data):
+            raise ValueError(f"the new data has {len(new)} rows, the old {len(self.data)}: the running epoch's "
+                             "sampler drew indices for the old length; give data of the same length")
+        old, self.data = self.data, new
+        return old
 
 
 def _left_padded(prompts, tokenizer, pad_id: int) -> tuple[Tensor, Tensor]:
@@ -123,9 +156,17 @@ class TeacherHackingMonitor(TrainerCallback):
             exact), 'full', 'hidden', 'none', or 'topk' (a lower bound, labelled so in every row).
         memory_budget_bytes, topk: the budget 'auto' fits in; k for 'topk'.
         seed: seeds the reference samples.
-        stop_on_hacking: stop training when hacking is detected and restore the best weights.
+        on_hacking: what to do when a detector first fires: ``"warn"`` (default) warns and logs; ``"stop"`` also
+            stops training and restores the best weights; a callable ``hook(trainer, monitor, verdict)`` is called
+            after the warning (``verdict``: ``detector``, ``onset_step``, ``reason``; the trainer is the one given
+            to :meth:`attach` or ``trainer=``) and may return a JSON-able dict saying what it did, logged as
+            ``hacking_action_detail``. A hook that swaps the training data must change the data the running
+            dataloader reads: `transformers.Trainer` builds its dataloader once per ``train()``, so assigning
+            ``trainer.train_dataset`` does nothing until the next ``train()``; wrap the dataset in
+            `SwappableDataset` and call its ``swap``.
+        stop_on_hacking: the older spelling of ``on_hacking="stop"`` (kept; both together must agree).
         keep_best: keep weight snapshots at each measurement and, at the end, the best one in
-            ``<snapshot_dir>/best`` (default: ``stop_on_hacking``). Costs one model on disk per measurement
+            ``<snapshot_dir>/best`` (default: ``on_hacking == "stop"``). Costs one model on disk per measurement
             until the end of training.
         snapshot_dir: where snapshots go (default ``<output_dir>/teacher_hacking_monitor``).
         jsonl_path: the metrics file (default ``<output_dir>/teacher_hacking_monitor.jsonl``).
@@ -159,6 +200,7 @@ class TeacherHackingMonitor(TrainerCallback):
         memory_budget_bytes: int = 1 << 30,
         topk: int = 256,
         seed: int = 0,
+        on_hacking: str | Callable | None = None,
         stop_on_hacking: bool = False,
         keep_best: bool | None = None,
         snapshot_dir: str | os.PathLike | None = None,
@@ -187,8 +229,16 @@ class TeacherHackingMonitor(TrainerCallback):
         self.batch_size = batch_size
         self.storage, self.memory_budget_bytes, self.topk = storage, memory_budget_bytes, topk
         self.seed = seed
-        self.stop_on_hacking = stop_on_hacking
-        self.keep_best = stop_on_hacking if keep_best is None else keep_best
+        if on_hacking is None:
+            on_hacking = STOP if stop_on_hacking else WARN
+        if not callable(on_hacking) and on_hacking not in ON_HACKING:
+            raise ValueError(f"on_hacking={on_hacking!r}: must be one of {', '.join(map(repr, ON_HACKING))} or a "
+                             "callable hook(trainer, monitor, verdict)")
+        if stop_on_hacking and on_hacking != STOP:
+            raise ValueError(f"stop_on_hacking=True and on_hacking={on_hacking!r} disagree; give on_hacking only")
+        self.on_hacking = on_hacking
+        self.stop_on_hacking = on_hacking == STOP
+        self.keep_best = self.stop_on_hacking if keep_best is None else keep_best
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
         self.jsonl_path = Path(jsonl_path) if jsonl_path is not None else None
         self.proxy_config, self.golden_config = proxy_config, golden_config
@@ -291,7 +341,7 @@ class TeacherHackingMonitor(TrainerCallback):
             self.detected_at = step
             self.verdict = verdict
             row["hacking_onset_step"] = verdict["onset_step"]
-            self._on_detection(model, state, control, verdict)
+            row.update(self._on_detection(model, state, control, verdict))
         self._log(row, state)
 
     def _detect(self) -> dict[str, Any]:
@@ -323,10 +373,20 @@ class TeacherHackingMonitor(TrainerCallback):
                 return {"detected": True, "onset_step": gv.onset_step, "detector": GOLDEN, "reason": gv.reason}
         return out
 
-    def _on_detection(self, model, state, control, verdict) -> None:
+    def _on_detection(self, model, state, control, verdict) -> dict[str, Any]:
+        """Act on the first detection as `on_hacking` says; returns what the JSONL row logs of the action."""
         message = (f"teacher hacking detected at step {state.global_step} by the {verdict['detector']} detector "
                    f"(onset at step {verdict['onset_step']}): {DETECTORS.get(verdict['detector'], 'see reason')}. "
                    + (verdict.get("reason") or ""))
+        if callable(self.on_hacking):
+            name = getattr(self.on_hacking, "__name__", type(self.on_hacking).__name__)
+            warnings.warn(message + f" Calling the on_hacking hook {name}.", TeacherHackingWarning, stacklevel=2)
+            logger.warning(message)
+            if self.trainer is None:
+                raise RuntimeError("the on_hacking hook is called with the trainer: pass trainer= or call "
+                                   "monitor.attach(trainer)")
+            detail = self.on_hacking(self.trainer, self, dict(verdict))
+            return {ACTION_KEY: name, ACTION_DETAIL_KEY: detail}
         if self.stop_on_hacking:
             control.should_training_stop = True
             best = self._best_step(verdict["onset_step"])
@@ -337,6 +397,7 @@ class TeacherHackingMonitor(TrainerCallback):
                 message += " Training stopped."
         warnings.warn(message, TeacherHackingWarning, stacklevel=2)
         logger.warning(message)
+        return {ACTION_KEY: STOP if self.stop_on_hacking else WARN}
 
     def _best_step(self, onset: int | None) -> int | None:
         """With an oracle the lowest golden so far; without, the last measurement before the onset."""
