@@ -344,3 +344,12 @@ def test_the_report_shows_the_actions_in_a_table_and_on_the_curves(shared, monke
 
     plain = syn.write_run(tmp_path / "plain", syn.run_rows(syn.healthy_run(np.random.default_rng(0))), {"seed": 0})
     assert "controller_actions" not in analyse(plain).summary(), "no controller log, no key"
+
+
+def test_a_bare_yaml_off_is_the_off_policy(tmp_path):
+    """YAML 1.1 reads `policy: off` as false; the config takes it as 'off'."""
+    (tmp_path / "c.yaml").write_text(f"base: {TINY}\nstage2:\n  controller:\n    policy: off\n")
+    assert load_config(tmp_path / "c.yaml").stage2.controller.policy == "off"
+    assert load_config(TINY, ["stage2.controller.policy=off"]).stage2.controller.policy == "off"
+    with pytest.raises(ConfigError, match="stage2.controller.policy = True"):
+        load_config(TINY, ["stage2.controller.policy=on"])

@@ -323,6 +323,12 @@ class ControllerConfig(_Section):
         0.5, gt=0, le=1, description="mix: the fraction of on-policy batches after the action (stage2.mixed.lmbda's "
         "meaning).")
 
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        # YAML 1.1 reads a bare `off` (in a file or `--set stage2.controller.policy=off`) as false
+        return OFF if value is False else value
+
 
 class Stage2Config(_Section):
     """Stage 2: distil the student from the teacher under a data regime."""

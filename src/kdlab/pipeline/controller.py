@@ -113,6 +113,7 @@ class Controller:
         self.evals = eval_steps(cfg.stage2.steps, cfg.eval.num_points)
         self.state = ControllerState()
         self._order: torch.Tensor | None = None
+        self.seconds = 0.0  # spent in `observe` this session (snapshots, detectors, actions): the overhead
 
     # ------------------------------------------------------------------------------------ loop
     def columns(self) -> dict:
@@ -127,6 +128,13 @@ class Controller:
     def observe(self, s, step: int) -> bool:
         """After the evaluation of `step` (`s` is distill's Stage2): snapshot the weights ('stop'), run the
         detectors, act when they fire. Returns True when the run is to end now ('stop')."""
+        t0 = time.perf_counter()
+        try:
+            return self._observe(s, step)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _observe(self, s, step: int) -> bool:
         if self.c.policy == STOP:
             self._snapshot(s.student, step)
         if not self._may_act(step):
@@ -291,7 +299,8 @@ class Controller:
         for snap in [*directory.glob(record.SNAPSHOT_GLOB), *directory.glob(".tmp-*")]:
             shutil.rmtree(snap, ignore_errors=True) if snap.is_dir() else snap.unlink(missing_ok=True)
         out = {"policy": self.c.policy, "trigger": self.c.trigger, "actions": len(self.state.actions),
-               "teacher_samples": self.state.teacher_samples, "stopped_early": self.stopped}
+               "teacher_samples": self.state.teacher_samples, "stopped_early": self.stopped,
+               "seconds_this_session": round(self.seconds, 3)}
         if self.stopped:
             st = self.state.stopped
             out["stop"] = {k: st.get(k) for k in ("step", "detector", "onset_step", "reason", "restored_step",
