@@ -117,7 +117,8 @@ def _marking_sampler(monkeypatch, mark: int):
 
 @pytest.mark.parametrize("policy", ["refresh", "diversify"])
 def test_refresh_and_diversify_replace_exactly_the_configured_sequences(shared, monkeypatch, policy):
-    cfg = tiny(shared, f"unit-{policy}", f"stage2.controller.policy={policy}", "stage2.controller.refresh_fraction=0.25",
+    cfg = tiny(shared, f"unit-{policy}", f"stage2.controller.policy={policy}",
+               "stage2.controller.refresh_fraction=0.25",
                "stage2.controller.cooldown_evals=1")
     world = build_world(cfg, log=lambda m: None)
     run_dir = Path(cfg.output_dir)
@@ -309,7 +310,8 @@ def test_config_errors_name_the_field(tmp_path):
         load_config(TINY, ["stage2.controller.policy=refresh", "stage2.regime=online_teacher"])
     with pytest.raises(ConfigError, match="stage2.controller.policy = 'later'"):
         load_config(TINY, ["stage2.controller.policy=later"])
-    assert load_config(TINY, ["stage2.controller.policy=mix", "stage2.regime=online_teacher"]).stage2.controller.policy == "mix"
+    mix = load_config(TINY, ["stage2.controller.policy=mix", "stage2.regime=online_teacher"])
+    assert mix.stage2.controller.policy == "mix"
 
 
 # ------------------------------------------------------------------------------------------ report

@@ -78,7 +78,8 @@ def test_a_hook_swaps_the_training_data_for_fresh_samples_and_is_logged(tmp_path
     # Ground truth from the dataloader's side: every batch fetched before the hook ran holds old tokens only,
     # every batch fetched after it fresh tokens only. Batches are consumed in the order they are fetched (the
     # i-th trains step i + 1); accelerate had fetched one ahead, so fresh data trains steps fired_at + 2 onwards.
-    assert all(old for step, _, old in seen if step < fired_at) and all(new for step, new, _ in seen if step >= fired_at)
+    assert all(old for step, _, old in seen if step < fired_at)
+    assert all(new for step, new, _ in seen if step >= fired_at)
     assert [i + 1 for i, (_, new, _) in enumerate(seen[:30]) if new] == list(range(fired_at + 2, 31))
     rows = [json.loads(line) for line in (tmp_path / "t" / "teacher_hacking_monitor.jsonl").read_text().splitlines()]
     acted = [r for r in rows if "hacking_action" in r]

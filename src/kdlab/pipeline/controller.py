@@ -47,8 +47,7 @@ from kdlab import record
 from kdlab.analysis.detectors import GOLDEN as GOLDEN_DETECTOR
 from kdlab.analysis.detectors import PROXY_DEVIATION
 from kdlab.config import RunConfig
-from kdlab.data.offline import (OfflineData, load_offline_dataset, offline_prompt_order, sample_teacher_rows,
-                                write_offline_dataset)
+from kdlab.data.offline import load_offline_dataset, offline_prompt_order, sample_teacher_rows, write_offline_dataset
 from kdlab.data.sources import MixedSource, OfflineSource, OnlineStudentSource, SamplingParams
 from kdlab.models import LM
 from kdlab.pipeline.evaluate import eval_steps
@@ -188,7 +187,8 @@ class Controller:
         """The dataset rows replaced by sequences start .. start+k-1 of the replacement order (a fixed random
         permutation of the rows, gone round again and again)."""
         if self._order is None:
-            self._order = torch.randperm(self.dataset_size, generator=generator_for(self.cfg.seed, "controller-replace"))
+            gen = generator_for(self.cfg.seed, "controller-replace")
+            self._order = torch.randperm(self.dataset_size, generator=gen)
         return self._order[(start + torch.arange(k)) % self.dataset_size]
 
     def _replace(self, s, index: int) -> dict:
@@ -254,12 +254,13 @@ class Controller:
         record.publish(tmp, final)
 
     def _rollback(self, student: LM, step: int, onset: int | None) -> dict:
-        """Load the weights of the last evaluation at or before `onset` (this one when there is none)."""
+        """Load the weights of the last evaluation at or before `onset` (without an onset, this evaluation's; with
+        an onset before every evaluation of this session's metrics, the first one's)."""
         from safetensors.torch import load_model
 
         rows = [r for r in read_metrics(self.run_dir / record.METRICS) if r[record.STEP] <= step]
         before = [r for r in rows if onset is None or r[record.STEP] <= onset]
-        row = before[-1] if before else rows[-1]
+        row = before[-1] if before else rows[0]
         path = self._snapshot_path(row[record.STEP])
         if not path.exists():
             raise FileNotFoundError(f"{path}: the weights of step {row[record.STEP]} are gone; the controller "
@@ -322,4 +323,5 @@ def _json_line(row: dict) -> str:
     import json
     import math
 
-    return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}) + "\n"
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    return json.dumps(clean) + "\n"
