@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kdlab import losses
-from kdlab.config import load_config
+from kdlab.config import dump_config, load_config
 from kdlab.pipeline.distill import TrainingDiverged, loss_on_batch, make_loss, make_source, run
 from kdlab.pipeline.rundir import read_metrics
 from kdlab.pipeline.world import build_world
@@ -301,3 +301,31 @@ def test_eval_storage_hidden_is_exact_and_topk_is_labelled_a_lower_bound_everywh
     assert "Lower bounds" in html and "top-4 lower bound" in html
     summary = json.loads((shared / "store-report" / "summary.json").read_text())
     assert summary["metric_storage"]["proxy_fkl"] == "top-4 lower bound"  # a single run's summary
+
+
+def test_a_run_started_before_new_config_fields_still_resumes(tmp_path):
+    """Fields added to the config since a run started (here every field of this session: the learning-rate
+    schedule, the drift panel, the controller) take their defaults on --resume; a field whose value differs is
+    still refused."""
+    import yaml
+
+    from kdlab import record
+    from kdlab.pipeline.rundir import prepare_run_dir
+    from kdlab.pipeline.distributed import Distributed
+
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"])
+    text = dump_config(cfg)
+    old = yaml.safe_load(text)
+    for key in ("lr_schedule", "lr_final_ratio", "controller"):
+        old["stage2"].pop(key)
+    for key in ("drift", "drift_prompts"):
+        old["eval"].pop(key)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / record.CONFIG).write_text(yaml.safe_dump(old, sort_keys=False))
+    prepare_run_dir(run_dir, text, resume=True, dist=Distributed(None))
+    assert (run_dir / record.CONFIG).read_text() == text  # rewritten in this version's form
+    old["stage2"]["lr"] = cfg.stage2.lr * 2
+    (run_dir / record.CONFIG).write_text(yaml.safe_dump(old, sort_keys=False))
+    with pytest.raises(ValueError, match="stage2.lr"):
+        prepare_run_dir(run_dir, text, resume=True, dist=Distributed(None))

@@ -72,7 +72,7 @@ def prepare_run_dir(run_dir: Path, config_text: str, resume: bool, dist) -> None
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume and config_path.exists():
         saved = config_path.read_text()
-        if saved != config_text:
+        if saved != config_text and with_current_defaults(saved) != config_text:
             differences = record.config_differences(saved, config_text)
             raise ValueError(f"{config_path} differs from the config given in "
                              f"{len(differences)} field(s) (saved -> given):\n  " + "\n  ".join(differences)
@@ -80,6 +80,20 @@ def prepare_run_dir(run_dir: Path, config_text: str, resume: bool, dist) -> None
     dist.barrier()  # every rank has checked the directory before rank 0 writes into it
     if dist.is_main:
         atomic_write_text(config_path, config_text)
+
+
+def with_current_defaults(saved_text: str) -> str:
+    """A saved config.yaml as this version of kdlab writes it: fields added since the run started take their
+    defaults, which reproduce the old behaviour (a new feature is off by default), so such a run still resumes.
+    A saved config this version cannot read is returned as it was (the caller then reports the differences)."""
+    import yaml
+
+    from kdlab.config import RunConfig, dump_config
+
+    try:
+        return dump_config(RunConfig.model_validate(yaml.safe_load(saved_text)))
+    except Exception:  # a renamed or removed field: the textual comparison names it
+        return saved_text
 
 
 def write_end_record(run_dir: Path, world_info: dict, done: dict) -> None:
