@@ -118,3 +118,12 @@ def test_an_online_control_that_does_not_approach_the_teacher_breaks_the_orderin
     world = judge_phase(spec, worlds)["worlds"][0]
     assert world["paper_ordering"] is False
     assert any("control" in r and "does not fall" in r for r in world["ordering_reasons"])
+
+
+def test_the_study_uses_the_cache_dir_its_file_sets(tmp_path):
+    """`set: {cache_dir: ...}` was silently replaced by <out>/.kdlab-cache (found in protocol D)."""
+    from kdlab.pipeline.phase import study_cache
+
+    assert study_cache(load_phase_spec(_spec(tmp_path), None)) == tmp_path / "phase" / ".kdlab-cache"
+    spec = load_phase_spec(_spec(tmp_path, set={"cache_dir": str(tmp_path / "shared")}), None)
+    assert study_cache(spec) == tmp_path / "shared"

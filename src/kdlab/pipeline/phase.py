@@ -141,13 +141,20 @@ def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in text).strip("-")
 
 
+def study_cache(spec: PhaseSpec) -> Path:
+    """Where the study's worlds are cached: the `set:` cache_dir when the file gives one (shared between
+    studies of the same worlds), else `<out>/.kdlab-cache`."""
+    given = spec.common.get("cache_dir")
+    return Path(given) if given else spec.out / ".kdlab-cache"
+
+
 def run_phase(spec: PhaseSpec, log=print) -> dict:
     """Run every world of the study (finished runs are skipped), then judge and draw it."""
     from kdlab.pipeline.study import run_study, study_configs
 
     t0 = time.time()
     worlds = world_configs(spec)
-    cache = spec.out / ".kdlab-cache"
+    cache = study_cache(spec)
     for i, w in enumerate(worlds, 1):
         log(f"[phase] world {i}/{len(worlds)}: {w.panel or '-'} / {w.row} / world seed {w.world_seed}")
         run_study(study_configs(w.config, w.conditions, spec.seeds, w.directory, cache_dir=cache),
