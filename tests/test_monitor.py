@@ -340,3 +340,32 @@ def test_eos_mismatch_alarm_fires_on_a_student_trained_on_another_eos_and_not_on
     assert failure.history[-1]["no_eos_student"] > 0.5 and failure.history[-1][alarm_column(EOS_MISMATCH)] == 1
     assert EOS_MISMATCH not in control.alarms, control.alarms
     assert control.history[-1]["no_eos_student"] < 0.25
+
+
+@pytest.mark.filterwarnings("ignore::kdlab.integrations.TeacherHackingWarning")
+def test_distillation_trainer_example_shows_an_alarm_in_its_logs_and_its_control_none(tmp_path):
+    """examples/monitor_distillation.py (issue 21, item 3): TRL's DistillationTrainer with the drift panel. The
+    student pretrained on another EOS raises eos_mismatch, in the monitor, the trainer's log history and
+    TensorBoard; the control (pretrained on the teacher's EOS) raises nothing."""
+    pytest.importorskip("trl")
+    pytest.importorskip("tensorboard")
+    spec = importlib.util.spec_from_file_location("monitor_distillation", ROOT / "examples" / "monitor_distillation.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    from kdlab.analysis.alarms import EOS_MISMATCH, alarm_column
+
+    trainer, monitor = example.main(["--out", str(tmp_path / "fail"), "--steps", "20", "--report-to", "tensorboard"])
+    assert EOS_MISMATCH in monitor.alarms and monitor.history[-1]["no_eos_student"] > 0.5
+    logged = [h for h in trainer.state.log_history if f"teacher_hacking/{alarm_column(EOS_MISMATCH)}" in h]
+    assert logged and logged[-1][f"teacher_hacking/{alarm_column(EOS_MISMATCH)}"] == 1
+    assert any("loss" in h for h in trainer.state.log_history)  # the trainer's own logs are still there
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for d in {p.parent for p in (tmp_path / "fail").rglob("events.out.tfevents.*")}:
+        acc = EventAccumulator(str(d))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert f"train/teacher_hacking/{alarm_column(EOS_MISMATCH)}" in tags, sorted(tags)
+    _, control = example.main(["--out", str(tmp_path / "control"), "--steps", "20", "--control"])
+    assert control.alarms == {}, control.alarms
