@@ -37,8 +37,9 @@ def _tiny():
     return module
 
 
-def pretrain(model, tok, words, end_id: int, out: str, steps: int, seed: int) -> None:
-    """Supervised fine-tuning on 3-word prompts answered by 4 words and `end_id` (TRL's SFTTrainer)."""
+def pretrain(model, tok, words, end_id: int, out: str, steps: int, seed: int, answer=None, monitor=None) -> None:
+    """Supervised fine-tuning on 3-word prompts answered by `answer(rng, prompt_ids)` (default: 4 random words
+    of words[8:16]) and then `end_id`, with TRL's SFTTrainer (and `monitor` attached, if given)."""
     import trl
     from datasets import Dataset
 
@@ -47,14 +48,18 @@ def pretrain(model, tok, words, end_id: int, out: str, steps: int, seed: int) ->
     for _ in range(256):
         p = tok.apply_chat_template([{"role": "user", "content": " ".join(rng.choice(words[:8]) for _ in range(3))}],
                                     add_generation_prompt=True, tokenize=True, return_dict=False)
-        r = [tok.convert_tokens_to_ids(w) for w in rng.choices(words[8:16], k=4)] + [end_id]
+        r = (answer(rng, p) if answer is not None
+             else [tok.convert_tokens_to_ids(w) for w in rng.choices(words[8:16], k=4)]) + [end_id]
         ids.append(p + r)
         masks.append([0] * len(p) + [1] * len(r))
     cfg = trl.SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=16, learning_rate=3e-3,
                         logging_steps=1000, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
                         bf16=False, completion_only_loss=True, max_length=64)
-    trl.SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_dict({"input_ids": ids, "completion_mask": masks}),
-                   processing_class=tok).train()
+    trainer = trl.SFTTrainer(model=model, args=cfg, processing_class=tok,
+                             train_dataset=Dataset.from_dict({"input_ids": ids, "completion_mask": masks}))
+    if monitor is not None:
+        monitor.attach(trainer)
+    trainer.train()
 
 
 def main(argv: list[str] | None = None):
