@@ -286,7 +286,7 @@ def test_trl_sft_trainer_keeps_its_logs_and_stops_on_hacking(tmp_path, stop):
     assert all(set(h) <= {"step"} | {k for k in h if k.startswith("teacher_hacking/")} for h in monitor_rows)
 
 
-def _eos_failure_run(tmp_path, end_token: str):
+def _eos_failure_run(tmp_path, end_token: str, **monitor_kw):
     """Issue 21, item 4: a failure built on purpose. A tiny teacher SFT'd to answer 4 words then <eos>; a student
     first SFT'd the same way (a 'pretrained' student that ends where the teacher does), then distilled by TRL's
     SFTTrainer on teacher-style data whose answers end with `end_token` — another tokenizer's EOS (<user>) in
@@ -325,7 +325,8 @@ def _eos_failure_run(tmp_path, end_token: str):
     student = example.tiny_model(len(tok), 16, 2, eos, tok.pad_token_id)
     sft(student, data(256, eos), "pretrain", 200)
     eval_prompts = [p for p, _ in data(32, eos)]
-    monitor = TeacherHackingMonitor(teacher, eval_prompts, tokenizer=tok, max_new_tokens=8, num_points=6, drift=True)
+    monitor = TeacherHackingMonitor(teacher, eval_prompts, tokenizer=tok, max_new_tokens=8, num_points=6, drift=True,
+                                    **monitor_kw)
     sft(student, data(256, tok.convert_tokens_to_ids(end_token)), "distil", 120, monitor)
     return monitor
 
@@ -340,6 +341,10 @@ def test_eos_mismatch_alarm_fires_on_a_student_trained_on_another_eos_and_not_on
     assert failure.history[-1]["no_eos_student"] > 0.5 and failure.history[-1][alarm_column(EOS_MISMATCH)] == 1
     assert EOS_MISMATCH not in control.alarms, control.alarms
     assert control.history[-1]["no_eos_student"] < 0.25
+    stopped = _eos_failure_run(tmp_path / "stopped", "<user>", stop_on_alarm=True)
+    first = min(i for i, r in enumerate(stopped.history) if any(r.get(alarm_column(n)) == 1 for n in stopped.alarms))
+    assert stopped.alarms and len(stopped.history) == first + 1  # training ended at the first alarm's measurement
+    assert stopped.history[-1]["step"] < 120
 
 
 @pytest.mark.filterwarnings("ignore::kdlab.integrations.TeacherHackingWarning")

@@ -181,6 +181,7 @@ class TeacherHackingMonitor(TrainerCallback):
             lengths and samples without EOS, EOS mass, entropies, repetition, top-k overlap, exposure gap) and
             the failure-mode alarms on it (``kdlab.analysis.alarms``: ``alarm_<name>`` = 1 once fired). Costs a
             student sampling pass and three forward passes per measurement.
+        stop_on_alarm: stop training when one of those alarms first fires (implies ``drift``).
     """
 
     def __init__(
@@ -211,6 +212,7 @@ class TeacherHackingMonitor(TrainerCallback):
         detect_golden_fn: Callable = detect_golden,
         trainer=None,
         drift: bool = False,
+        stop_on_alarm: bool = False,
     ):
         self.teacher = _as_lm(teacher)
         self.oracle = _as_lm(oracle) if oracle is not None else None
@@ -244,7 +246,8 @@ class TeacherHackingMonitor(TrainerCallback):
         self.proxy_config, self.golden_config = proxy_config, golden_config
         self.detect_proxy, self.detect_golden = detect_proxy, detect_golden_fn
         self.trainer = trainer
-        self.drift = drift
+        self.drift = drift or stop_on_alarm
+        self.stop_on_alarm = stop_on_alarm
         self.drift_panel: DriftPanel | None = None
         self.alarms: dict[str, Any] = {}  # name -> AlarmVerdict of the drift panel's alarms, once fired
         # state
@@ -330,8 +333,11 @@ class TeacherHackingMonitor(TrainerCallback):
             for name, alarm in check_alarms(self.history).items():
                 if alarm.fired and name not in self.alarms:
                     self.alarms[name] = alarm
-                    warnings.warn(f"kdlab monitor: alarm {name} at step {alarm.onset_step}: {alarm.reason}",
+                    stop = " Training stopped (stop_on_alarm)." if self.stop_on_alarm else ""
+                    warnings.warn(f"kdlab monitor: alarm {name} at step {alarm.onset_step}: {alarm.reason}.{stop}",
                                   TeacherHackingWarning, stacklevel=2)
+                    if self.stop_on_alarm:
+                        control.should_training_stop = True
                 row[alarm_column(name)] = int(name in self.alarms)
         if self.keep_best and self._main:
             self._snapshot(model, step)
