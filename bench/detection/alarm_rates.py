@@ -40,6 +40,21 @@ def main(argv=None) -> None:
         sub = [a for a in healthy if str(a.regime) == regime]
         fired = sum(any(v.fired for v in a.alarms.values()) for a in sub)
         print(f"regime {regime}: {fired}/{len(sub)} healthy runs with any alarm")
+    # lead time over the golden detector where both fire (fractions of the log-step range; positive = earlier)
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from agreement import _frac
+
+    for name in ALARMS:
+        leads = []
+        for a in other:
+            v = a.alarms.get(name)
+            steps = [int(s) for s in a.metrics.steps]
+            if v is not None and v.fired and a.golden is not None and a.golden.onset_step is not None:
+                leads.append(_frac(a.golden.onset_step, steps) - _frac(v.onset_step, steps))
+        if leads:
+            print(f"lead of {name} over the golden detector: median {sorted(leads)[len(leads) // 2]:+.2f} (n = {len(leads)})")
     for a in runs:
         fired = {n: v.onset_step for n, v in a.alarms.items() if v.fired}
         print(f"  {a.path}: golden {a.golden.kind if a.golden else 'n/a'}; alarms {fired or 'none'}")
