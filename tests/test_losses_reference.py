@@ -199,3 +199,19 @@ def test_reference_sanity_mixture_is_not_linear_in_log_space():
     good = L.generalized_jsd(z_s, z_t, beta=0.5, reduction="none")
     assert (good - buggy).abs().item() > 1e-3
     torch.testing.assert_close(good, reference_dense("generalized_jsd", z_s, z_t, {"beta": 0.5}), rtol=1e-10, atol=0)
+
+
+def test_delta_target_is_the_shifted_student_distribution():
+    """Delta-KD (Cao et al. 2025): π* ∝ π_s0 · (π_t / π_t0)^α, written with explicit probabilities."""
+    z_t, z_t0, z_s0 = logits(2, 3, 7, seed=60), logits(2, 3, 7, seed=61), logits(2, 3, 7, seed=62)
+    for alpha in (1.0, 0.5, 0.0):
+        P, P0, Q0 = softmax64(z_t), softmax64(z_t0), softmax64(z_s0)
+        star = Q0 * (P / P0) ** alpha
+        star = star / star.sum(-1, keepdim=True)
+        got = L.delta_target(z_t, z_t0, z_s0, alpha=alpha)
+        torch.testing.assert_close(got.exp(), star, rtol=1e-12, atol=1e-15)
+    # a student that starts as the teacher's base ends as the teacher (α = 1): π* = π_t
+    torch.testing.assert_close(L.delta_target(z_t, z_t0, z_t0).exp(), softmax64(z_t), rtol=1e-12, atol=1e-15)
+    masked = z_t.clone()
+    masked[..., 0] = float("-inf")
+    assert (L.delta_target(masked, z_t0, z_s0)[..., 0] == float("-inf")).all()

@@ -329,3 +329,31 @@ def test_a_run_started_before_new_config_fields_still_resumes(tmp_path):
     (run_dir / record.CONFIG).write_text(yaml.safe_dump(old, sort_keys=False))
     with pytest.raises(ValueError, match="stage2.lr"):
         prepare_run_dir(run_dir, text, resume=True, dist=Distributed(None))
+
+
+def test_delta_kd_with_alpha_zero_targets_the_student_init(tmp_path):
+    """loss.target=delta (Delta-KD): with delta_alpha = 0 the target is the student's own starting distribution,
+    so the first step's loss is exactly 0 (a run from the student init); with alpha = 1 it is not, and it equals
+    forward KL to kdlab.losses.delta_target built from the teacher before its SFT, rebuilt here from its seed."""
+    from kdlab.pipeline.distill import DeltaBases
+    from kdlab.pipeline.stage1 import TEACHER, base_model
+
+    common = [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", "loss.target=delta"]
+    cfg0 = load_config(TINY, [*common, "loss.delta_alpha=0"])
+    world = build_world(cfg0, log=lambda m: None)
+    source, _ = make_source(cfg0, world, tmp_path / "run", log=lambda m: None)
+    batch = source.batch(0)
+    student = world.load_student_init()
+    loss_fn = make_loss(cfg0)
+    zero, n = loss_on_batch(student, world.teacher, batch, loss_fn, cfg0, None, "cpu", DeltaBases.for_world(cfg0, world, "cpu"))
+    assert n > 0 and abs(float(zero)) < 1e-4 * n
+    cfg1 = load_config(TINY, common)
+    one, _ = loss_on_batch(student, world.teacher, batch, loss_fn, cfg1, None, "cpu", DeltaBases.for_world(cfg1, world, "cpu"))
+    t0 = base_model(TEACHER, cfg1, world.teacher.vocab_size, "cpu")
+    args = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    with torch.no_grad():
+        target = losses.delta_target(world.teacher.response_logits(*args), t0.response_logits(*args),
+                                     student.response_logits(*args), 1.0)
+        expected = losses.forward_kl(student.response_logits(*args), target, batch.response_mask, reduction="sum")
+    assert float(one) == pytest.approx(float(expected), rel=1e-5) and float(one) > 1e-2 * n
+    run(load_config(TINY, [*common, "stage2.steps=3", "eval.num_points=2"]), log=lambda m: None, progress=False)

@@ -376,6 +376,12 @@ class LossConfig(_Section):
                          "the hardness concentration (α → 1 with β = 0: forward KL; use forward_kl for that end).")
     mu: float = Field(0.5, ge=0, le=1, description="adaptive_kl: the teacher's head holds the tokens whose "
                       "cumulative probability reaches mu (0.5 in the AKL paper).")
+    target: Literal["teacher", "delta"] = Field(
+        "teacher", description="What the student is distilled towards: 'teacher' (its distribution), or 'delta' "
+        "(Delta-KD, Cao et al. 2025: the student's own starting distribution shifted by what SFT did to the "
+        "teacher, log π* = log π_student_init + delta_alpha (log π_teacher − log π_teacher_before_SFT); two extra "
+        "forward passes per step; not with top-k offline targets).")
+    delta_alpha: float = Field(1.0, ge=0, le=4, description="target delta: the size of the teacher's shift applied.")
     temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature on both sides.")
     taid_t_start: float = Field(0.4, ge=0, le=1, description="taid: initial interpolation t.")
     taid_t_end: float = Field(1.0, ge=0, le=1, description="taid: final interpolation t.")
@@ -501,6 +507,12 @@ class RunConfig(_Section):
                 f"(stage2.offline.num_prompts x generations_per_prompt = {o.num_prompts * o.generations_per_prompt})"
             )
         self._check_controller(uses_offline)
+        if self.loss.target == "delta":
+            if uses_offline and o.targets == "topk":
+                raise ValueError("loss.target='delta' needs the teacher's full distribution: stage2.offline.targets="
+                                 "'topk' keeps only its top-k; use 'auto', 'full', 'hidden' or 'none'")
+            if self.loss.lean:
+                raise ValueError("loss.target='delta' builds dense targets; set loss.lean=false")
         if self.stage1.teacher_error.fraction > 0 and self.world.oracle != "synthetic":
             raise ValueError("stage1.teacher_error needs the synthetic world (world.oracle: synthetic): it "
                              "resamples the oracle on prompts chosen by their first token")

@@ -15,6 +15,7 @@ _SOURCE = {
     "skew_kl": "divergences", "skew_reverse_kl": "divergences", "taid": "divergences",
     "token_divergence": "divergences", "tvd": "divergences",
     "lean_loss": "lean",
+    "delta_target": "delta",
     "REDUCTIONS": "reduction", "reduce_tokens": "reduction", "token_count": "reduction",
     "LOSSES": "registry", "get": "registry",
     "SparseTarget": "sparse",

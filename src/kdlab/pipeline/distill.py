@@ -188,12 +188,43 @@ def lr_sum_at(step: int, cfg: RunConfig) -> float:
     return lr * (m * (m + 1) / (2 * warm) + max(step - warm, 0))
 
 
+@dataclass
+class DeltaBases:
+    """Delta-KD's two frozen reference models (loss.target: delta; kdlab.losses.delta)."""
+
+    teacher_base: LM  # the teacher before its stage-1 SFT
+    student_base: LM  # the student stage 2 starts from
+    alpha: float
+
+    @classmethod
+    def for_world(cls, cfg: RunConfig, world: World, device) -> "DeltaBases":
+        from kdlab.pipeline.stage1 import TEACHER, base_model
+
+        t0 = base_model(TEACHER, cfg, world.teacher.vocab_size, device, world.teacher.tokenizer)
+        s0 = world.load_student_init(device=device)
+        for lm in (t0, s0):
+            lm.hf.eval().requires_grad_(False)
+        return cls(t0, s0, cfg.loss.delta_alpha)
+
+    @torch.no_grad()
+    def shift(self, target, p_ids, p_mask, r_ids, r_mask) -> torch.Tensor:
+        """Delta-KD's target (log-probs) from the teacher's: dense logits or log-probs, or a HiddenTarget."""
+        if isinstance(target, losses.HiddenTarget):
+            B, T = target.hidden.shape[:2]
+            target = target.flat_logits(None).view(B, T, -1)
+        elif not isinstance(target, torch.Tensor):
+            raise ValueError("loss.target='delta' needs the teacher's full distribution, not a top-k target")
+        return losses.delta_target(target, self.teacher_base.response_logits(p_ids, p_mask, r_ids, r_mask),
+                                   self.student_base.response_logits(p_ids, p_mask, r_ids, r_mask), self.alpha)
+
+
 def loss_on_batch(student: LM, teacher: LM, batch: Batch, loss_fn, cfg: RunConfig, taid_t: float | None,
-                  device) -> tuple[torch.Tensor, int]:
+                  device, delta: DeltaBases | None = None) -> tuple[torch.Tensor, int]:
     """Sum of per-token losses over the batch's response tokens, and the number of those tokens.
 
     The caller divides by the token count (globally, across accumulation steps or ranks), so that the
-    result equals one big batch's mean whatever the split.
+    result equals one big batch's mean whatever the split. With `delta`, the target is Delta-KD's shift of the
+    teacher's (kdlab.losses.delta).
     """
     p_ids, p_mask = batch.prompt_ids.to(device), batch.prompt_mask.to(device)
     r_ids, r_mask = batch.response_ids.to(device), batch.response_mask.to(device)
@@ -205,6 +236,8 @@ def loss_on_batch(student: LM, teacher: LM, batch: Batch, loss_fn, cfg: RunConfi
         target = target.to(device)
     else:
         target = type(target)(*(None if t is None else t.to(device) for t in target))
+    if delta is not None:
+        target = delta.shift(target, p_ids, p_mask, r_ids, r_mask)
     extra = {"t": taid_t} if taid_t is not None else {}
     T = cfg.loss.temperature
     if cfg.loss.lean:
@@ -242,6 +275,7 @@ class Stage2:
     alignment: GradientAlignment | None
     logger: MultiLogger | None  # rank 0 only
     controller: Controller | None = None  # stage2.controller (None when its policy is 'off')
+    delta: DeltaBases | None = None  # loss.target: delta
 
 
 @dataclass
@@ -371,6 +405,7 @@ def setup(cfg: RunConfig, run_dir: Path, device, dist: Distributed, log) -> Stag
     return Stage2(cfg=cfg, run_dir=run_dir, device=device, dist=dist, world=world, source=source,
                   evaluator=evaluator, student=student, model=model, trainee=trainee, target_teacher=target_teacher,
                   optimizer=optimizer, loss_fn=loss_fn, taid=taid, alignment=alignment, logger=logger,
+                  delta=DeltaBases.for_world(cfg, world, device) if cfg.loss.target == "delta" else None,
                   controller=controller)
 
 
@@ -395,7 +430,8 @@ def train_step(s: Stage2, step: int, align: bool = False) -> tuple[float, int, d
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator_for(cfg.seed, "dropout", step))))
     taid_t = s.taid.t if s.taid is not None else None
     with bf16_autocast(device, bf16):  # the losses themselves compute in float32 (kdlab.losses)
-        loss_rank, n_rank = loss_on_batch(s.trainee, s.target_teacher, batch, s.loss_fn, cfg, taid_t, device)
+        loss_rank, n_rank = loss_on_batch(s.trainee, s.target_teacher, batch, s.loss_fn, cfg, taid_t, device,
+                                          s.delta)
     # Token count of the whole global batch (float64 all-reduce: exact for any realistic count).
     n_tokens = int(dist.sum(torch.tensor(float(n_rank), dtype=torch.float64, device=loss_rank.device)).item())
     loss = dist.sum(loss_rank.detach()) / max(n_tokens, 1)  # the global batch's mean per-token loss
@@ -414,7 +450,7 @@ def train_step(s: Stage2, step: int, align: bool = False) -> tuple[float, int, d
     if align:
         def fresh_loss(b):
             with bf16_autocast(device, bf16):
-                total, n = loss_on_batch(s.trainee, s.target_teacher, b, s.loss_fn, cfg, taid_t, device)
+                total, n = loss_on_batch(s.trainee, s.target_teacher, b, s.loss_fn, cfg, taid_t, device, s.delta)
             return total / max(n, 1)
         aligned = {"step": step + 1, **s.alignment.measure(step, list(s.student.hf.parameters()), fresh_loss)}
     if cfg.stage2.grad_clip:

@@ -51,6 +51,18 @@ def new_model(spec: ArchConfig | str, cfg: RunConfig, vocab_size: int, max_len: 
     return LM(LlamaForCausalLM(config).to(device), tokenizer)
 
 
+SEED_OFFSET = {TEACHER: 1, STUDENT_INIT: 2}  # each model's init seed is world.seed + its offset
+
+
+def base_model(who: str, cfg: RunConfig, vocab_size: int, device, tokenizer=None) -> LM:
+    """The model stage 1 starts `who` from, before its SFT: the seeded init of its architecture, or its pretrained
+    checkpoint. Stage 1 trains it; Delta-KD (loss.target: delta) rebuilds the teacher's in stage 2."""
+    w = cfg.world
+    arch = cfg.models.teacher if who == TEACHER else cfg.models.student
+    return new_model(arch, cfg, vocab_size, w.max_prompt_tokens + w.max_response_tokens, w.seed + SEED_OFFSET[who],
+                     device, tokenizer)
+
+
 def train_models(cfg: RunConfig, oracle: LM, ids, mask, device, log, dist: Distributed,
                  out_dir: Path | None) -> dict:
     """Train the teacher and the student init on oracle samples for the stage-1 prompts `ids`/`mask`,
@@ -61,12 +73,8 @@ def train_models(cfg: RunConfig, oracle: LM, ids, mask, device, log, dist: Distr
     n = max(cfg.stage1.teacher.num_samples, cfg.stage1.student.num_samples)
     r_ids, r_mask = oracle_samples(oracle, ids[:n], mask[:n], w.max_response_tokens, w.seed,
                                    batch_size=cfg.generation_batch_size)
-    max_len = w.max_prompt_tokens + w.max_response_tokens
-    for who, arch, budget, seed_offset in (
-        (TEACHER, cfg.models.teacher, cfg.stage1.teacher, 1),
-        (STUDENT_INIT, cfg.models.student, cfg.stage1.student, 2),
-    ):
-        lm = new_model(arch, cfg, oracle.vocab_size, max_len, w.seed + seed_offset, device, oracle.tokenizer)
+    for who, budget in ((TEACHER, cfg.stage1.teacher), (STUDENT_INIT, cfg.stage1.student)):
+        lm = base_model(who, cfg, oracle.vocab_size, device, oracle.tokenizer)
         if cfg.models.dropout is not None:
             set_dropout(lm.hf, cfg.models.dropout)
         check_vocab_compatible(oracle, lm, ("oracle", who))
