@@ -1,6 +1,6 @@
 """The closed-loop controller against fixed regimes at equal budgets (issue 20, item 3; protocol F in docs/LOG.md).
 
-    .venv/bin/python bench/controller_eval.py /tmp/kdlab-heldout/controller
+    .venv/bin/python bench/controller_eval.py /tmp/kdlab-heldout/controller [--figure docs/img/controller-eval.png]
 
 Per (world, seed): the final golden of each condition — the last evaluation's golden_fkl, or for a run the
 controller stopped, the golden of the weights it restored (done.json). Fixed regimes at the controller's
@@ -39,7 +39,36 @@ def final(run: Path) -> tuple[float, float, dict]:
     return float(golden), float(se), {**ctl, "wall": done.get("seconds_this_session")}
 
 
-def main(root: Path) -> None:
+def figure(table: dict, path: Path) -> None:
+    """Final golden (± 1 SE) of every condition, one column of points per (world, seed), at a column's width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conds = ["768x1", "1536x1", "control", *CONTROLLED]
+    keys = sorted(table)
+    fig, ax = plt.subplots(figsize=(3.4, 2.4), dpi=200)
+    for j, cond in enumerate(conds):
+        xs, ys, es = [], [], []
+        for i, k in enumerate(keys):
+            v = table[k].get(cond)
+            if v is not None:
+                xs.append(i + (j - len(conds) / 2) * 0.1)
+                ys.append(v["golden"])
+                es.append(v["se"])
+        ax.errorbar(xs, ys, yerr=es, fmt="o", ms=2.5, lw=0.8, label=cond)
+    ax.set_xticks(range(len(keys)), [f"w{k[0][-3:]}/{k[1][-1]}" for k in keys], fontsize=6)
+    ax.set_ylabel("final golden (nats/response)", fontsize=7)
+    ax.tick_params(labelsize=6)
+    ax.legend(fontsize=5, ncol=2, frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    print(f"figure: {path}")
+
+
+def main(root: Path, figure_path: Path | None = None) -> None:
     table: dict[tuple, dict] = defaultdict(dict)
     for run in record.find_runs([root]):
         if not (run / record.DONE).exists():
@@ -93,6 +122,8 @@ def main(root: Path) -> None:
     false = [(k, c) for k, c, n in settled if n > 0]
     print(f"false actions (an action where the run without the controller has no golden rise): "
           f"{len(false)}/{len(settled)} runs: {false}")
+    if figure_path is not None:
+        figure(table, figure_path)
     over = [v["ctl"]["seconds_this_session"] / v["ctl"]["wall"] for t in table.values() for c, v in t.items()
             if v["ctl"].get("seconds_this_session") is not None and v["ctl"].get("wall")]
     if over:
@@ -101,4 +132,4 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), Path(sys.argv[sys.argv.index("--figure") + 1]) if "--figure" in sys.argv else None)
