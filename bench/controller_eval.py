@@ -23,7 +23,7 @@ from kdlab import record
 from kdlab.analysis.runs import analyse
 
 FIXED = ("768x1", "1536x1")
-CONTROLLED = ("refresh-any", "refresh-proxy", "stop-any")
+CONTROLLED = ("refresh-any", "refresh-proxy", "stop-any")  # online-stop-any is counted for false actions only
 
 
 def final(run: Path) -> tuple[float, float, dict]:

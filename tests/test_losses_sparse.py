@@ -126,3 +126,17 @@ def test_masked_positions_may_hold_garbage_indices():
     target = L.SparseTarget.from_logits(z_t, 2)
     bad = L.SparseTarget(torch.where(mask[..., None], target.indices, -7), torch.where(mask[..., None], target.logprobs, math.nan))
     assert torch.equal(L.generalized_jsd(z_s, bad, mask), L.generalized_jsd(z_s, target, mask))
+
+
+def test_a_confident_teachers_top_k_reverse_kl_is_finite():
+    """A teacher with one token 25 logits above the rest, top-8 of V = 50, float32: its tail mass (~6e-10) once
+    rounded to exactly 0 and the top-k reverse KL was +inf at every position (found by `kdlab conformance
+    --topk 3` on ±1e4 logits). The rest bucket's mass now survives, and the value stays below the full one."""
+    z_t = torch.zeros(2, 3, 50)
+    z_t[..., 7] = 25.0
+    z_s = logits(2, 3, 50, seed=70, dtype=torch.float32)
+    target = L.SparseTarget.from_logits(z_t, 8)
+    assert target.logprobs.dtype == torch.float32 and (target.logprobs[..., 0] < 0).all()
+    v = L.reverse_kl(z_s, target, reduction="none")
+    assert torch.isfinite(v).all()
+    assert (v <= L.reverse_kl(z_s, z_t, reduction="none") * (1 + 1e-4)).all()

@@ -46,14 +46,18 @@ class SparseTarget(NamedTuple):
 
     @classmethod
     def from_logits(cls, teacher_logits_BxTxV: Tensor, k: int, temperature: float = 1.0) -> "SparseTarget":
-        """Top-k of ``log_softmax(teacher_logits / temperature)`` in float32 or better."""
+        """Top-k of ``log_softmax(teacher_logits / temperature)``, returned in float32 or better.
+
+        The log-softmax runs in float64: in float32 a confident teacher's top log-prob rounds to exactly 0 (its
+        log-normaliser 25 + 7e-10 is 25.0), which leaves the rest bucket a mass of exactly 0 and made every top-k
+        reverse KL +inf (found by `kdlab conformance --topk`); −7e-10 itself is a float32 number."""
         vocab = teacher_logits_BxTxV.shape[-1]
         if not 1 <= k <= vocab:
             raise ValueError(f"k={k} is out of range; allowed: 1 <= k <= V={vocab}")
         dtype = torch.promote_types(teacher_logits_BxTxV.dtype, torch.float32)
-        logprobs = torch.log_softmax(teacher_logits_BxTxV.to(dtype) / temperature, dim=-1)
+        logprobs = torch.log_softmax(teacher_logits_BxTxV.to(torch.float64) / temperature, dim=-1)
         top = logprobs.topk(k, dim=-1)
-        return cls(top.indices, top.values)
+        return cls(top.indices, top.values.to(dtype))
 
 
 def check_sparse(target: SparseTarget, shape_BxT: tuple[int, int], vocab: int) -> None:
