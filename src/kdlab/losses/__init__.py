@@ -16,6 +16,7 @@ _SOURCE = {
     "token_divergence": "divergences", "tvd": "divergences",
     "lean_loss": "lean",
     "delta_target": "delta",
+    "minillm_surrogate": "minillm", "sample_teacher_mixed": "minillm", "sequence_reverse_kl_estimate": "minillm",
     "REDUCTIONS": "reduction", "reduce_tokens": "reduction", "token_count": "reduction",
     "LOSSES": "registry", "get": "registry",
     "SparseTarget": "sparse",
