@@ -130,3 +130,49 @@ def test_teacher_mixed_sampler_draws_from_the_mixture_and_reports_its_log_probs(
         prob = float(mixed_logprob(theta_q, theta_p, y, alpha).sum().exp())
         freq = float((ys == torch.tensor(y)).all(-1).double().mean())
         assert abs(freq - prob) < 4 * (prob * (1 - prob) / len(ys)) ** 0.5 + 1e-3, (y, freq, prob)
+
+
+def test_minillm_runs_in_the_stage2_loop_with_teacher_mixed_samples(tmp_path):
+    """stage2.regime=teacher_mixed + loss.name=minillm in a real (tiny) run. The batches' behaviour log-probs are
+    those of α·teacher + (1 − α)·student recomputed here from the two models; the training loss is finite, and
+    a run on student samples (online_student) works as well."""
+    from pathlib import Path
+
+    from kdlab.config import load_config
+    from kdlab.pipeline.distill import make_source, run
+    from kdlab.pipeline.world import build_world
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    common = [f"cache_dir={tmp_path / 'cache'}", "loss.name=minillm", "stage2.steps=3", "eval.num_points=2",
+              "stage2.batch_size=8"]
+    cfg = load_config(tiny, [f"output_dir={tmp_path / 'mixed'}", "stage2.regime=teacher_mixed", *common])
+    world = build_world(cfg, log=lambda m: None)
+    source, _ = make_source(cfg, world, tmp_path / "mixed", log=lambda m: None)
+    student = world.load_student_init()
+    batch = source.batch(0, student)
+    with torch.no_grad():
+        args = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+        q = torch.softmax(student.response_logits(*args).double(), -1)
+        p = torch.softmax(world.teacher.response_logits(*args).double(), -1)
+        mix = cfg.stage2.mixed.teacher_alpha * p + (1 - cfg.stage2.mixed.teacher_alpha) * q
+        want = mix.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1).log()
+    torch.testing.assert_close(batch.behaviour_logprobs.double(), want, rtol=1e-4, atol=1e-5)
+    for regime in ("teacher_mixed", "online_student"):
+        out = run(load_config(tiny, [f"output_dir={tmp_path / regime}", f"stage2.regime={regime}", *common]),
+                  log=lambda m: None, progress=False)
+        from kdlab import record
+        from kdlab.pipeline.rundir import read_metrics
+
+        rows = read_metrics(out / record.METRICS)
+        assert all(r[record.TRAIN_LOSS] is None or abs(r[record.TRAIN_LOSS]) < 1e6 for r in rows)
+
+
+def test_minillm_is_refused_off_policy():
+    from kdlab.config import ConfigError, load_config
+    from pathlib import Path
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match="online_student"):
+        load_config(tiny, ["loss.name=minillm", "stage2.regime=offline"])
+    with pytest.raises(ConfigError, match="minillm"):
+        load_config(tiny, ["stage2.regime=teacher_mixed"])

@@ -17,7 +17,7 @@ from kdlab.analysis.detectors import DETECTORS
 from kdlab.config import ConfigError, LossConfig, MixedConfig, Stage2Config, build_config, describe_fields
 from kdlab.data.regimes import OFF_POLICY_REGIMES, ONLINE_REGIMES, REGIMES
 from kdlab.losses import LOSSES
-from kdlab.losses.names import LOSS_NAMES, LOSS_PARAMS
+from kdlab.losses.names import LOSS_NAMES, LOSS_PARAMS, SEQUENCE_LOSSES
 
 
 def allowed(section, field: str) -> tuple:
@@ -25,11 +25,15 @@ def allowed(section, field: str) -> tuple:
 
 
 def test_config_allows_exactly_the_loss_table():
-    assert allowed(LossConfig, "name") == LOSS_NAMES == tuple(LOSSES)
+    # the token-level losses of the registry, then the sequence-level ones the loop calls itself (MiniLLM)
+    assert allowed(LossConfig, "name") == LOSS_NAMES == tuple(LOSSES) + SEQUENCE_LOSSES
 
 
 def test_every_loss_the_config_accepts_has_a_function_and_its_parameters():
     for name in allowed(LossConfig, "name"):
+        if name in SEQUENCE_LOSSES:  # called by the loop on sampled responses; on-policy regimes only
+            assert build_config({}, [f"loss.name={name}", "stage2.regime=online_student"]).loss.name == name
+            continue
         fn, params = LOSSES[name]
         assert fn.__name__ == name and params == LOSS_PARAMS[name]
         assert build_config({}, [f"loss.name={name}"]).loss.name == name
@@ -46,7 +50,8 @@ def test_config_allows_exactly_the_regime_table():
     assert allowed(MixedConfig, "other") == OFF_POLICY_REGIMES
     assert set(OFF_POLICY_REGIMES) < set(REGIMES) and set(ONLINE_REGIMES) < set(REGIMES)
     for name in REGIMES:
-        assert build_config({}, [f"stage2.regime={name}"]).stage2.regime == name
+        extra = ["loss.name=minillm"] if name == "teacher_mixed" else []  # its samples are for MiniLLM's loss
+        assert build_config({}, [f"stage2.regime={name}", *extra]).stage2.regime == name
     with pytest.raises(ConfigError, match="stage2.regime = 'nope': must be one of 'offline'"):
         build_config({}, ["stage2.regime=nope"])
 

@@ -15,8 +15,9 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kdlab.data.regimes import MIXED, OFF_POLICY_REGIMES, OFFLINE, ONLINE_STUDENT, ONLINE_TEACHER, REGIMES
-from kdlab.losses.names import LOSS_NAMES, TARGET_STORAGES
+from kdlab.data.regimes import (MIXED, OFF_POLICY_REGIMES, OFFLINE, ONLINE_STUDENT, ONLINE_TEACHER, REGIMES,
+                                TEACHER_MIXED)
+from kdlab.losses.names import LOSS_NAMES, SEQUENCE_LOSSES, TARGET_STORAGES
 from kdlab.policies import DATA_POLICIES, DIVERSIFY, MIX, OFF, POLICIES, PROXY, PROXY_DETECTORS, TRIGGERS
 
 # The allowed values of stage2.regime, stage2.mixed.other and loss.name come from the tables of the
@@ -270,6 +271,9 @@ class MixedConfig(_Section):
     """GKD-style mixture: a fraction `lmbda` of batches on-policy, the rest from `other`."""
 
     lmbda: float = Field(0.5, ge=0, le=1, description="Fraction of on-policy (student-sampled) batches.")
+    teacher_alpha: float = Field(
+        0.2, ge=0, le=1, description="teacher_mixed regime: the teacher's share of each token's sampling "
+        "distribution (MiniLLM's alpha, 0.2 in the paper).")
     other: OffPolicyRegimeName = Field(
         ONLINE_TEACHER, description="Regime of the remaining batches."
     )
@@ -369,7 +373,9 @@ class Stage2Config(_Section):
 class LossConfig(_Section):
     """The token-level distillation loss (kdlab.losses)."""
 
-    name: LossName = Field("forward_kl", description="Divergence between teacher and student at each response position.")
+    name: LossName = Field("forward_kl", description="Divergence between teacher and student at each response position; "
+                           "'minillm' is MiniLLM's sequence-level reverse KL by policy gradient (stage2.regime "
+                           "online_student or teacher_mixed).")
     beta: float = Field(0.5, ge=0, le=1, description="generalized_jsd: 0 = forward KL, 1 = reverse KL. "
                         "ab_divergence: β, the confidence concentration (α = 0, β = 1: reverse KL).")
     alpha: float = Field(0.1, ge=0, lt=1, description="skew_kl / skew_reverse_kl mixing weight. ab_divergence: α, "
@@ -382,6 +388,13 @@ class LossConfig(_Section):
         "teacher, log π* = log π_student_init + delta_alpha (log π_teacher − log π_teacher_before_SFT); two extra "
         "forward passes per step; not with top-k offline targets).")
     delta_alpha: float = Field(1.0, ge=0, le=4, description="target delta: the size of the teacher's shift applied.")
+    minillm_weights: Literal["none", "token", "sequence"] = Field(
+        "token", description="minillm: importance weights of teacher-mixed samples: 'token' (the paper's per-token "
+        "ratio, clipped at minillm_clip; biased), 'sequence' (the whole response's ratio; unbiased, higher variance) "
+        "or 'none'.")
+    minillm_clip: float = Field(3.0, gt=0, le=100, description="minillm: the largest per-token importance weight.")
+    minillm_length_norm: bool = Field(True, description="minillm: average the future rewards over the tokens left "
+                                      "(MiniLLM's length normalisation) instead of summing them.")
     temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature on both sides.")
     taid_t_start: float = Field(0.4, ge=0, le=1, description="taid: initial interpolation t.")
     taid_t_end: float = Field(1.0, ge=0, le=1, description="taid: final interpolation t.")
@@ -507,6 +520,14 @@ class RunConfig(_Section):
                 f"(stage2.offline.num_prompts x generations_per_prompt = {o.num_prompts * o.generations_per_prompt})"
             )
         self._check_controller(uses_offline)
+        if self.loss.name in SEQUENCE_LOSSES and self.stage2.regime not in (ONLINE_STUDENT, TEACHER_MIXED):
+            raise ValueError(f"loss.name={self.loss.name!r} learns from the student's own samples: it needs "
+                             f"stage2.regime={ONLINE_STUDENT!r} or {TEACHER_MIXED!r}, not {self.stage2.regime!r}")
+        if self.loss.name in SEQUENCE_LOSSES and (self.loss.lean or self.loss.target != "teacher"):
+            raise ValueError(f"loss.name={self.loss.name!r} supports loss.lean=false and loss.target='teacher' only")
+        if self.stage2.regime == TEACHER_MIXED and self.loss.name not in SEQUENCE_LOSSES:
+            raise ValueError(f"stage2.regime={TEACHER_MIXED!r} reweights its samples for loss.name='minillm'; with "
+                             f"{self.loss.name!r} use online_student or mixed")
         if self.loss.target == "delta":
             if uses_offline and o.targets == "topk":
                 raise ValueError("loss.target='delta' needs the teacher's full distribution: stage2.offline.targets="

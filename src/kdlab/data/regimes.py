@@ -12,6 +12,7 @@ OFFLINE = "offline"
 ONLINE_TEACHER = "online_teacher"
 ONLINE_STUDENT = "online_student"
 MIXED = "mixed"
+TEACHER_MIXED = "teacher_mixed"
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,13 @@ REGIMES: dict[str, Regime] = {
         "fresh student samples for every batch (on-policy)")),
     MIXED: Regime(online=True, on_policy=True, mixture=True, description=(
         "a fraction lmbda of batches on-policy, the rest from stage2.mixed.other (GKD-style)")),
+    TEACHER_MIXED: Regime(online=True, on_policy=True, mixture=False, description=(
+        "fresh samples drawn token by token from teacher_alpha x teacher + (1 - teacher_alpha) x student "
+        "(MiniLLM's teacher-mixed sampling), with each token's log-prob under that mixture")),
 }
 
 ONLINE_REGIMES = tuple(name for name, r in REGIMES.items() if r.online)
 # The regimes that can supply the off-policy share of a mixture (stage2.mixed.other).
 OFF_POLICY_REGIMES = tuple(name for name, r in REGIMES.items() if not r.on_policy)
 # The single regimes that fresh data comes from: an online control condition (kdlab study, the demo).
-CONTROL_REGIMES = tuple(name for name, r in REGIMES.items() if r.online and not r.mixture)
+CONTROL_REGIMES = tuple(name for name, r in REGIMES.items() if r.online and not r.mixture and name != TEACHER_MIXED)

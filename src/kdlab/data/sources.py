@@ -34,6 +34,7 @@ class Batch:
     teacher_target: Tensor | SparseTarget | None = None  # cached targets, or None = live teacher forward
     on_policy: bool = False
     local: bool = False  # already this rank's rows of the global batch (the online sources sample only those)
+    behaviour_logprobs: Tensor | None = None  # B×R: log-prob of each token under the distribution it was drawn from
 
 
 @dataclass
@@ -136,3 +137,42 @@ class MixedSource:
     def batch(self, step: int, student: LM | None = None) -> Batch:
         u = torch.rand((), generator=generator_for(self.seed, "mixed-coin", step)).item()
         return self.on_policy.batch(step, student) if u < self.lmbda else self.other.batch(step, student)
+
+
+class TeacherMixedSource(_OnlineSource):
+    """MiniLLM's teacher-mixed sampling (Gu et al. 2024, Eq. 4): each token from α·teacher + (1 − α)·student,
+    with its log-prob under that mixture (`Batch.behaviour_logprobs`, for the importance weights). Full forward
+    passes at every token (no KV cache): meant for short responses; worlds without EOS only (every response runs
+    max_new_tokens)."""
+
+    stream = "teacher-mixed"
+
+    def __init__(self, teacher: LM, alpha: float, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher, self.alpha = teacher, alpha
+        if self.params.eos_token_id is not None:
+            raise ValueError("stage2.regime='teacher_mixed' supports worlds without EOS (the synthetic world) for now")
+
+    def batch(self, step: int, student: LM | None = None) -> Batch:
+        from kdlab.losses.minillm import sample_teacher_mixed
+
+        if student is None:
+            raise ValueError("the teacher_mixed regime needs the current student to sample from")
+        gen = generator_for(self.seed, self.stream, step)
+        idx = torch.randint(0, len(self.prompt_ids), (self.batch_size,), generator=gen)[self.rows]
+        ids, mask = self.prompt_ids[idx], self.prompt_mask[idx]
+        P = ids.shape[1]
+
+        def next_logits(lm: LM):
+            def step_fn(seq_BxL):
+                done = seq_BxL[:, P:]
+                r = torch.cat([done, done.new_zeros(done.shape[0], 1)], dim=1)  # a placeholder for the next token
+                out = lm.response_logits(ids.to(lm.device), mask.to(lm.device), r.to(lm.device))
+                return out[:, -1].float().cpu()
+            return step_fn
+
+        with torch.no_grad():
+            r_ids, logps = sample_teacher_mixed(next_logits(student), next_logits(self.teacher), ids,
+                                                self.params.max_new_tokens, self.alpha, generator=gen)
+        return Batch(ids, mask, r_ids, torch.ones_like(r_ids), on_policy=True, local=True,
+                     behaviour_logprobs=logps.float())

@@ -16,7 +16,12 @@ LOSS_PARAMS: dict[str, tuple[str, ...]] = {
     "adaptive_kl": ("mu",),
 }
 
-LOSS_NAMES = tuple(LOSS_PARAMS)
+# Sequence-level losses: they need the sampled responses (and their sampling log-probs), not only two
+# distributions per position, so the stage-2 loop calls them directly (kdlab.losses.minillm).
+MINILLM = "minillm"
+SEQUENCE_LOSSES = (MINILLM,)
+
+LOSS_NAMES = tuple(LOSS_PARAMS) + SEQUENCE_LOSSES
 
 # How a teacher's (or any reference's) distributions are held, for offline targets and evaluation caches.
 # "full", "hidden" (final hidden states + output head) and "none" (the live model) are exact; "topk" keeps the

@@ -32,10 +32,11 @@ from kdlab import losses, record, threads
 from kdlab.config import RunConfig, dump_config
 from kdlab.data.offline import (build_offline_dataset, load_offline_dataset, offline_dataset_ready,
                                 offline_prompt_order)
-from kdlab.data.regimes import MIXED, OFFLINE, ONLINE_STUDENT, ONLINE_TEACHER
+from kdlab.data.regimes import MIXED, OFFLINE, ONLINE_STUDENT, ONLINE_TEACHER, TEACHER_MIXED
 from kdlab.data.sources import (Batch, MixedSource, OfflineSource, OnlineStudentSource, OnlineTeacherSource,
+                                TeacherMixedSource,
                                 SamplingParams)
-from kdlab.losses.names import LOSS_PARAMS
+from kdlab.losses.names import LOSS_PARAMS, SEQUENCE_LOSSES
 from kdlab.models import LM, bf16_autocast, check_vocab_compatible, set_dropout
 from kdlab.models.sampling import sample
 from kdlab.models.vllm_backend import check_backend, make_sampler
@@ -63,13 +64,15 @@ def resolve_device(name: str) -> torch.device:
 
 def make_loss(cfg: RunConfig):
     c = cfg.loss
+    if c.name in SEQUENCE_LOSSES:  # called by loss_on_batch with the sampled responses (kdlab.losses.minillm)
+        return None
     # the loss's parameters that the config sets (loss.beta, loss.alpha, loss.mu); TAID's t comes from its schedule
     params = {p: getattr(c, p) for p in LOSS_PARAMS[c.name] if p in type(c).model_fields}
     return losses.get(c.name, **params)
 
 
 def make_taid_schedule(cfg: RunConfig):
-    if "t" not in LOSS_PARAMS[cfg.loss.name]:  # TAID: its interpolation t comes from this schedule
+    if "t" not in LOSS_PARAMS.get(cfg.loss.name, ()):  # TAID: its interpolation t comes from this schedule
         return None
     c = cfg.loss
     return losses.TAIDSchedule(cfg.stage2.steps, t_start=c.taid_t_start, t_end=c.taid_t_end,
@@ -119,6 +122,9 @@ def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | 
                 (pool_ids, pool_mask))
     if regime == ONLINE_STUDENT:
         return OnlineStudentSource(pool_ids, pool_mask, s2.batch_size, cfg.seed, params, shard), (pool_ids, pool_mask)
+    if regime == TEACHER_MIXED:
+        return (TeacherMixedSource(world.teacher, s2.mixed.teacher_alpha, pool_ids, pool_mask, s2.batch_size, cfg.seed,
+                                   params, shard), (pool_ids, pool_mask))
     if regime == MIXED:
         other, prompts = make_source(cfg, world, run_dir, log, regime=s2.mixed.other, sampler=sampler, shard=shard)
         on_policy = OnlineStudentSource(pool_ids, pool_mask, s2.batch_size, cfg.seed, params, shard)
@@ -238,6 +244,14 @@ def loss_on_batch(student: LM, teacher: LM, batch: Batch, loss_fn, cfg: RunConfi
         target = type(target)(*(None if t is None else t.to(device) for t in target))
     if delta is not None:
         target = delta.shift(target, p_ids, p_mask, r_ids, r_mask)
+    if cfg.loss.name in SEQUENCE_LOSSES:  # MiniLLM: the policy-gradient surrogate on the sampled responses
+        c = cfg.loss
+        logits = student.response_logits(p_ids, p_mask, r_ids, r_mask)
+        behaviour = batch.behaviour_logprobs.to(device) if batch.behaviour_logprobs is not None else None
+        per_token = losses.minillm_surrogate(logits, target, r_ids, r_mask, behaviour_logprobs_BxT=behaviour,
+                                             weights=c.minillm_weights, clip=c.minillm_clip,
+                                             length_norm=c.minillm_length_norm)
+        return per_token.sum(), int(r_mask.sum())
     extra = {"t": taid_t} if taid_t is not None else {}
     T = cfg.loss.temperature
     if cfg.loss.lean:
