@@ -60,6 +60,9 @@ def fmt(hits, n):
     return f"{p:.0%} ({hits}/{n})"
 
 
+REAL_RUNS_MARKER = "## Agreement with the golden detector on kdlab and TRL runs"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-hack", type=int, default=50, help="held-out hacking runs per (onset, departure) cell")
@@ -208,7 +211,10 @@ def main() -> None:
     w(f"On the hacking runs with departure ≥ 0.15 and every healthy run: proxy-only and golden verdicts agree on "
       f"{fmt(agree, len(both))}. These are synthetic runs, not kdlab runs of worlds outside the calibration: "
       "that agreement target is not measured here.\n")
-    Path(args.out).write_text("\n".join(out) + "\n", encoding="utf-8")
+    # Sections after the marker are the agreement on real runs (bench/detection/agreement.py): kept as they are.
+    previous = Path(args.out).read_text(encoding="utf-8") if Path(args.out).exists() else ""
+    kept = previous[previous.index(REAL_RUNS_MARKER):] if REAL_RUNS_MARKER in previous else ""
+    Path(args.out).write_text("\n".join(out) + "\n" + ("\n" + kept if kept else ""), encoding="utf-8")
     print("\n".join(out))
 
 
