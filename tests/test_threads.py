@@ -12,14 +12,14 @@ from kdlab import threads
 
 
 def test_a_busy_process_is_seen_as_running_elsewhere():
-    before = threads.running_elsewhere()
+    """A busy loop is always runnable, so it is counted (other load may add to the count, never hide it)."""
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.5)
         seen = max(threads.running_elsewhere() for _ in range(20))
     finally:
         busy.kill()
-    assert seen >= 1 and seen >= before
+    assert seen >= 1
 
 
 @pytest.mark.parametrize("cpus, elsewhere, want", [(2, 0, 2), (2, 1, 1), (2, 5, 1), (8, 3, 5), (1, 0, 1)])
