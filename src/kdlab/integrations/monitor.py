@@ -55,7 +55,7 @@ from transformers import TrainerCallback
 
 from kdlab.analysis.detectors import (DETECTORS, GOLDEN, PROXY_DEVIATION, PROXY_SEQUENTIAL, detect_golden,
                                       detect_proxy_deviation)
-from kdlab.analysis.alarms import alarm_column, check_alarms
+from kdlab.analysis.alarms import EXPERIMENTAL, alarm_column, check_alarms
 from kdlab.analysis.sequential import SequentialProxyDetector
 from kdlab.metrics import ReferenceCache
 from kdlab.metrics.drift import DriftPanel
@@ -181,7 +181,8 @@ class TeacherHackingMonitor(TrainerCallback):
             lengths and samples without EOS, EOS mass, entropies, repetition, top-k overlap, exposure gap) and
             the failure-mode alarms on it (``kdlab.analysis.alarms``: ``alarm_<name>`` = 1 once fired). Costs a
             student sampling pass and three forward passes per measurement.
-        stop_on_alarm: stop training when one of those alarms first fires (implies ``drift``).
+        stop_on_alarm: stop training when one of those alarms first fires (implies ``drift``); the alarms
+            measured not to be specific (``kdlab.analysis.alarms.EXPERIMENTAL``: exposure-gap growth) never stop it.
     """
 
     def __init__(
@@ -333,10 +334,11 @@ class TeacherHackingMonitor(TrainerCallback):
             for name, alarm in check_alarms(self.history).items():
                 if alarm.fired and name not in self.alarms:
                     self.alarms[name] = alarm
-                    stop = " Training stopped (stop_on_alarm)." if self.stop_on_alarm else ""
+                    acts = self.stop_on_alarm and name not in EXPERIMENTAL  # shown, not acted on (alarms.py)
+                    stop = " Training stopped (stop_on_alarm)." if acts else ""
                     warnings.warn(f"kdlab monitor: alarm {name} at step {alarm.onset_step}: {alarm.reason}.{stop}",
                                   TeacherHackingWarning, stacklevel=2)
-                    if self.stop_on_alarm:
+                    if acts:
                         control.should_training_stop = True
                 row[alarm_column(name)] = int(name in self.alarms)
         if self.keep_best and self._main:
