@@ -375,3 +375,30 @@ def test_distillation_trainer_example_shows_an_alarm_in_its_logs_and_its_control
     assert f"train/teacher_hacking/{alarm_column(EOS_MISMATCH)}" in tags, sorted(tags)
     _, control = example.main(["--out", str(tmp_path / "control"), "--steps", "20", "--control"])
     assert control.alarms == {}, control.alarms
+
+
+@pytest.mark.filterwarnings("ignore::kdlab.integrations.TeacherHackingWarning")
+def test_gradient_alignment_in_the_monitor_leaves_training_unchanged(tmp_path):
+    """Issue 16, item 4, in the monitor: with alignment_prompts, each measurement after step 0 logs grad_cos_fresh
+    (and grad_cos_golden with an oracle), a cosine in [-1, 1], taken between backward and the optimizer step; the
+    trainer's losses are those of the same run without it (its gradients are left alone)."""
+    from transformers import LlamaForCausalLM
+
+    from kdlab.models import tiny_llama_config
+
+    torch.manual_seed(1)
+    teacher = LlamaForCausalLM(tiny_llama_config(12, 16, 1, 2, max_position_embeddings=32))
+    oracle = LlamaForCausalLM(tiny_llama_config(12, 16, 1, 2, max_position_embeddings=32))
+    prompts = torch.randint(0, 12, (8, 3), generator=torch.Generator().manual_seed(1))
+    pool = torch.randint(0, 12, (32, 3), generator=torch.Generator().manual_seed(2))
+    ones = lambda t: (t, torch.ones_like(t, dtype=torch.bool))  # noqa: E731
+    plain = TeacherHackingMonitor(teacher, ones(prompts), oracle=oracle, max_new_tokens=4, num_points=6)
+    aligned = TeacherHackingMonitor(teacher, ones(prompts), oracle=oracle, max_new_tokens=4, num_points=6,
+                                    alignment_prompts=ones(pool), batch_size=8)
+    without = _plain_trainer_run(tmp_path, "plain", plain)
+    with_alignment = _plain_trainer_run(tmp_path, "aligned", aligned)
+    assert with_alignment == without  # the same losses to the last digit
+    later = [r for r in aligned.history if r["step"] > 0]
+    assert later and all(-1.0 <= r["grad_cos_fresh"] <= 1.0 and -1.0 <= r["grad_cos_golden"] <= 1.0 for r in later)
+    assert "grad_cos_fresh" not in aligned.history[0] and "grad_cos_fresh" not in plain.history[-1]
+    assert [r["proxy_fkl"] for r in aligned.history] == [r["proxy_fkl"] for r in plain.history]

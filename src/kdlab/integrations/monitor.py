@@ -181,6 +181,11 @@ class TeacherHackingMonitor(TrainerCallback):
             lengths and samples without EOS, EOS mass, entropies, repetition, top-k overlap, exposure gap) and
             the failure-mode alarms on it (``kdlab.analysis.alarms``: ``alarm_<name>`` = 1 once fired). Costs a
             student sampling pass and three forward passes per measurement.
+        alignment_prompts: prompts (as ``eval_prompts``) from which the gradient alignment of issue 16 draws fresh
+            batches: at each measurement step, between backward and the optimizer step, the cosine between the
+            trainer's gradient and the gradient of forward KL(teacher ‖ student) on fresh teacher samples
+            (``grad_cos_fresh``), and with an oracle on fresh oracle samples (``grad_cos_golden``). Two extra
+            forward/backward passes per measurement; the trainer's gradients are not touched.
         stop_on_alarm: stop training when one of those alarms first fires (implies ``drift``); the alarms
             measured not to be specific (``kdlab.analysis.alarms.EXPERIMENTAL``: exposure-gap growth) never stop it.
     """
@@ -214,6 +219,7 @@ class TeacherHackingMonitor(TrainerCallback):
         trainer=None,
         drift: bool = False,
         stop_on_alarm: bool = False,
+        alignment_prompts=None,
     ):
         self.teacher = _as_lm(teacher)
         self.oracle = _as_lm(oracle) if oracle is not None else None
@@ -248,6 +254,10 @@ class TeacherHackingMonitor(TrainerCallback):
         self.detect_proxy, self.detect_golden = detect_proxy, detect_golden_fn
         self.trainer = trainer
         self.drift = drift or stop_on_alarm
+        self.alignment_prompts = None
+        if alignment_prompts is not None:
+            self.alignment_prompts = _left_padded(alignment_prompts, tokenizer, pad if pad is not None else 0)
+        self._aligned: dict[str, float] = {}  # the cosines of the step in progress
         self.stop_on_alarm = stop_on_alarm
         self.drift_panel: DriftPanel | None = None
         self.alarms: dict[str, Any] = {}  # name -> AlarmVerdict of the drift panel's alarms, once fired
@@ -307,6 +317,44 @@ class TeacherHackingMonitor(TrainerCallback):
         self._lr_now = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None
         return control
 
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # The trainer's gradient of the step that is about to end is in .grad (after clipping: a cosine does not
+        # see the scale). Measured only at the steps where the monitor measures.
+        if self.alignment_prompts is not None and state.global_step + 1 in self.steps and model is not None:
+            self._aligned = self._alignment(model, state.global_step + 1)
+        return control
+
+    @torch.enable_grad()
+    def _alignment(self, model, step: int) -> dict[str, float]:
+        from kdlab.losses import forward_kl
+        from kdlab.models.sampling import sample
+        from kdlab.pipeline.alignment import cosine, flat_grad
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        train = flat_grad(params)
+        student = _as_lm(model)
+        ids_all, mask_all = self.alignment_prompts
+        out: dict[str, float] = {}
+        for name, ref in (("grad_cos_fresh", self.teacher), ("grad_cos_golden", self.oracle)):
+            if ref is None:
+                continue
+            gen = generator_for(self.seed, "monitor-alignment", name, step)
+            rows = torch.randint(0, len(ids_all), (min(self.batch_size, len(ids_all)),), generator=gen)
+            ids, mask = ids_all[rows].to(ref.device), mask_all[rows].to(ref.device)
+            with torch.no_grad():
+                s = sample(ref, ids, mask, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                           eos_token_id=self.eos_token_id, generator=gen)
+                target = ref.response_logits(ids, mask, s.response_ids_BxR, s.response_mask_BxR)
+            dev = student.device
+            logits = student.response_logits(ids.to(dev), mask.to(dev), s.response_ids_BxR.to(dev),
+                                              s.response_mask_BxR.to(dev))
+            loss = forward_kl(logits, target.to(dev), s.response_mask_BxR.to(dev))
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            fresh = torch.cat([(g if g is not None else torch.zeros_like(p)).detach().reshape(-1).double()
+                               for g, p in zip(grads, params)])
+            out[name] = cosine(train, fresh)
+        return out
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.lr_sum += self._lr_now if self._lr_now is not None else 0.0
         if state.global_step in self.steps and state.global_step not in {r["step"] for r in self.history}:
@@ -327,6 +375,9 @@ class TeacherHackingMonitor(TrainerCallback):
         if self._lr_now is not None or step == 0:
             row["lr"], row["lr_sum"] = self._lr_now, self.lr_sum
         row.update(self.probe(student)[0])
+        if self._aligned:
+            row.update(self._aligned)
+            self._aligned = {}
         if self.drift_panel is not None:
             row.update(self.drift_panel(student))
         self.history.append(row)
