@@ -89,7 +89,19 @@ def test_repetition_rate_counts_repeated_ngrams():
 def test_the_teacher_samples_are_drawn_once_and_the_student_ones_repeat():
     t, s = _lm(1), _lm(5)
     panel = _panel(t)
-    assert panel(s) == panel(s)
+    first = panel(s)
+    drawn = panel._teacher_samples
+    assert panel(s) == first and panel._teacher_samples is drawn  # the same draw, not a redraw
+
+
+def test_a_small_memory_budget_splits_the_rows_and_changes_nothing():
+    """memory_mb bounds the B×R×V float64 block per forward (real vocabularies); one row at a time gives the
+    same panel as whole batches."""
+    t, s = _lm(1, eos_logit=2.0), _lm(5)
+    whole = _panel(t)(s)
+    tiny = _panel(t)
+    tiny.memory_mb = 0  # -> one row per forward
+    assert tiny(s) == pytest.approx(whole, rel=1e-12, abs=1e-15)
 
 
 def test_a_kdlab_run_logs_the_panel_and_its_trajectory_is_unchanged(tmp_path):

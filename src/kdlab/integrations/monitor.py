@@ -258,6 +258,7 @@ class TeacherHackingMonitor(TrainerCallback):
         if alignment_prompts is not None:
             self.alignment_prompts = _left_padded(alignment_prompts, tokenizer, pad if pad is not None else 0)
         self._aligned: dict[str, float] = {}  # the cosines of the step in progress
+        self.alignment = None  # kdlab.pipeline.alignment.GradientAlignment, made at its first measurement
         self.stop_on_alarm = stop_on_alarm
         self.drift_panel: DriftPanel | None = None
         self.alarms: dict[str, Any] = {}  # name -> AlarmVerdict of the drift panel's alarms, once fired
@@ -326,34 +327,29 @@ class TeacherHackingMonitor(TrainerCallback):
 
     @torch.enable_grad()
     def _alignment(self, model, step: int) -> dict[str, float]:
+        """kdlab's own measurement (kdlab.pipeline.alignment.GradientAlignment, which puts the trainer's gradients
+        back), with forward KL to the fresh batch's reference logits as the loss: they come out of its sampling
+        pass, so no extra reference forward."""
+        from kdlab.data.sources import SamplingParams
         from kdlab.losses import forward_kl
-        from kdlab.models.sampling import sample
-        from kdlab.pipeline.alignment import cosine, flat_grad
+        from kdlab.pipeline.alignment import GradientAlignment, _FreshOracle, _FreshTeacher
 
-        params = [p for p in model.parameters() if p.requires_grad]
-        train = flat_grad(params)
+        if self.alignment is None:
+            ids, mask = self.alignment_prompts
+            params = SamplingParams(self.max_new_tokens, self.temperature, eos_token_id=self.eos_token_id)
+            refs = {"fresh": _FreshTeacher(self.teacher, ids, mask, self.batch_size, self.seed, params)}
+            if self.oracle is not None:
+                refs["golden"] = _FreshOracle(self.oracle, ids, mask, self.batch_size, self.seed, params)
+            self.alignment = GradientAlignment(refs)
         student = _as_lm(model)
-        ids_all, mask_all = self.alignment_prompts
-        out: dict[str, float] = {}
-        for name, ref in (("grad_cos_fresh", self.teacher), ("grad_cos_golden", self.oracle)):
-            if ref is None:
-                continue
-            gen = generator_for(self.seed, "monitor-alignment", name, step)
-            rows = torch.randint(0, len(ids_all), (min(self.batch_size, len(ids_all)),), generator=gen)
-            ids, mask = ids_all[rows].to(ref.device), mask_all[rows].to(ref.device)
-            with torch.no_grad():
-                s = sample(ref, ids, mask, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                           eos_token_id=self.eos_token_id, generator=gen)
-                target = ref.response_logits(ids, mask, s.response_ids_BxR, s.response_mask_BxR)
-            dev = student.device
-            logits = student.response_logits(ids.to(dev), mask.to(dev), s.response_ids_BxR.to(dev),
-                                              s.response_mask_BxR.to(dev))
-            loss = forward_kl(logits, target.to(dev), s.response_mask_BxR.to(dev))
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            fresh = torch.cat([(g if g is not None else torch.zeros_like(p)).detach().reshape(-1).double()
-                               for g, p in zip(grads, params)])
-            out[name] = cosine(train, fresh)
-        return out
+        dev = student.device
+
+        def loss_of(b):
+            logits = student.response_logits(b.prompt_ids.to(dev), b.prompt_mask.to(dev), b.response_ids.to(dev),
+                                              b.response_mask.to(dev))
+            return forward_kl(logits, b.teacher_target.to(dev), b.response_mask.to(dev))
+
+        return self.alignment.measure(step, [p for p in model.parameters() if p.requires_grad], loss_of)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.lr_sum += self._lr_now if self._lr_now is not None else 0.0

@@ -46,18 +46,22 @@ class SparseTarget(NamedTuple):
 
     @classmethod
     def from_logits(cls, teacher_logits_BxTxV: Tensor, k: int, temperature: float = 1.0) -> "SparseTarget":
-        """Top-k of ``log_softmax(teacher_logits / temperature)``, returned in float32 or better.
+        """Top-k of ``log_softmax(teacher_logits / temperature)``, in float32 or better.
 
-        The log-softmax runs in float64: in float32 a confident teacher's top log-prob rounds to exactly 0 (its
-        log-normaliser 25 + 7e-10 is 25.0), which leaves the rest bucket a mass of exactly 0 and made every top-k
-        reverse KL +inf (found by `kdlab conformance --topk`); −7e-10 itself is a float32 number."""
+        The normaliser is taken as max + log1p(Σ_{v ≠ argmax} exp(z_v − max)): with log_softmax in float32 a
+        confident teacher's log-normaliser 25 + 7e-10 rounds to 25.0, its top log-prob to exactly 0 and the rest
+        bucket's mass to exactly 0, which made every top-k reverse KL +inf (found by `kdlab conformance --topk`).
+        The sum without the top term keeps those 7e-10 (a float32 number), with no float64 copy of the logits."""
         vocab = teacher_logits_BxTxV.shape[-1]
         if not 1 <= k <= vocab:
             raise ValueError(f"k={k} is out of range; allowed: 1 <= k <= V={vocab}")
         dtype = torch.promote_types(teacher_logits_BxTxV.dtype, torch.float32)
-        logprobs = torch.log_softmax(teacher_logits_BxTxV.to(torch.float64) / temperature, dim=-1)
-        top = logprobs.topk(k, dim=-1)
-        return cls(top.indices, top.values.to(dtype))
+        z = teacher_logits_BxTxV.to(dtype) / temperature
+        top = z.topk(k, dim=-1)
+        peak = top.values[..., :1]
+        others = torch.exp(z - peak).scatter_(-1, top.indices[..., :1], 0.0)  # every term but the top one
+        # (z − peak) − log1p(...), in that order: peak + log1p(...) would round the 7e-10 away again
+        return cls(top.indices, (top.values - peak) - torch.log1p(others.sum(dim=-1, keepdim=True)))
 
 
 def check_sparse(target: SparseTarget, shape_BxT: tuple[int, int], vocab: int) -> None:

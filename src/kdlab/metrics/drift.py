@@ -82,6 +82,7 @@ class DriftPanel:
     batch_size: int = 64
     topk: int = 8
     ngram: int = 2
+    memory_mb: int = 256  # the largest B×R×V float64 block of log-probs held at once (per model)
     _teacher_samples: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -100,9 +101,12 @@ class DriftPanel:
         return torch.cat(ids), torch.cat(masks)
 
     def _log_probs(self, lm: LM, ids_NxR: Tensor, mask_NxR: Tensor):
-        """Batches of (rows, float64 log-probs B×R×V) of `lm` along the given responses."""
-        for i in range(0, len(ids_NxR), self.batch_size):
-            sl = slice(i, i + self.batch_size)
+        """Batches of (rows, float64 log-probs B×R×V) of `lm` along the given responses; B is at most batch_size
+        and small enough that one B×R×V float64 tensor stays within `memory_mb` (real vocabularies)."""
+        per_row = ids_NxR.shape[1] * lm.vocab_size * 8
+        rows = max(1, min(self.batch_size, (self.memory_mb << 20) // max(per_row, 1)))
+        for i in range(0, len(ids_NxR), rows):
+            sl = slice(i, i + rows)
             z = lm.response_logits(self.prompt_ids_NxP[sl].to(lm.device), self.prompt_mask_NxP[sl].to(lm.device),
                                    ids_NxR[sl].to(lm.device), mask_NxR[sl].to(lm.device))
             yield sl, torch.log_softmax(z.double().cpu(), dim=-1)
