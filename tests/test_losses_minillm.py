@@ -157,6 +157,9 @@ def test_minillm_runs_in_the_stage2_loop_with_teacher_mixed_samples(tmp_path):
         mix = cfg.stage2.mixed.teacher_alpha * p + (1 - cfg.stage2.mixed.teacher_alpha) * q
         want = mix.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1).log()
     torch.testing.assert_close(batch.behaviour_logprobs.double(), want, rtol=1e-4, atol=1e-5)
+    # the targets are the teacher's logits along the response, taken from the sampling loop
+    torch.testing.assert_close(batch.teacher_target.double(), world.teacher.response_logits(*args).double(),
+                               rtol=1e-4, atol=1e-5)
     for regime in ("teacher_mixed", "online_student"):
         out = run(load_config(tiny, [f"output_dir={tmp_path / regime}", f"stage2.regime={regime}", *common]),
                   log=lambda m: None, progress=False)

@@ -172,7 +172,9 @@ class TeacherMixedSource(_OnlineSource):
             return step_fn
 
         with torch.no_grad():
-            r_ids, logps = sample_teacher_mixed(next_logits(student), next_logits(self.teacher), ids,
-                                                self.params.max_new_tokens, self.alpha, generator=gen)
-        return Batch(ids, mask, r_ids, torch.ones_like(r_ids), on_policy=True, local=True,
+            # the teacher's logits at each position come out of the sampling loop: they are the targets
+            r_ids, logps, targets = sample_teacher_mixed(next_logits(student), next_logits(self.teacher), ids,
+                                                         self.params.max_new_tokens, self.alpha, generator=gen,
+                                                         return_teacher_logits=True)
+        return Batch(ids, mask, r_ids, torch.ones_like(r_ids), teacher_target=targets, on_policy=True, local=True,
                      behaviour_logprobs=logps.float())

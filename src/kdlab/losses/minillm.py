@@ -90,22 +90,28 @@ def sequence_reverse_kl_estimate(student_logits_BxTxV: Tensor, teacher_logits_Bx
 
 @torch.no_grad()
 def sample_teacher_mixed(student_step, teacher_step, prompt_BxP: Tensor, max_new_tokens: int, alpha: float,
-                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                         generator: torch.Generator | None = None, return_teacher_logits: bool = False):
     """Responses drawn token by token from p̃ = α·p + (1 − α)·q (MiniLLM's teacher-mixed sampling, Eq. 4), and
     log p̃(y_t) of each drawn token (the behaviour log-probs for the importance weights).
 
     `student_step(ids_BxL)` and `teacher_step(ids_BxL)` return next-token logits B×V for the sequences so far
-    (e.g. ``lambda ids: lm.hf(input_ids=ids).logits[:, -1]``)."""
+    (e.g. ``lambda ids: lm.hf(input_ids=ids).logits[:, -1]``). With `return_teacher_logits`, also the teacher's
+    logits at every response position (B×R×V): the distillation targets, without a second teacher forward."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha}; allowed: 0 <= alpha <= 1")
     ids = prompt_BxP
-    out, logps = [], []
+    out, logps, teacher_logits = [], [], []
     for _ in range(max_new_tokens):
         q = torch.softmax(student_step(ids).double(), dim=-1)
-        p = torch.softmax(teacher_step(ids).double(), dim=-1)
+        z_t = teacher_step(ids)
+        if return_teacher_logits:
+            teacher_logits.append(z_t)
+        p = torch.softmax(z_t.double(), dim=-1)
         mix = alpha * p + (1.0 - alpha) * q
         nxt = torch.multinomial(mix, 1, generator=generator)
         out.append(nxt)
         logps.append(mix.gather(-1, nxt).log())
         ids = torch.cat([ids, nxt.to(ids.dtype)], dim=1)
+    if return_teacher_logits:
+        return torch.cat(out, dim=1), torch.cat(logps, dim=1), torch.stack(teacher_logits, dim=1)
     return torch.cat(out, dim=1), torch.cat(logps, dim=1)
