@@ -280,3 +280,35 @@ def test_returned_logits_are_the_model_logits_along_the_samples():
     live = lm.response_logits(ids, mask, s.response_ids_BxR, s.response_mask_BxR)
     m = s.response_mask_BxR
     torch.testing.assert_close(s.logits_BxRxV[m], live[m], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right", "none"])
+def test_next_token_logits_with_a_kv_cache_equal_full_forwards(side):
+    """`NextTokenLogits` (the teacher-mixed sampler's step) against `LM.response_logits` on the whole sequence
+    so far: the same logits at every step, with padded prompts and with none; a step that skips a token is
+    refused."""
+    from kdlab.models.sampling import NextTokenLogits
+
+    lm = tiny_lm(scale=1.0)
+    g = torch.Generator().manual_seed(1)
+    lengths = [2, 5, 3, 1]
+    P = max(lengths)
+    ids = torch.randint(0, V, (4, P), generator=g)
+    mask = torch.zeros(4, P, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        if side == "left":
+            mask[b, P - n:] = True
+        elif side == "right":
+            mask[b, :n] = True
+    mask = None if side == "none" else mask
+    step = NextTokenLogits(lm, ids, mask)
+    seq = ids
+    with torch.no_grad():
+        for t in range(6):
+            got = step(seq)
+            r = torch.cat([seq[:, P:], seq.new_zeros(4, 1)], 1)  # a placeholder for the next token
+            want = lm.response_logits(ids, mask, r)[:, -1]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            seq = torch.cat([seq, torch.randint(0, V, (4, 1), generator=g)], 1)
+        with pytest.raises(ValueError, match="exactly one token"):
+            step(torch.cat([seq, seq[:, -1:]], 1))

@@ -21,7 +21,7 @@ from torch import Tensor
 from kdlab.data.offline import OfflineData
 from kdlab.losses import SparseTarget
 from kdlab.models import LM
-from kdlab.models.sampling import Samples, sample
+from kdlab.models.sampling import NextTokenLogits, Samples, sample
 from kdlab.seeding import generator_for
 
 
@@ -141,8 +141,8 @@ class MixedSource:
 
 class TeacherMixedSource(_OnlineSource):
     """MiniLLM's teacher-mixed sampling (Gu et al. 2024, Eq. 4): each token from α·teacher + (1 − α)·student,
-    with its log-prob under that mixture (`Batch.behaviour_logprobs`, for the importance weights). Full forward
-    passes at every token (no KV cache): meant for short responses; worlds without EOS only (every response runs
+    with its log-prob under that mixture (`Batch.behaviour_logprobs`, for the importance weights). Both models keep
+    their KV caches through the loop (`NextTokenLogits`); worlds without EOS only (every response runs
     max_new_tokens)."""
 
     stream = "teacher-mixed"
@@ -161,20 +161,10 @@ class TeacherMixedSource(_OnlineSource):
         gen = generator_for(self.seed, self.stream, step)
         idx = torch.randint(0, len(self.prompt_ids), (self.batch_size,), generator=gen)[self.rows]
         ids, mask = self.prompt_ids[idx], self.prompt_mask[idx]
-        P = ids.shape[1]
-
-        def next_logits(lm: LM):
-            def step_fn(seq_BxL):
-                done = seq_BxL[:, P:]
-                r = torch.cat([done, done.new_zeros(done.shape[0], 1)], dim=1)  # a placeholder for the next token
-                out = lm.response_logits(ids.to(lm.device), mask.to(lm.device), r.to(lm.device))
-                return out[:, -1].float().cpu()
-            return step_fn
-
         with torch.no_grad():
             # the teacher's logits at each position come out of the sampling loop: they are the targets
-            r_ids, logps, targets = sample_teacher_mixed(next_logits(student), next_logits(self.teacher), ids,
-                                                         self.params.max_new_tokens, self.alpha, generator=gen,
-                                                         return_teacher_logits=True)
+            r_ids, logps, targets = sample_teacher_mixed(
+                NextTokenLogits(student, ids, mask), NextTokenLogits(self.teacher, ids, mask), ids,
+                self.params.max_new_tokens, self.alpha, generator=gen, return_teacher_logits=True)
         return Batch(ids, mask, r_ids, torch.ones_like(r_ids), teacher_target=targets, on_policy=True, local=True,
                      behaviour_logprobs=logps.float())

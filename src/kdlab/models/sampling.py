@@ -26,6 +26,7 @@ What the generate wrapper adds:
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -33,9 +34,9 @@ from torch import Tensor
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from kdlab.models import decode
-from kdlab.models.lm import LM, left_pad, trim_left_padding
+from kdlab.models.lm import LM, _position_ids, left_pad, trim_left_padding
 
-__all__ = ["Samples", "sample", "eos_ids", "response_mask"]
+__all__ = ["Samples", "sample", "eos_ids", "response_mask", "NextTokenLogits"]
 
 
 class _RowDraw(LogitsProcessor):
@@ -235,3 +236,55 @@ def sample(
         logits_BxRxV = raw.new_zeros(B, max_new_tokens, raw.shape[-1])
         logits_BxRxV[:, :Rp] = raw
     return Samples(ids_BxR, mask_BxR, logp_BxR, logits_BxRxV)
+
+
+class NextTokenLogits:
+    """Next-token logits for a sampling loop that draws from more than one model, one token at a time
+    (MiniLLM's teacher-mixed sampling, `kdlab.losses.minillm.sample_teacher_mixed`), with the model's KV cache
+    kept between calls.
+
+    ``step(seq_BxL)`` returns float32 logits B×V (on the CPU) of p(· | prompt, seq_BxL[:, P:]), where the first
+    P columns are the prompt given here. The first call (L = P) runs the prompt; each later call must extend the
+    previous call's sequence by exactly one token and runs only that token through the model. Left-padded
+    prompts get the positions `LM.response_logits` gives them (padding skipped), so the logits equal a full
+    forward's up to rounding. Encoder-decoder models run a full forward at every call (no cache kept).
+    """
+
+    def __init__(self, lm: LM, prompt_ids_BxP: Tensor, prompt_mask_BxP: Tensor | None = None):
+        self.lm, self.P = lm, prompt_ids_BxP.shape[1]
+        self.prompt_ids, self.prompt_mask = prompt_ids_BxP, prompt_mask_BxP
+        dev = lm.device
+        if prompt_mask_BxP is None:
+            ids, mask = prompt_ids_BxP, torch.ones_like(prompt_ids_BxP, dtype=torch.bool)
+        else:
+            ids, mask = trim_left_padding(*left_pad(prompt_ids_BxP, prompt_mask_BxP))
+        self._ids, self._mask = ids.to(dev), mask.to(dev).bool()
+        self._n_real_B = self._mask.sum(-1)  # the first response token's position
+        self._past, self._n = None, -1  # tokens of the response seen by the cache (-1: nothing run yet)
+        # transformers 5.x renamed `past_key_values` to `cache` (both in and out); older model classes keep the old name
+        params = inspect.signature(getattr(lm.hf, "module", lm.hf).forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def __call__(self, seq_BxL: Tensor) -> Tensor:
+        drawn = seq_BxL[:, self.P:]
+        n = drawn.shape[1]
+        if self.lm.is_encoder_decoder:
+            r = torch.cat([drawn, drawn.new_zeros(drawn.shape[0], 1)], dim=1)  # a placeholder for the next token
+            out = self.lm.response_logits(self.prompt_ids, self.prompt_mask, r.to(self.lm.device))
+            return out[:, -1].float().cpu()
+        if n != self._n + 1:
+            raise ValueError(f"NextTokenLogits: the sequence has {n} response tokens; the cache holds {max(self._n, 0)} "
+                             "(each call must add exactly one token to the previous call's sequence)")
+        if n == 0:
+            kw = {"logits_to_keep": 1} if self.lm._has_logits_to_keep else {}
+            out = self.lm.hf(input_ids=self._ids, attention_mask=self._mask, position_ids=_position_ids(self._mask),
+                             use_cache=True, **kw)
+        else:
+            dev = self._ids.device
+            B = drawn.shape[0]
+            self._mask = torch.cat([self._mask, self._mask.new_ones(B, 1)], 1)
+            pos_Bx1 = (self._n_real_B + (n - 1))[:, None]
+            out = self.lm.hf(input_ids=drawn[:, -1:].to(dev), attention_mask=self._mask, position_ids=pos_Bx1,
+                             use_cache=True, **{self._cache_arg: self._past})
+        self._past, self._n = getattr(out, self._cache_arg), n
+        return out.logits[:, -1].float().cpu()
