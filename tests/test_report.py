@@ -262,3 +262,29 @@ def test_step_zero_is_not_on_the_log_colour_bar(sweep):
     assert scatter.norm.vmin == steps[steps > 0].min()
     assert "step 0 (before training)" in ax.get_legend_handles_labels()[1]
     plt.close(fig)
+
+
+def test_conditions_carry_final_golden_proxy_and_wall_time_over_seeds(sweep, tmp_path):
+    """Issue 22's comparison columns: each condition's last golden and proxy as mean ± SE over its seeds, and
+    stage 2's wall time from each run's done file, computed here from the metrics files themselves."""
+    import shutil
+    import statistics
+
+    root = tmp_path / "copy"
+    shutil.copytree(sweep, root)
+    runs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("offline_256x8"))
+    for i, r in enumerate(runs):
+        (r / "done.json").write_text(json.dumps({"steps": 1, "seconds_this_session": 10.0 + 4 * i}))
+    write_report([root])
+    summary = json.loads((root / "summary.json").read_text())
+    final = {c["condition"]: c for c in summary["conditions"]}["offline 256×8"]["final"]
+    last = [json.loads((r / "metrics.jsonl").read_text().splitlines()[-1]) for r in runs]
+    from kdlab import record
+
+    for col, name in (("golden", record.GOLDEN), ("proxy", record.PROXY)):
+        vals = [row[name] for row in last]
+        assert final[col]["mean"] == pytest.approx(statistics.fmean(vals))
+        assert final[col]["se"] == pytest.approx(statistics.stdev(vals) / len(vals) ** 0.5)
+    assert final["stage2_seconds"]["mean"] == pytest.approx(12.0)
+    page = (root / "report.html").read_text()
+    assert "final golden (mean ± SE over seeds)" in page and f"{final['golden']['mean']:.3f}" in page

@@ -358,16 +358,18 @@ class Stage2Config(_Section):
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (also at the end).")
     controller: ControllerConfig = Field(
         default_factory=ControllerConfig, description="The closed-loop controller (off by default).")
-    compile_teacher: bool = Field(
-        False, description="torch.compile the teacher forward that makes live targets (offline without cached "
+    compile_teacher: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the teacher forward that makes live targets (offline without cached "
         "targets, on-policy), and in the online_teacher regime its decode step: ~20% faster per forward on the "
-        "issue-7 CPU workload, for a compile of ~15 s in the first step (needs a C++ compiler on CPU). Off by "
-        "default: every run pays that warm-up.")
-    compile_student: bool = Field(
-        False, description="torch.compile the student's training forward (and so its backward), and in the "
+        "issue-7 CPU workload, for a compile of ~15 s (needs a C++ compiler on CPU). 'auto' (default): compile "
+        "once the run's first steps show that the steps left would save more than the compile costs "
+        "(kdlab.pipeline.autocompile; the cost and saving measured by earlier runs are kept in the cache directory).")
+    compile_student: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the student's training forward (and so its backward), and in the "
         "on-policy and mixed regimes its decode step: ~1.2x per training step and ~1.4x per on-policy sample on "
-        "the issue-7 CPU workload, for a compile of ~15-25 s in the first step. Single-process runs only. "
-        "Evaluation keeps the eager student (same weights).")
+        "the issue-7 CPU workload, for a compile of ~15-25 s. Single-process runs only ('auto' stays eager under "
+        "accelerate launch). 'auto' (default): as compile_teacher. Evaluation keeps the eager student (same "
+        "weights).")
 
 
 class LossConfig(_Section):

@@ -23,7 +23,7 @@ import numpy as np
 
 from kdlab import record
 from kdlab.analysis.detectors import detect_golden, detect_proxy_deviation
-from kdlab.analysis.runs import RunAnalysis
+from kdlab.analysis.runs import RunAnalysis, mean_se as _mean_se
 
 
 @dataclass
@@ -52,14 +52,6 @@ def _truncate(run: RunAnalysis, budget: int):
                                proxy_paired=sel(run.paired.get(m.proxy_col)))
     proxy = detect_proxy_deviation(s, sel(m.proxy), sel(m.proxy_se))
     return golden, proxy
-
-
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    if len(values) == 1:
-        return values[0], math.nan
-    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
 def _fmt(mean: float, se: float) -> str:

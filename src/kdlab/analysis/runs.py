@@ -20,6 +20,7 @@ would share a label, the config values that differ are appended ("offline (lr=0.
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -448,7 +449,38 @@ def _aggregate(runs: list[RunAnalysis]) -> dict:
     sequential = {"n": len(runs), "detected": len(seq_hits), "onset_steps": [r.sequential.onset_step for r in seq_hits],
                   "onset_median": _median([r.sequential.onset_step for r in seq_hits]), "experimental": True}
     return {GOLDEN: golden, PROXY_DEVIATION: proxy, PROXY_SEQUENTIAL: sequential, "verdict": "; ".join(text),
-            "notes": notes}
+            "final": _finals(runs), "notes": notes}
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean over seeds and its standard error (sample SD / sqrt(n)); NaN where undefined (no value; one seed's SE)."""
+    if not values:
+        return math.nan, math.nan
+    if len(values) == 1:
+        return values[0], math.nan
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _summary_stat(values: list[float]) -> dict | None:
+    mean, se = mean_se(values)
+    return None if not values else {"mean": mean, "se": None if math.isnan(se) else se, "n": len(values)}
+
+
+def _finals(runs: list[RunAnalysis]) -> dict:
+    """The last evaluation's golden and proxy, and stage 2's wall time (record.DONE), over the condition's seeds:
+    the columns of a methods comparison (issue 22)."""
+    def last(r, col):
+        return r.metrics.rows[-1].get(col) if r.metrics.rows else None
+
+    seconds = []
+    for r in runs:
+        try:
+            seconds.append(float(json.loads((r.path / record.DONE).read_text())["seconds_this_session"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # an unfinished run, or one written before the field: no wall time
+    return {"golden": _summary_stat([v for r in runs if (v := last(r, record.GOLDEN)) is not None]),
+            "proxy": _summary_stat([v for r in runs if (v := last(r, record.PROXY)) is not None]),
+            "stage2_seconds": _summary_stat(seconds)}
 
 
 def group_conditions(runs: list[RunAnalysis]) -> dict[str, list[RunAnalysis]]:

@@ -105,6 +105,8 @@ class Controller:
         self.cfg, self.c = cfg, cfg.stage2.controller
         self.run_dir = Path(run_dir)
         self.teacher, self.params = teacher, params  # params: the run's sampling settings (offline build's)
+        # whether the student's decode step is compiled ('auto' sets it when it compiles: kdlab.pipeline.autocompile)
+        self.compile_student = cfg.stage2.compile_student is True
         self.pool_ids, self.pool_mask = pool
         o = cfg.stage2.offline
         self.dataset_size = o.num_prompts * o.generations_per_prompt
@@ -235,7 +237,7 @@ class Controller:
         source (a mixed regime keeps its other source and gets the new rate)."""
         other = current.other if isinstance(current, MixedSource) else current
         # the student's sampler as a mixed regime's (its decode step compiled under stage2.compile_student)
-        params = dataclasses.replace(self.params, compile_step=self.cfg.stage2.compile_student)
+        params = dataclasses.replace(self.params, compile_step=self.compile_student)
         on_policy = OnlineStudentSource(self.pool_ids, self.pool_mask, self.cfg.stage2.batch_size, self.cfg.seed,
                                         params)
         return MixedSource(on_policy, other, self.c.mix_lmbda, self.cfg.seed)

@@ -18,6 +18,7 @@ alone writes the run directory, the metrics and the checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -41,6 +42,7 @@ from kdlab.models import LM, bf16_autocast, check_vocab_compatible, set_dropout
 from kdlab.models.sampling import sample
 from kdlab.models.vllm_backend import check_backend, make_sampler
 from kdlab.pipeline.alignment import GradientAlignment
+from kdlab.pipeline.autocompile import AUTO, AutoCompile, compiler_available, inductor_cache, workload_key
 from kdlab.pipeline.controller import Controller
 from kdlab.pipeline.distributed import Distributed
 from kdlab.pipeline.evaluate import Evaluator, eval_steps
@@ -100,7 +102,8 @@ def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | 
             sp.backend, teacher=world.teacher, teacher_dir=world.teacher_dir,
             student_dir=world.student_init_dir, gpu_memory_utilization=sp.vllm_gpu_memory, seed=cfg.seed)
     # The sampling model's compile switch compiles its decode step (builtin sampler only).
-    compile_step = sp.backend == "builtin" and (s2.compile_teacher if regime == ONLINE_TEACHER else s2.compile_student)
+    # ('auto' starts eager: kdlab.pipeline.autocompile turns it on mid-run when it pays)
+    compile_step = sp.backend == "builtin" and (s2.compile_teacher if regime == ONLINE_TEACHER else s2.compile_student) is True
     params = source_params(cfg, world, sampler, compile_step=compile_step and regime != OFFLINE)
     if regime == OFFLINE:
         o = s2.offline
@@ -290,6 +293,7 @@ class Stage2:
     logger: MultiLogger | None  # rank 0 only
     controller: Controller | None = None  # stage2.controller (None when its policy is 'off')
     delta: DeltaBases | None = None  # loss.target: delta
+    autocompile: AutoCompile | None = None  # stage2.compile_* = 'auto' (kdlab.pipeline.autocompile)
 
 
 @dataclass
@@ -351,7 +355,11 @@ def _run(cfg: RunConfig, resume: bool, log, progress: bool, on_step) -> Path:
                dynamic_ncols=True, leave=False)
     t0 = time.time()
     while c.step < total and not stopped:
+        if s.autocompile is not None:
+            s.autocompile.start_step()
         loss, n_tokens, measured = train_step(s, c.step, align=s.alignment is not None and c.step + 1 in evals)
+        if s.autocompile is not None:
+            s.autocompile.end_step(total - c.step - 1)
         aligned = measured or aligned
         c.step += 1
         c.tokens += n_tokens
@@ -393,11 +401,13 @@ def setup(cfg: RunConfig, run_dir: Path, device, dist: Distributed, log) -> Stag
     check_vocab_compatible(world.teacher, student, ("teacher", "student"))
     loss_fn = make_loss(cfg)
     taid = make_taid_schedule(cfg)
-    target_teacher = compiled(world.teacher) if cfg.stage2.compile_teacher else world.teacher
+    if True in (cfg.stage2.compile_student, cfg.stage2.compile_teacher):
+        inductor_cache(cfg.resolved_cache_dir())
+    target_teacher = compiled(world.teacher) if cfg.stage2.compile_teacher is True else world.teacher
     optimizer = make_optimizer(student.hf.parameters(), cfg)
     model, optimizer = dist.prepare(student.hf, optimizer)
     trainee = dist.trainee(student, model)
-    if cfg.stage2.compile_student:
+    if cfg.stage2.compile_student is True:
         if dist.enabled:
             raise ValueError("stage2.compile_student supports single-process runs; under accelerate launch "
                              "set it to false")
@@ -416,11 +426,57 @@ def setup(cfg: RunConfig, run_dir: Path, device, dist: Distributed, log) -> Stag
             raise ValueError("eval.grad_alignment supports single-process runs; under accelerate launch set it to false")
         alignment = GradientAlignment.for_world(world, *world.prompts["stage2"], cfg.stage2.batch_size, cfg.seed,
                                                 source_params(cfg, world))
-    return Stage2(cfg=cfg, run_dir=run_dir, device=device, dist=dist, world=world, source=source,
+    s = Stage2(cfg=cfg, run_dir=run_dir, device=device, dist=dist, world=world, source=source,
                   evaluator=evaluator, student=student, model=model, trainee=trainee, target_teacher=target_teacher,
                   optimizer=optimizer, loss_fn=loss_fn, taid=taid, alignment=alignment, logger=logger,
                   delta=DeltaBases.for_world(cfg, world, device) if cfg.loss.target == "delta" else None,
                   controller=controller)
+    s.autocompile = make_autocompile(s, log)
+    return s
+
+
+def _sampling_sources(source):
+    """The online sources inside `source` (a mixed regime holds two), for their decode step's compile switch."""
+    if isinstance(source, MixedSource):
+        return [*_sampling_sources(source.on_policy), *_sampling_sources(source.other)]
+    return [source] if isinstance(source, (OnlineStudentSource, OnlineTeacherSource)) else []
+
+
+def make_autocompile(s: Stage2, log) -> AutoCompile | None:
+    """The 'auto' compile switches of `s` (None when nothing is 'auto' or nothing could be compiled here).
+
+    'auto' covers what the explicit switch would compile: the student's training forward and its on-policy
+    decode step; the teacher's live-target forward and its online_teacher decode step."""
+    s2, world = s.cfg.stage2, s.world
+    regime = s2.regime
+    auto = []
+    if s2.compile_student == AUTO and not s.dist.enabled:
+        auto.append("student")
+    live_teacher = regime in (ONLINE_STUDENT, MIXED) or (regime == OFFLINE and not s.source.use_cached_targets)
+    if s2.compile_teacher == AUTO and (live_teacher or regime == ONLINE_TEACHER) and s.cfg.loss.target != "delta":
+        auto.append("teacher")
+    if not auto:
+        return None
+    if not compiler_available(s.device):
+        log("[compile auto] no C++ compiler found (g++, c++, clang++, $CXX): eager throughout")
+        return None
+    inductor_cache(s.cfg.resolved_cache_dir())
+    eager_trainee, eager_teacher = s.trainee, s.target_teacher
+    decoders = {OnlineStudentSource: "student", OnlineTeacherSource: "teacher"}  # whose decode step each samples
+
+    def switch(on: bool) -> None:
+        if "student" in auto:
+            s.trainee = compiled(s.student) if on else eager_trainee
+            if s.controller is not None:
+                s.controller.compile_student = on
+        if "teacher" in auto and live_teacher:
+            s.target_teacher = compiled(world.teacher) if on else eager_teacher
+        for src in _sampling_sources(s.source) if s2.sampling.backend == "builtin" else []:
+            if decoders[type(src)] in auto:
+                src.params = dataclasses.replace(src.params, compile_step=on)
+
+    models = tuple(auto)
+    return AutoCompile(workload_key(s.cfg, regime, models), models, s.cfg.resolved_cache_dir(), switch, log)
 
 
 def train_step(s: Stage2, step: int, align: bool = False) -> tuple[float, int, dict | None]:

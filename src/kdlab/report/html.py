@@ -86,16 +86,27 @@ def _condition_table(summary: dict) -> str:
         g_onset = "–" if g is None else _step(g["onset_median"])
         p = c[PROXY_DEVIATION]
         cls = "hacking" if g is not None and g["detected"] else "none"
+        final = c.get("final") or {}
         rows.append(
             f"<tr><td>{_e(c['condition'])}</td><td>{_e(c['regime'])}</td><td>{len(c['runs'])}</td>"
             f'<td class="{cls}">{_e(golden)}</td><td>{g_onset}</td>'
-            f"<td>{p['detected']}/{p['n']}</td><td>{_step(p['onset_median'])}</td><td>{_e(c['verdict'])}</td></tr>"
+            f"<td>{p['detected']}/{p['n']}</td><td>{_step(p['onset_median'])}</td>"
+            f"<td>{_mean_se(final.get('golden'))}</td><td>{_mean_se(final.get('proxy'))}</td>"
+            f"<td>{_mean_se(final.get('stage2_seconds'), '{:.0f}')}</td><td>{_e(c['verdict'])}</td></tr>"
         )
     return (
         "<table><tr><th>condition</th><th>regime</th><th>runs</th><th>golden: hacking</th>"
         "<th>golden onset (median)</th><th>proxy-only: departs</th><th>proxy onset (median)</th>"
+        "<th>final golden (mean ± SE over seeds)</th><th>final proxy</th><th>stage-2 wall time (s)</th>"
         "<th>verdict</th></tr>" + "".join(rows) + "</table>"
     )
+
+
+def _mean_se(v: dict | None, fmt: str = "{:.3f}") -> str:
+    """A mean over seeds with its standard error ('–' when unknown; no ± with one seed)."""
+    if not v:
+        return "–"
+    return fmt.format(v["mean"]) + ("" if v.get("se") is None else " ± " + fmt.format(v["se"]))
 
 
 def _findings(findings: list[dict]) -> str:

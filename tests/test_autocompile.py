@@ -1,0 +1,119 @@
+"""stage2.compile_* = 'auto' (kdlab.pipeline.autocompile): the decision from step times and costs, the record of
+what a compile measured, and a real run that compiles when its record says it pays."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdlab.pipeline import autocompile as ac
+
+
+class FakeClock:
+    """Steps of given durations: `step(d)` advances the clock by d between start_step and end_step."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def drive(auto, clock, durations, total):
+    for i, d in enumerate(durations):
+        auto.start_step()
+        clock.now += d
+        auto.end_step(total - i - 1)
+
+
+def make(tmp_path, key="w", **kw):
+    calls, lines = [], []
+    clock = FakeClock()
+    auto = ac.AutoCompile(key, ("student",), tmp_path, calls.append, lines.append, clock=clock, **kw)
+    return auto, clock, calls, lines
+
+
+def test_decide_compares_the_time_saved_with_the_compile_cost():
+    assert ac.decide(1000, 0.1, 10.0, 0.15).compile  # 15 s saved > 10 s
+    assert not ac.decide(100, 0.1, 10.0, 0.15).compile  # 1.5 s saved
+    assert not ac.decide(1000, 0.1, 15.0, 0.15).compile  # equal: not worth it
+
+
+def test_a_short_run_stays_eager_and_writes_no_record(tmp_path):
+    auto, clock, calls, lines = make(tmp_path)
+    drive(auto, clock, [0.5, 0.5] + [0.01] * 20, total=22)  # 15 steps left x 10 ms x 15% << 20 s
+    assert calls == [] and auto.decision is not None and not auto.decision.compile
+    assert "eager" in lines[0] and "priors" in lines[0]
+    assert not (tmp_path / ac.RECORD).exists()
+
+
+def test_a_long_run_compiles_measures_and_records(tmp_path):
+    auto, clock, calls, lines = make(tmp_path)
+    # warm-up (untimed), 5 eager steps of 100 ms, the compile step (100 ms + 12 s), 5 compiled steps of 80 ms
+    drive(auto, clock, [9.0, 9.0] + [0.1] * 5 + [12.1] + [0.08] * 5 + [0.08] * 10, total=10_000)
+    assert calls == [True]
+    rec = json.loads((tmp_path / ac.RECORD).read_text())["w"]
+    assert rec["compile_s"] == pytest.approx(12.0, abs=1e-6)
+    assert rec["saving"] == pytest.approx(0.2, abs=1e-6)
+    # the next run of the same workload decides from the measurement, not the priors
+    auto2, clock2, calls2, lines2 = make(tmp_path)
+    assert (auto2.cost_s, auto2.saving) == (pytest.approx(12.0), pytest.approx(0.2))
+    drive(auto2, clock2, [0.1] * 7, total=400)  # 393 x 0.1 x 0.2 = 7.9 s < 12 s: eager this time
+    assert calls2 == [] and "measured by an earlier run" in lines2[0]
+
+
+def test_a_compile_that_does_not_speed_up_steps_is_undone(tmp_path):
+    auto, clock, calls, lines = make(tmp_path)
+    drive(auto, clock, [0.1] * 7 + [20.0] + [0.12] * 5, total=100_000)
+    assert calls == [True, False] and "back to eager" in lines[-1]
+    assert json.loads((tmp_path / ac.RECORD).read_text())["w"]["saving"] < 0
+
+
+def test_the_prior_cost_counts_each_model_compiled(tmp_path):
+    both = ac.AutoCompile("k", ("student", "teacher"), tmp_path, lambda on: None, lambda m: None)
+    assert both.cost_s == 2 * ac.PRIOR_COST_S
+
+
+@pytest.mark.parametrize("value,expected", [("auto", "auto"), ("true", True), ("false", False)])
+def test_the_config_takes_auto_or_a_bool(value, expected):
+    from kdlab.config import build_config
+
+    assert build_config({}, [f"stage2.compile_student={value}"]).stage2.compile_student == expected
+    assert build_config({}, []).stage2.compile_teacher == "auto"
+
+
+def test_a_run_compiles_when_its_record_says_it_pays_and_matches_an_eager_run(tmp_path):
+    """A tiny real run, live teacher: with a record of a cheap, useful compile the run switches to compiled views
+    of the student and the teacher after its probe (the log says so), ends with the eager run's losses (same
+    weights, float rounding apart), and replaces the record with its own measurement; the eager run (compile
+    off) writes no record."""
+    from kdlab import record
+    from kdlab.config import load_config
+    from kdlab.pipeline.distill import run
+    from kdlab.pipeline.rundir import read_metrics
+
+    torch._dynamo.reset()  # no compiled code from earlier tests in this process: this run compiles its own
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    common = [f"cache_dir={tmp_path / 'cache'}", "stage2.steps=16", "eval.num_points=2", "stage2.offline.targets=none"]
+    eager = run(load_config(tiny, [f"output_dir={tmp_path / 'eager'}", "stage2.compile_student=false",
+                                   "stage2.compile_teacher=false", *common]), log=lambda m: None, progress=False)
+    assert not (tmp_path / "cache" / ac.RECORD).exists()
+    cfg = load_config(tiny, [f"output_dir={tmp_path / 'auto'}", *common])
+    key = ac.workload_key(cfg, cfg.stage2.regime, ("student", "teacher"))
+    (tmp_path / "cache" / ac.RECORD).write_text(json.dumps({key: {"compile_s": 0.0, "saving": 0.5}}))
+    lines = []
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    auto = run(cfg, log=lines.append, progress=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the switch compiled something
+    assert any("[compile auto] student, teacher: compile" in m for m in lines), lines
+    assert any("[compile auto] measured" in m for m in lines), lines
+    rec = json.loads((tmp_path / "cache" / ac.RECORD).read_text())[key]
+    assert rec["compile_s"] > 0.0 and "compiled_step_s" in rec
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / ac.INDUCTOR_DIR)
+    a, b = read_metrics(eager / record.METRICS), read_metrics(auto / record.METRICS)
+    assert [r[record.STEP] for r in a] == [r[record.STEP] for r in b]
+    for ra, rb in zip(a, b):
+        assert rb[record.TRAIN_LOSS] == pytest.approx(ra[record.TRAIN_LOSS], rel=1e-3, abs=1e-5) \
+            if ra[record.TRAIN_LOSS] is not None else rb[record.TRAIN_LOSS] is None
