@@ -1,8 +1,13 @@
 """kdlab's distillation loop vs TRL's GKDTrainer on the same workload (issue 7; presets: issue 23).
 
     .venv/bin/python bench/vs_trl.py [--preset tiny|124m|qwen-0.5b-1.5b] [--smoke] [--device cpu|cuda]
-        [--precision fp32|bf16] [--threads N] [--configs off_fkl_cached,on_jsd] [--repeats 2] [--root DIR]
+        [--precision fp32|bf16|auto] [--threads N] [--configs off_fkl_cached,on_jsd] [--repeats 2] [--root DIR]
         [--json out.json]
+
+    .venv/bin/python bench/vs_trl.py                                   # issue 7's tiny table, all CPU rows
+    .venv/bin/python bench/vs_trl.py --preset 124m --configs off_fkl_cached,off_fkl_live,on_jsd --json 124m.json
+    .venv/bin/python bench/vs_trl.py --preset qwen-0.5b-1.5b --configs off_fkl_cached,on_jsd,on_jsd_vllm
+    bash bench/gpu.sh [OUT_DIR]     # both large presets on one NVIDIA GPU, time-limited (bench/gpu.sh --smoke: CPU)
 
 Workloads (`--preset`, a `Workload` below; random init, no downloads, no EOS: every response is full length):
   tiny (default)  issue 7's workload, unchanged: teacher Llama 4 layers / hidden 256 / 8 heads / intermediate
@@ -27,9 +32,10 @@ Workloads (`--preset`, a `Workload` below; random init, no downloads, no EOS: ev
                   full targets at this vocabulary are N x R x V floats, 3.7 GB for the 48 prompts, and the GPU
                   run of bench/gpu.sh has minutes); 6 steps, 2 warm-up.
   --smoke         a preset shrunk to run on a CPU in seconds, same architecture, tying, GQA and code paths
-                  (teacher 2 layers / hidden 64 / 4 heads, student 1 / 32 / 4, intermediate 2h, V 256,
-                  batch 4 x (8 + 16 tokens), 4 steps, 1 warm-up, 1 thread, CPU): it keeps the script from
-                  rotting (tests/test_bench_vs_trl.py); its times mean nothing.
+                  (teacher 2 layers / hidden 64 / 4 heads, student 1 / 32 / 4, 2 KV heads where the preset
+                  uses GQA, intermediate 2h, V 256, batch 4 x (8 + 16 tokens), 4 steps, 1 warm-up, 1 thread,
+                  CPU; the preset's precision unless --precision): it keeps the script from rotting
+                  (tests/test_bench_vs_trl.py, bench/gpu.sh --smoke); its times mean nothing.
   --device / --precision / --threads override the preset's. On CUDA kdlab runs with `device=cuda` and
   `precision=bf16` (float32 weights, bf16 autocast), TRL with `bf16=True, use_cpu=False` (the same: float32
   weights under accelerate's bf16 autocast).
@@ -47,6 +53,8 @@ Configurations (kdlab | TRL):
                    with a message otherwise, and left out of the default list on the CPU. TRL 1.16's
                    GKDTrainer has no vLLM path, so its column is its on_jsd measurement of the same repeat
                    when on_jsd ran in this invocation ("trl_reused_from" in the JSON), else a fresh one.
+                   kdlab's engines run in-process (external_launcher): the child gets a one-process
+                   torch.distributed environment (RANK=0, WORLD_SIZE=1, MASTER_ADDR/PORT). Not yet run on a GPU.
   *_ct             the live rows and on_jsd again with kdlab's stage2.compile_teacher=true (TRL as above)
   *_cs / *_c       with stage2.compile_student=true: the cached rows (_cs); the live rows and on_jsd with
                    both the student and the teacher compiled (_c; on-policy this includes the student's
