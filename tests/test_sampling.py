@@ -219,19 +219,26 @@ def test_row_seeded_draws_follow_the_model():
                                atol=1e-5, rtol=1e-5)
 
 
+def padded_prompts(side: str, g: torch.Generator, lengths=(2, 5, 3, 1)):
+    """Prompts of the given real lengths padded on the `side` ('left', 'right'; 'none': full rows, mask None)."""
+    P = max(lengths)
+    ids = torch.randint(0, V, (len(lengths), P), generator=g)
+    if side == "none":
+        return ids, None
+    mask = torch.zeros(len(lengths), P, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        if side == "left":
+            mask[b, P - n:] = True
+        else:
+            mask[b, :n] = True
+    return ids, mask
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_prompts_sample_the_unpadded_distribution(side):
     lm = tiny_lm(scale=1.0)
     g = torch.Generator().manual_seed(0)
-    lengths = [2, 5, 3, 1]
-    P = max(lengths)
-    ids = torch.randint(0, V, (4, P), generator=g)
-    mask = torch.zeros(4, P, dtype=torch.bool)
-    for b, n in enumerate(lengths):
-        if side == "left":
-            mask[b, P - n :] = True
-        else:
-            mask[b, :n] = True
+    ids, mask = padded_prompts(side, g)
     s = sample(lm, ids, mask, max_new_tokens=6, temperature=0)
     for b in range(4):
         single = sample(lm, ids[b][mask[b]][None], max_new_tokens=6, temperature=0)
@@ -291,16 +298,8 @@ def test_next_token_logits_with_a_kv_cache_equal_full_forwards(side):
 
     lm = tiny_lm(scale=1.0)
     g = torch.Generator().manual_seed(1)
-    lengths = [2, 5, 3, 1]
-    P = max(lengths)
-    ids = torch.randint(0, V, (4, P), generator=g)
-    mask = torch.zeros(4, P, dtype=torch.bool)
-    for b, n in enumerate(lengths):
-        if side == "left":
-            mask[b, P - n:] = True
-        elif side == "right":
-            mask[b, :n] = True
-    mask = None if side == "none" else mask
+    ids, mask = padded_prompts(side, g)
+    P = ids.shape[1]
     step = NextTokenLogits(lm, ids, mask)
     seq = ids
     with torch.no_grad():
