@@ -6,7 +6,7 @@ Each measurement builds the demo world (its stage 1: oracle pools, teacher SFT, 
 cache in a new process, with one of the thread settings below, while `--competitors` busy-loop processes
 (`while True: pass`, one core each) run beside it; settings alternate within each repeat. `--competitors 0`
 is the quiet baseline. A measurement that passes `--timeout` seconds is stopped and reported as "> timeout".
-Settings:
+`--whole-demo` times the whole `kdlab demo` (kdlab's own thread and worker choices) instead. Settings:
 - `torch default`: what a process gets without kdlab choosing (torch's intra-op pool = physical cores);
 - `1 thread`: torch.set_num_threads(1);
 - `passive wait`: torch's default threads with OMP_WAIT_POLICY=PASSIVE (waiting OpenMP threads sleep
@@ -21,6 +21,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,9 +54,19 @@ print(f"{time.perf_counter() - t:.2f} {torch.get_num_threads()}")
 MODES = ("torch default", "1 thread", "passive wait", "kdlab auto")
 
 
-def measure(mode: str, quick: bool, timeout: float) -> tuple[float | None, int | None]:
+def measure(mode: str, quick: bool, timeout: float, whole_demo: bool = False) -> tuple[float | None, int | None]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KDLAB_THREADS")}
     env["PYTHONPATH"] = str(ROOT / "src")
+    if whole_demo:  # `kdlab demo` as a user runs it (its own thread and worker choices), into a fresh directory
+        with tempfile.TemporaryDirectory(prefix="kdlab-shared-demo-") as d:
+            cmd = [sys.executable, "-c", "import sys; from kdlab.cli import main; sys.exit(main())", "demo",
+                   "--out", str(Path(d) / "demo"), *(["--quick"] if quick else [])]
+            t = time.perf_counter()
+            try:
+                subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=True)
+            except subprocess.TimeoutExpired:
+                return None, None
+            return time.perf_counter() - t, None
     if mode == "passive wait":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
@@ -73,8 +84,12 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="a shorter stage 1 (250 teacher steps)")
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--whole-demo", action="store_true",
+                    help="time the whole `kdlab demo` (its default threads and workers) instead of stage 1's settings")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args(argv)
+    if args.whole_demo:
+        args.modes = ["kdlab auto"]
     load = os.getloadavg()
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.competitors)]
     results: dict[str, list] = {m: [] for m in args.modes}
@@ -82,7 +97,7 @@ def main(argv=None) -> None:
         for r in range(args.repeats):
             order = args.modes if r % 2 == 0 else list(reversed(args.modes))
             for mode in order:
-                secs, n = measure(mode, args.quick, args.timeout)
+                secs, n = measure(mode, args.quick, args.timeout, args.whole_demo)
                 results[mode].append((secs, n))
                 print(f"[{r}] {mode}: {'> %.0f' % args.timeout if secs is None else '%.1f' % secs} s "
                       f"({n} threads)", flush=True)
@@ -99,7 +114,8 @@ def main(argv=None) -> None:
     print(table)
     if args.write:
         m = machine()
-        head = f"## Shared machine: {args.competitors} competitor(s){', quick stage 1' if args.quick else ''}"
+        what = ", whole demo" if args.whole_demo else ""
+        head = f"## Shared machine: {args.competitors} competitor(s){what}{', quick stage 1' if args.quick else ''}"
         write_section(head, f"{head}\n{m}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; 1-min load before: {load[0]:.2f}\n"
                       f"`{' '.join(['bench/shared_machine.py', *(argv or sys.argv[1:])])}`\n\n{table}\n")
 
