@@ -15,6 +15,9 @@ teacher in one controlled way:
     repeats      one word repeated 4 times                 -> repetition_collapse
 
 Printed: the alarms that fired, with their onset steps, for each; the table goes into docs/LOG.md.
+
+`--controls N` instead runs the control case N times, each with its own seeds (teacher and student weights and
+data: seed base 100 + i), for the alarms' false-alarm rate on healthy trainer runs (protocol H, docs/LOG.md).
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ def _example(name):
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--controls", type=int, default=0, help="run only the control case, N times with fresh seeds")
+    args = ap.parse_args()
+    if args.controls:
+        return controls(args.controls)
     from kdlab.integrations import TeacherHackingMonitor
 
     torch.set_num_threads(1)
@@ -85,6 +95,41 @@ def main() -> None:
               f"{h['no_eos_student']:.2f}/{h['no_eos_teacher']:.2f}, {h['entropy_student']:.2f}/{h['entropy_teacher']:.2f}, "
               f"{h['repetition_student']:.2f}/{h['repetition_teacher']:.2f}, {h['exposure_gap']:+.2f} |")
         sys.stdout.flush()
+
+
+def controls(n: int) -> None:
+    """The control case n times (seeds 100 + i for the teacher, the student and their data): healthy runs."""
+    from kdlab.analysis.alarms import ALARMS
+    from kdlab.integrations import TeacherHackingMonitor
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    tiny, ex = _example("monitor_gkd"), _example("monitor_distillation")
+    tok, words = tiny.tiny_tokenizer(), tiny.WORDS
+    eos = tok.eos_token_id
+    tmp = Path(tempfile.mkdtemp(prefix="kdlab-alarms-controls-"))
+    eval_prompts = [tok.apply_chat_template([{"role": "user", "content": f"{a} {b} {c}"}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+                    for a, b, c in zip(words[:8] * 4, words[1:8] * 5, words[2:8] * 6)][:32]
+    counts = {name: 0 for name in ALARMS}
+    for i in range(n):
+        seed = 100 + i
+        torch.manual_seed(seed)
+        teacher = tiny.tiny_model(len(tok), 32, 1, eos, tok.pad_token_id)
+        ex.pretrain(teacher, tok, words, eos, str(tmp / f"teacher-{i}"), 120, seed)
+        torch.manual_seed(seed + 1000)
+        student = tiny.tiny_model(len(tok), 16, 2, eos, tok.pad_token_id)
+        ex.pretrain(student, tok, words, eos, str(tmp / f"pre-{i}"), 200, seed + 1)
+        monitor = TeacherHackingMonitor(teacher, eval_prompts, tokenizer=tok, max_new_tokens=12, num_points=6,
+                                        drift=True)
+        ex.pretrain(student, tok, words, eos, str(tmp / f"control-{i}"), 120, seed + 2, monitor=monitor)
+        for name in monitor.alarms:
+            counts[name] += 1
+        h = monitor.history[-1]
+        fired = ", ".join(f"{k} ({v.onset_step})" for k, v in monitor.alarms.items()) or "none"
+        print(f"control seed {seed}: {fired}; last length s/t {h['length_student']:.1f}/{h['length_teacher']:.1f}, "
+              f"no-EOS s/t {h['no_eos_student']:.2f}/{h['no_eos_teacher']:.2f}", flush=True)
+    print("false alarms on healthy control runs: " + ", ".join(f"{k} {v}/{n}" for k, v in counts.items()))
 
 
 if __name__ == "__main__":
