@@ -117,3 +117,44 @@ def test_a_run_compiles_when_its_record_says_it_pays_and_matches_an_eager_run(tm
     for ra, rb in zip(a, b):
         assert rb[record.TRAIN_LOSS] == pytest.approx(ra[record.TRAIN_LOSS], rel=1e-3, abs=1e-5) \
             if ra[record.TRAIN_LOSS] is not None else rb[record.TRAIN_LOSS] is None
+
+
+def test_a_compile_that_fails_falls_back_to_eager_and_retries_the_step(tmp_path, monkeypatch):
+    """'auto' is the default, so a compiler that raises must not end the run: the failing step is retried eagerly,
+    the run finishes with the eager run's losses, and the log says what happened. An error in any other step is
+    still raised."""
+    from kdlab import record
+    from kdlab.config import load_config
+    from kdlab.models import LM
+    from kdlab.pipeline import distill
+    from kdlab.pipeline.rundir import read_metrics
+
+    class Broken(torch.nn.Module):
+        def __init__(self, hf):
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, *a, **k):
+            raise RuntimeError("InductorError: C++ compile failed")
+
+    monkeypatch.setattr(distill, "compiled", lambda lm: LM(Broken(lm.hf), lm.tokenizer))
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    common = [f"cache_dir={tmp_path / 'cache'}", "stage2.steps=12", "eval.num_points=2", "stage2.offline.targets=none"]
+    eager = distill.run(load_config(tiny, [f"output_dir={tmp_path / 'eager'}", "stage2.compile_student=false",
+                                           "stage2.compile_teacher=false", *common]), log=lambda m: None, progress=False)
+    cfg = load_config(tiny, [f"output_dir={tmp_path / 'auto'}", *common])
+    key = ac.workload_key(cfg, cfg.stage2.regime, ("student", "teacher"))
+    (tmp_path / "cache" / ac.RECORD).write_text(json.dumps({key: {"compile_s": 0.0, "saving": 0.5}}))
+    lines = []
+    auto = distill.run(cfg, log=lines.append, progress=False)
+    assert any("the compile failed (RuntimeError: InductorError" in m for m in lines), lines
+    a, b = read_metrics(eager / record.METRICS), read_metrics(auto / record.METRICS)
+    def losses(rows):
+        return [r[record.TRAIN_LOSS] for r in rows if r[record.TRAIN_LOSS] is not None]
+
+    assert len(losses(b)) == len(losses(a)) > 0
+    assert losses(b) == pytest.approx(losses(a), rel=1e-5, abs=1e-6)
+    # an explicit compile that fails is the user's error to see
+    with pytest.raises(RuntimeError, match="InductorError"):
+        distill.run(load_config(tiny, [f"output_dir={tmp_path / 'forced'}", "stage2.compile_student=true", *common]),
+                    log=lambda m: None, progress=False)

@@ -14,7 +14,8 @@ only in long runs. The rule, once per run:
 3. Compile iff steps left × t_e × f > C.
 4. After compiling, the first compiled step's time less t_e is the measured C, and the median of the next `PROBE`
    compiled steps, t_c, gives f = 1 − t_c / t_e. Both are written to the record, so the next run of this workload
-   decides from measurements. If compiling did not make steps faster (t_c ≥ t_e), the run goes back to eager.
+   decides from measurements. If compiling did not make steps faster (t_c ≥ t_e), the run goes back to eager; if the
+   compile raised, the run goes back to eager and retries that step (`compile_failed`).
 
 Compiled views share the models' parameters (`distill.compiled`), so switching mid-run changes no number the
 run computes beyond float rounding. The Inductor cache lives in the stage-1 cache directory too
@@ -123,6 +124,20 @@ class AutoCompile:
 
     def start_step(self) -> None:
         self._t = self.clock()
+
+    def compile_failed(self, err: Exception) -> bool:
+        """Called when a training step raised. True (and back to eager, for the rest of the run) when it was the
+        first step after 'auto' switched to compiled views, so the caller retries the step eagerly: a compiler that
+        fails here (no working toolchain, an unsupported op) must not end a run the user never asked to compile.
+        False otherwise: the error is the caller's to raise."""
+        if self.state != "compiling":
+            return False
+        self.switch(False)
+        self.state = "failed"
+        self.log(f"[compile auto] the compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
+                 "eager for the rest of the run")
+        self._t = self.clock()  # the eager retry is timed, not the failed attempt
+        return True
 
     def end_step(self, steps_left: int) -> None:
         """After a training step (not counting evaluation): record its time, and act when the probe is over."""
