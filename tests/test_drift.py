@@ -126,3 +126,39 @@ def test_a_kdlab_run_logs_the_panel_and_its_trajectory_is_unchanged(tmp_path):
                     record.EXPOSURE_GAP, record.REPETITION_STUDENT):
             assert r[col] is not None and r[record.se_column(col)] is not None, col
         assert record.LENGTH_STUDENT not in a[0]
+
+
+def test_a_synthetic_world_with_an_eos_ends_responses_and_the_panel_sees_it(tmp_path):
+    """world.synthetic.eos_token_id: the oracle's samples stop at that token (some rows shorter than the limit, masked
+    after it), the world, the teacher, the student and its saved checkpoint carry it, and a run with the drift
+    panel logs lengths below the limit and no-EOS rates below 1 on both sides. The stage-1 key of a world without
+    an EOS is the key it had before the field existed (a literal: caches stay valid)."""
+    from pathlib import Path
+
+    from kdlab import record
+    from kdlab.config import load_config
+    from kdlab.models.sampling import sample
+    from kdlab.pipeline.distill import run
+    from kdlab.pipeline.rundir import read_metrics
+    from kdlab.pipeline.world import build_world
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    assert load_config(tiny, []).stage1_key() == "eace7ebe8dcaa163"
+    cfg = load_config(tiny, [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
+                             "world.synthetic.eos_token_id=0", "eval.drift=true", "stage2.steps=4", "eval.num_points=2"])
+    world = build_world(cfg, log=lambda m: None)
+    assert world.eos_token_id == 0 and world.teacher.eos_token_id == 0
+    ids, mask = world.prompts["eval"]
+    s = sample(world.oracle, ids[:64], mask[:64], max_new_tokens=cfg.world.response_length, eos_token_id=0,
+               generator=torch.Generator().manual_seed(0))
+    lengths = s.response_mask_BxR.sum(-1)
+    assert (lengths < cfg.world.response_length).any()  # some responses end early, at the EOS
+    ended = lengths < cfg.world.response_length
+    assert (s.response_ids_BxR[ended, lengths[ended] - 1] == 0).all()  # ... exactly at the EOS
+    out = run(cfg, log=lambda m: None, progress=False)
+    last = read_metrics(out / record.METRICS)[-1]
+    assert last[record.LENGTH_TEACHER] < cfg.world.response_length and last[record.NO_EOS_TEACHER] < 1
+    assert 0 <= last[record.NO_EOS_STUDENT] <= 1
+    import json
+    saved = json.loads(next((out / record.CHECKPOINTS).rglob("config.json")).read_text())
+    assert saved["eos_token_id"] == 0

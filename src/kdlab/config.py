@@ -69,6 +69,10 @@ class OracleConfig(ArchConfig):
     logit_scale: float = Field(
         4.0, gt=0, le=1000, description="Multiplies the oracle's logits: higher = peakier conditionals."
     )
+    eos_token_id: int | None = Field(
+        None, ge=0, description="A token that ends the synthetic oracle's responses (and so the teacher's and the "
+        "student's, which learn it): responses then vary in length up to world.response_length. None (default): "
+        "fixed-length responses, no EOS.")
 
 
 class PoolsConfig(_Section):
@@ -155,6 +159,14 @@ class WorldConfig(_Section):
         if value not in ("synthetic", "none") and not value.startswith("hf:"):
             raise ValueError("must be 'synthetic', 'none' or 'hf:<name or path>'")
         return value
+
+    @model_validator(mode="after")
+    def _eos_in_vocabulary(self) -> "WorldConfig":
+        eos = self.synthetic.eos_token_id
+        if eos is not None and eos >= self.vocab_size:
+            raise ValueError(f"world.synthetic.eos_token_id={eos} is not a token of the world's vocabulary "
+                             f"(0..{self.vocab_size - 1}); choose one below world.vocab_size")
+        return self
 
     @model_validator(mode="after")
     def _task_lengths(self) -> "WorldConfig":
@@ -577,7 +589,10 @@ class RunConfig(_Section):
         stage1 = self.stage1.model_dump()
         if self.stage1.teacher_error.fraction == 0:
             del stage1["teacher_error"]  # off: the same key (and cache) as before the lever existed
-        return _hash({"world": self.world.model_dump(), "models": self.models.model_dump(),
+        world = self.world.model_dump()
+        if world["synthetic"]["eos_token_id"] is None:
+            del world["synthetic"]["eos_token_id"]  # no EOS: the same key (and cache) as before the field existed
+        return _hash({"world": world, "models": self.models.model_dump(),
                       "stage1": stage1, "generation_batch_size": self.generation_batch_size})
 
     def eval_key(self) -> str:

@@ -95,7 +95,7 @@ class DriftPanel:
         gen = generator_for(self.seed, "drift", stream)
         for i in range(0, len(self.prompt_ids_NxP), self.batch_size):
             s = sample(lm, self.prompt_ids_NxP[i:i + self.batch_size], self.prompt_mask_NxP[i:i + self.batch_size],
-                       max_new_tokens=self.max_new_tokens, eos_token_id=self.eos_token_id or None, generator=gen)
+                       max_new_tokens=self.max_new_tokens, eos_token_id=self.eos or None, generator=gen)  # (0,): EOS id 0 is an EOS
             ids.append(s.response_ids_BxR.cpu())
             masks.append(s.response_mask_BxR.cpu())
         return torch.cat(ids), torch.cat(masks)

@@ -63,8 +63,12 @@ def make_synthetic_oracle(
     init_std: float = 0.1,
     intermediate_size: int | None = None,
     max_position_embeddings: int = 512,
+    eos_token_id: int | None = None,
 ) -> LM:
     """A seeded random Llama with sharpened conditionals (float32, CPU, eval mode).
+
+    ``eos_token_id``: a token that ends a response (None: every response runs to its maximum length). The weights
+    do not depend on it: the oracle ends a response wherever its random conditionals put mass on that token.
 
     Weights are drawn here from a private ``torch.Generator(seed)`` in parameter-name order (not by
     transformers' initialiser, whose scheme may change between versions, and without touching the
@@ -83,8 +87,11 @@ def make_synthetic_oracle(
         raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
     if init_std <= 0:
         raise ValueError(f"init_std must be > 0, got {init_std}")
+    if eos_token_id is not None and not 0 <= eos_token_id < vocab_size:
+        raise ValueError(f"eos_token_id={eos_token_id} is not a token of the vocabulary (0..{vocab_size - 1})")
     cfg = tiny_llama_config(
-        vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_position_embeddings
+        vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_position_embeddings,
+        eos_token_id=eos_token_id,
     )
     hf = AutoModelForCausalLM.from_config(cfg)
     g = torch.Generator().manual_seed(seed)

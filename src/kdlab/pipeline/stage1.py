@@ -46,6 +46,8 @@ def new_model(spec: ArchConfig | str, cfg: RunConfig, vocab_size: int, max_len: 
         vocab_size=vocab_size, hidden_size=spec.hidden_size, num_layers=spec.num_layers,
         num_heads=spec.num_heads, intermediate_size=spec.intermediate_size or 4 * spec.hidden_size,
         max_position_embeddings=max(64, max_len),
+        # a synthetic world's EOS goes into the models' configs too, so that a saved student ends where it learned to
+        eos_token_id=cfg.world.synthetic.eos_token_id if cfg.world.oracle == "synthetic" else None,
     )
     torch.manual_seed(seed)
     return LM(LlamaForCausalLM(config).to(device), tokenizer)

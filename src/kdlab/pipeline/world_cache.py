@@ -82,7 +82,7 @@ def build(cfg: RunConfig, root: Path, device, log, dist: Distributed) -> None:
                 vocab_size=w.vocab_size, hidden_size=s.hidden_size, num_layers=s.num_layers,
                 num_heads=s.num_heads, intermediate_size=s.intermediate_size or 4 * s.hidden_size,
                 seed=w.seed, logit_scale=s.logit_scale, init_std=s.init_std,
-                max_position_embeddings=max(64, w.prompt_length + w.response_length),
+                max_position_embeddings=max(64, w.prompt_length + w.response_length), eos_token_id=s.eos_token_id,
             )
             oracle.hf.to(device)
             if tmp is not None:
