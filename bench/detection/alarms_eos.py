@@ -2,14 +2,15 @@
 oracle, so the EOS-mismatch and length-inflation alarms' firing and their lead over the golden detector can be
 measured.
 
-    OMP_NUM_THREADS=2 PYTHONPATH=src python bench/detection/alarms_eos.py
+    OMP_NUM_THREADS=2 PYTHONPATH=src python bench/detection/alarms_eos.py [--study alarms-eos-v8]
 
 The runs are configs/studies/alarms-eos.yaml's "offline" condition (the demo world with world.synthetic.eos_token_id
 0, offline 768 x 1, drift panel on) for seeds 0, 1 and 2, with one failure injected in this process: while the
 offline dataset is built, the teacher's logit of the EOS is -inf, so its samples never end and its cached targets
 give the EOS no mass (a teacher whose end token differs from the student's: ms-swift #9526). kdlab itself is not
 changed. They go to `<study out>/<world>/never-ends/seed-N`, beside the study's own runs; then
-`bench/detection/alarm_rates.py /tmp/kdlab-heldout/alarms-eos`.
+`bench/detection/alarm_rates.py /tmp/kdlab-heldout/alarms-eos`. `--study` names another study file of the same
+shape (protocol J: alarms-eos-v8, a world whose oracle ends most responses).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ SEEDS = (0, 1, 2)
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--study", default="alarms-eos", help="a study file in configs/studies (without .yaml)")
+    a = ap.parse_args()
     from kdlab.pipeline import distill
     from kdlab.pipeline.phase import load_phase_spec, study_cache, world_configs
     from kdlab.pipeline.study import study_configs
@@ -44,7 +50,7 @@ def main() -> None:
             handle.remove()
 
     distill.build_offline_dataset = never_ends
-    spec = load_phase_spec(ROOT / "configs" / "studies" / "alarms-eos.yaml")
+    spec = load_phase_spec(ROOT / "configs" / "studies" / f"{a.study}.yaml")
     for w in world_configs(spec):
         conds = [c for c in w.conditions if c.name == "offline"]
         for cfg in study_configs(w.config, conds, list(SEEDS), w.directory, cache_dir=study_cache(spec)):
