@@ -46,13 +46,16 @@ def main(argv=None) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from agreement import _frac
 
+    def at(step, steps):  # an onset at step 0 (the first evaluation) sits at the start of the range
+        return 0.0 if step == 0 else _frac(step, steps)
+
     for name in ALARMS:
         leads = []
         for a in other:
             v = a.alarms.get(name)
             steps = [int(s) for s in a.metrics.steps]
             if v is not None and v.fired and a.golden is not None and a.golden.onset_step is not None:
-                leads.append(_frac(a.golden.onset_step, steps) - _frac(v.onset_step, steps))
+                leads.append(at(a.golden.onset_step, steps) - at(v.onset_step, steps))
         if leads:
             print(f"lead of {name} over the golden detector: median {sorted(leads)[len(leads) // 2]:+.2f} (n = {len(leads)})")
     for a in runs:
