@@ -40,6 +40,18 @@ def _example(name):
     return module
 
 
+def _setup():
+    """What both modes share: one thread, the examples' tiny tokenizer and models, and 32 evaluation prompts."""
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    tiny, ex = _example("monitor_gkd"), _example("monitor_distillation")
+    tok, words = tiny.tiny_tokenizer(), tiny.WORDS
+    eval_prompts = [tok.apply_chat_template([{"role": "user", "content": f"{a} {b} {c}"}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+                    for a, b, c in zip(words[:8] * 4, words[1:8] * 5, words[2:8] * 6)][:32]
+    return tiny, ex, tok, words, tok.eos_token_id, eval_prompts
+
+
 def main() -> None:
     import argparse
 
@@ -50,11 +62,7 @@ def main() -> None:
         return controls(args.controls)
     from kdlab.integrations import TeacherHackingMonitor
 
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    tiny, ex = _example("monitor_gkd"), _example("monitor_distillation")
-    tok, words = tiny.tiny_tokenizer(), tiny.WORDS
-    eos = tok.eos_token_id
+    tiny, ex, tok, words, eos, eval_prompts = _setup()
     word_ids = [tok.convert_tokens_to_ids(w) for w in words[8:16]]
     tmp = Path(tempfile.mkdtemp(prefix="kdlab-alarms-"))
     teacher = tiny.tiny_model(len(tok), 32, 1, eos, tok.pad_token_id)
@@ -78,9 +86,6 @@ def main() -> None:
         "greedy": (eos, greedy),
         "repeats": (eos, lambda rng, p: [rng.choice(word_ids)] * 4),
     }
-    eval_prompts = [tok.apply_chat_template([{"role": "user", "content": f"{a} {b} {c}"}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
-                    for a, b, c in zip(words[:8] * 4, words[1:8] * 5, words[2:8] * 6)][:32]
     print("| distilled on | alarms fired (onset step) | last: length s/t, no-EOS s/t, entropy s/t, repetition s/t, exposure gap |")
     print("|---|---|---|")
     for name, (end, answer) in cases.items():
@@ -102,15 +107,8 @@ def controls(n: int) -> None:
     from kdlab.analysis.alarms import ALARMS
     from kdlab.integrations import TeacherHackingMonitor
 
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    tiny, ex = _example("monitor_gkd"), _example("monitor_distillation")
-    tok, words = tiny.tiny_tokenizer(), tiny.WORDS
-    eos = tok.eos_token_id
+    tiny, ex, tok, words, eos, eval_prompts = _setup()
     tmp = Path(tempfile.mkdtemp(prefix="kdlab-alarms-controls-"))
-    eval_prompts = [tok.apply_chat_template([{"role": "user", "content": f"{a} {b} {c}"}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
-                    for a, b, c in zip(words[:8] * 4, words[1:8] * 5, words[2:8] * 6)][:32]
     counts = {name: 0 for name in ALARMS}
     for i in range(n):
         seed = 100 + i

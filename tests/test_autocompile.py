@@ -158,3 +158,18 @@ def test_a_compile_that_fails_falls_back_to_eager_and_retries_the_step(tmp_path,
     with pytest.raises(RuntimeError, match="InductorError"):
         distill.run(load_config(tiny, [f"output_dir={tmp_path / 'forced'}", "stage2.compile_student=true", *common]),
                     log=lambda m: None, progress=False)
+
+
+def test_the_workload_key_is_the_step_cost_not_the_seeds():
+    """Runs that differ only in their seeds or stage-1 budgets share one measurement; a bigger student does not."""
+    from kdlab.config import load_config
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+    def key(*over):
+        cfg = load_config(tiny, list(over))
+        return ac.workload_key(cfg, cfg.stage2.regime, ("student",))
+
+    assert key() == key("world.seed=7", "seed=3", "stage1.teacher.steps=11")
+    assert key() != key("models.student.hidden_size=48")
+    assert key() != key("stage2.batch_size=4")

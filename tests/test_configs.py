@@ -151,3 +151,10 @@ def test_each_paper_config_runs_with_standins(path, local_assets, tmp_path, monk
     assert f"teacher_{key}_ref" in world
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["world"]["task"]["name"] == cfg.world.task.name
     assert (run_dir / "done.json").exists()
+
+
+def test_a_regime_drawn_for_one_loss_names_a_loss_that_exists():
+    from kdlab.data.regimes import REGIMES
+    from kdlab.losses.names import LOSS_NAMES
+
+    assert all(r.loss is None or r.loss in LOSS_NAMES for r in REGIMES.values())

@@ -101,7 +101,9 @@ def test_a_small_memory_budget_splits_the_rows_and_changes_nothing():
     whole = _panel(t)(s)
     tiny = _panel(t)
     tiny.memory_mb = 0  # -> one row per forward
-    assert tiny(s) == pytest.approx(whole, rel=1e-12, abs=1e-15)
+    # float32 forwards of 1 row and of whole batches may round differently (BLAS blocking depends on the shape and
+    # the thread count: about 1e-9 relative seen here); a wrong slice of rows would differ at order 1
+    assert tiny(s) == pytest.approx(whole, rel=1e-6, abs=1e-9)
 
 
 def test_a_kdlab_run_logs_the_panel_and_its_trajectory_is_unchanged(tmp_path):

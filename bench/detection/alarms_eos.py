@@ -15,11 +15,8 @@ shape (protocol J: alarms-eos-v8, a world whose oracle ends most responses).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
 SEEDS = (0, 1, 2)
 
 
@@ -29,9 +26,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", default="alarms-eos", help="a study file in configs/studies (without .yaml)")
     a = ap.parse_args()
+    from alarms_lead import rerun_condition  # this script's folder is on sys.path when it runs
+
     from kdlab.pipeline import distill
-    from kdlab.pipeline.phase import load_phase_spec, study_cache, world_configs
-    from kdlab.pipeline.study import study_configs
 
     original = distill.build_offline_dataset
 
@@ -49,17 +46,8 @@ def main() -> None:
         finally:
             handle.remove()
 
-    distill.build_offline_dataset = never_ends
-    spec = load_phase_spec(ROOT / "configs" / "studies" / f"{a.study}.yaml")
-    for w in world_configs(spec):
-        conds = [c for c in w.conditions if c.name == "offline"]
-        for cfg in study_configs(w.config, conds, list(SEEDS), w.directory, cache_dir=study_cache(spec)):
-            cfg = cfg.model_copy(update={"name": "never-ends", "threads": None})
-            cfg.output_dir = str(w.directory / "never-ends" / f"seed-{cfg.seed}")
-            if (Path(cfg.output_dir) / "done.json").exists():
-                continue
-            print(f"{w.directory.name}: seed {cfg.seed}", flush=True)
-            distill.run(cfg, log=lambda m: None, progress=False)
+    distill.build_offline_dataset = never_ends  # the injection
+    rerun_condition(a.study, "offline", "never-ends", seeds=SEEDS)
 
 
 if __name__ == "__main__":

@@ -31,28 +31,36 @@ def truncated_from_logits(cls, teacher_logits_BxTxV, k: int, temperature: float 
     return cls(top.indices, top.values - torch.logsumexp(top.values, dim=-1, keepdim=True))
 
 
+def rerun_condition(study: str, condition: str, name: str, seeds=None, out: Path | None = None) -> None:
+    """A study's `condition` run again in this process (where a bug has been injected) as condition `name`, for
+    `seeds` (default the study's), into `<out or the study's out>/<world>/<name>/seed-N`; finished runs are kept."""
+    from kdlab import record
+    from kdlab.pipeline.distill import run
+    from kdlab.pipeline.phase import load_phase_spec, study_cache, world_configs
+    from kdlab.pipeline.study import study_configs
+
+    spec = load_phase_spec(ROOT / "configs" / "studies" / f"{study}.yaml")
+    for w in world_configs(spec):
+        conds = [c for c in w.conditions if c.name == condition]
+        where = (out / w.directory.name) if out is not None else w.directory
+        for cfg in study_configs(w.config, conds, list(seeds or spec.seeds), where, cache_dir=study_cache(spec)):
+            cfg = cfg.model_copy(update={"name": name, "threads": None})
+            cfg.output_dir = str(where / name / f"seed-{cfg.seed}")
+            if (Path(cfg.output_dir) / record.DONE).exists():
+                continue
+            print(f"{w.directory.name}: seed {cfg.seed}", flush=True)
+            run(cfg, log=lambda m: None, progress=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("/tmp/kdlab-heldout/alarms-lead2"))
     a = ap.parse_args()
     from kdlab.losses import SparseTarget
-    from kdlab.pipeline.distill import run
-    from kdlab.pipeline.phase import load_phase_spec, study_cache, world_configs
-    from kdlab.pipeline.study import study_configs
 
     SparseTarget.from_logits = classmethod(truncated_from_logits)  # the injection
-    for name in STUDIES:
-        spec = load_phase_spec(ROOT / "configs" / "studies" / f"{name}.yaml")
-        for w in world_configs(spec):
-            conds = [c for c in w.conditions if c.name == CONDITION]
-            out = a.out / w.directory.name
-            for cfg in study_configs(w.config, conds, spec.seeds, out, cache_dir=study_cache(spec)):
-                cfg = cfg.model_copy(update={"name": "top-1-truncated", "threads": None})
-                cfg.output_dir = str(out / "top-1-truncated" / f"seed-{cfg.seed}")
-                if (Path(cfg.output_dir) / "done.json").exists():
-                    continue
-                print(f"{w.directory.name}: seed {cfg.seed}", flush=True)
-                run(cfg, log=lambda m: None, progress=False)
+    for study in STUDIES:
+        rerun_condition(study, CONDITION, "top-1-truncated", out=a.out)
 
 
 if __name__ == "__main__":

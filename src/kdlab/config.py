@@ -539,8 +539,9 @@ class RunConfig(_Section):
                              f"stage2.regime={ONLINE_STUDENT!r} or {TEACHER_MIXED!r}, not {self.stage2.regime!r}")
         if self.loss.name in SEQUENCE_LOSSES and (self.loss.lean or self.loss.target != "teacher"):
             raise ValueError(f"loss.name={self.loss.name!r} supports loss.lean=false and loss.target='teacher' only")
-        if self.stage2.regime == TEACHER_MIXED and self.loss.name not in SEQUENCE_LOSSES:
-            raise ValueError(f"stage2.regime={TEACHER_MIXED!r} reweights its samples for loss.name='minillm'; with "
+        only = REGIMES[self.stage2.regime].loss
+        if only is not None and self.loss.name != only:
+            raise ValueError(f"stage2.regime={self.stage2.regime!r} draws its samples for loss.name={only!r}; with "
                              f"{self.loss.name!r} use online_student or mixed")
         if self.loss.target == "delta":
             if uses_offline and o.targets == "topk":

@@ -23,7 +23,7 @@ import numpy as np
 
 from kdlab import record
 from kdlab.analysis.detectors import detect_golden, detect_proxy_deviation
-from kdlab.analysis.runs import RunAnalysis, mean_se as _mean_se
+from kdlab.analysis.runs import RunAnalysis, final_value, mean_se as _mean_se, seed_stat
 
 
 @dataclass
@@ -164,16 +164,13 @@ def condition_rows(groups: dict[str, list[RunAnalysis]]) -> list[dict]:
     rows = []
     for name, runs in groups.items():
         def stat(fn):
-            vals = [fn(r) for r in runs]
-            vals = [v for v in vals if v is not None and not math.isnan(v)]
-            mean, se = _mean_se(vals)
-            return {"mean": None if math.isnan(mean) else mean, "se": None if math.isnan(se) else se}
+            return {k: v for k, v in seed_stat(fn(r) for r in runs).items() if k != "n"}
 
         def first(col):
             return lambda r: float(r.metrics.column(col)[0]) if r.metrics.has(col) else None
 
         def last(col):
-            return lambda r: float(r.metrics.column(col)[-1]) if r.metrics.has(col) else None
+            return lambda r: final_value(r, col)
 
         g_runs = [r for r in runs if r.golden is not None]
         rows.append({

@@ -461,26 +461,29 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
-def _summary_stat(values: list[float]) -> dict | None:
-    mean, se = mean_se(values)
-    return None if not values else {"mean": mean, "se": None if math.isnan(se) else se, "n": len(values)}
+def seed_stat(values) -> dict:
+    """{"mean", "se", "n"} over the seeds' values, skipping None and NaN; mean and se None where undefined (JSON)."""
+    v = [float(x) for x in values if x is not None and not math.isnan(x)]
+    mean, se = mean_se(v)
+    return {"mean": None if math.isnan(mean) else mean, "se": None if math.isnan(se) else se, "n": len(v)}
+
+
+def final_value(run: RunAnalysis, col: str) -> float | None:
+    """`col` at the run's last evaluation (None when the run never logged it)."""
+    return float(run.metrics.column(col)[-1]) if run.metrics.has(col) else None
 
 
 def _finals(runs: list[RunAnalysis]) -> dict:
     """The last evaluation's golden and proxy, and stage 2's wall time (record.DONE), over the condition's seeds:
     the columns of a methods comparison (issue 22)."""
-    def last(r, col):
-        return r.metrics.rows[-1].get(col) if r.metrics.rows else None
-
     seconds = []
     for r in runs:
         try:
             seconds.append(float(json.loads((r.path / record.DONE).read_text())["seconds_this_session"]))
         except (OSError, ValueError, KeyError, TypeError):
             pass  # an unfinished run, or one written before the field: no wall time
-    return {"golden": _summary_stat([v for r in runs if (v := last(r, record.GOLDEN)) is not None]),
-            "proxy": _summary_stat([v for r in runs if (v := last(r, record.PROXY)) is not None]),
-            "stage2_seconds": _summary_stat(seconds)}
+    return {"golden": seed_stat(final_value(r, record.GOLDEN) for r in runs),
+            "proxy": seed_stat(final_value(r, record.PROXY) for r in runs), "stage2_seconds": seed_stat(seconds)}
 
 
 def group_conditions(runs: list[RunAnalysis]) -> dict[str, list[RunAnalysis]]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from kdlab import record
 from kdlab.analysis.attribution import Curve, iso_proxy_gap, paper_ordering, teacher_floor
-from kdlab.analysis.runs import RunAnalysis, analyse, find_runs, group_conditions
+from kdlab.analysis.runs import RunAnalysis, analyse, find_runs, group_conditions, seed_stat
 from kdlab.data.regimes import ONLINE_REGIMES, ONLINE_TEACHER
 from kdlab.record import Metrics
 
@@ -62,10 +62,8 @@ def _params(run: RunAnalysis, who: str) -> int | None:
 
 
 def _mean_se(values) -> tuple[float | None, float | None]:
-    v = [x for x in values if x is not None and np.isfinite(x)]
-    if not v:
-        return None, None
-    return float(np.mean(v)), (float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None)
+    s = seed_stat(values)
+    return s["mean"], s["se"]
 
 
 def _combined_se(ses) -> float | None:

@@ -178,7 +178,7 @@ def sample_teacher_rows(teacher: LM, ids_NxP: Tensor, mask_NxP: Tensor, *, kind:
             if kind == "full":
                 logp = torch.log_softmax(s.logits_BxRxV, -1)
                 columns.setdefault("target_logprobs", []).append(logp.cpu().numpy().astype(np.float32))
-            else:  # in float64, as SparseTarget.from_logits: a confident top log-prob must not round to 0
+            else:  # SparseTarget.from_logits: a confident teacher's top log-prob must not round to 0
                 top = SparseTarget.from_logits(s.logits_BxRxV, min(topk, s.logits_BxRxV.shape[-1]))
                 columns.setdefault("target_indices", []).append(top.indices.cpu().numpy().astype(np.int32))
                 columns.setdefault("target_topk_logprobs", []).append(top.logprobs.cpu().numpy().astype(np.float32))

@@ -94,8 +94,9 @@ class DriftPanel:
         ids, masks = [], []
         gen = generator_for(self.seed, "drift", stream)
         for i in range(0, len(self.prompt_ids_NxP), self.batch_size):
+            # `self.eos or None`: an empty tuple means no EOS, but (0,) is EOS id 0 (not falsy as the int 0 would be)
             s = sample(lm, self.prompt_ids_NxP[i:i + self.batch_size], self.prompt_mask_NxP[i:i + self.batch_size],
-                       max_new_tokens=self.max_new_tokens, eos_token_id=self.eos or None, generator=gen)  # (0,): EOS id 0 is an EOS
+                       max_new_tokens=self.max_new_tokens, eos_token_id=self.eos or None, generator=gen)
             ids.append(s.response_ids_BxR.cpu())
             masks.append(s.response_mask_BxR.cpu())
         return torch.cat(ids), torch.cat(masks)

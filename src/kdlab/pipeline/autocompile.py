@@ -8,8 +8,8 @@ only in long runs. The rule, once per run:
 1. The first `WARMUP` steps run eager, untimed (first calls, the allocator); the next `PROBE` steps are timed and
    t_e is their median.
 2. The compile cost C and the fraction f of a step that compiling saves come from `compile-costs.json` in the
-   stage-1 cache directory, measured by an earlier run of the same workload (model shapes, regime, batch, loss,
-   device, precision, torch version); without one, the priors `PRIOR_COST_S` per model compiled and
+   stage-1 cache directory, measured by an earlier run of the same workload (`workload_key`: model shapes, lengths,
+   regime, batch, loss, device, precision, threads, torch version); without one, the priors `PRIOR_COST_S` per model compiled and
    `PRIOR_SAVING`.
 3. Compile iff steps left × t_e × f > C.
 4. After compiling, the first compiled step's time less t_e is the measured C, and the median of the next `PROBE`
@@ -65,12 +65,14 @@ def compiler_available(device: torch.device) -> bool:
 
 
 def workload_key(cfg, regime: str, models: tuple[str, ...]) -> str:
-    """What makes steps cost the same: model shapes (their config files' hashes via the stage-1 key), regime,
-    batch, response length, loss, device, precision, threads and the torch version."""
-    s2 = cfg.stage2
-    return "|".join(str(x) for x in (cfg.stage1_key(), regime, s2.batch_size, cfg.world.response_length, cfg.loss.name,
-                                      cfg.loss.lean, cfg.device, cfg.precision, torch.get_num_threads(),
-                                      torch.__version__, "+".join(models)))
+    """What makes steps cost the same: the models' architectures, the vocabulary and sequence lengths, regime,
+    batch, loss, device, precision, threads and the torch version (not the seeds or stage-1 budgets: the runs of a
+    study over world seeds share one measurement)."""
+    w, s2 = cfg.world, cfg.stage2
+    shapes = json.dumps({"models": cfg.models.model_dump(), "oracle": w.oracle, "vocab": w.vocab_size,
+                         "prompt": w.prompt_length, "response": w.response_length}, sort_keys=True)
+    return "|".join(str(x) for x in (shapes, regime, s2.batch_size, cfg.loss.name, cfg.loss.lean, cfg.device,
+                                      cfg.precision, torch.get_num_threads(), torch.__version__, "+".join(models)))
 
 
 @dataclasses.dataclass
@@ -134,8 +136,8 @@ class AutoCompile:
             return False
         self.switch(False)
         self.state = "failed"
-        self.log(f"[compile auto] the compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
-                 "eager for the rest of the run")
+        first_line = str(err).splitlines()[0][:200] if str(err) else ""
+        self.log(f"[compile auto] the compile failed ({type(err).__name__}: {first_line}); eager for the rest of the run")
         self._t = self.clock()  # the eager retry is timed, not the failed attempt
         return True
 

@@ -103,7 +103,8 @@ def make_source(cfg: RunConfig, world: World, run_dir: Path, log, regime: str | 
             student_dir=world.student_init_dir, gpu_memory_utilization=sp.vllm_gpu_memory, seed=cfg.seed)
     # The sampling model's compile switch compiles its decode step (builtin sampler only).
     # ('auto' starts eager: kdlab.pipeline.autocompile turns it on mid-run when it pays)
-    compile_step = sp.backend == "builtin" and (s2.compile_teacher if regime == ONLINE_TEACHER else s2.compile_student) is True
+    switch = s2.compile_teacher if regime == ONLINE_TEACHER else s2.compile_student
+    compile_step = sp.backend == "builtin" and switch is True
     params = source_params(cfg, world, sampler, compile_step=compile_step and regime != OFFLINE)
     if regime == OFFLINE:
         o = s2.offline
@@ -460,7 +461,7 @@ def make_autocompile(s: Stage2, log) -> AutoCompile | None:
     if s2.compile_student == AUTO and not s.dist.enabled:
         auto.append("student")
     live_teacher = regime in (ONLINE_STUDENT, MIXED) or (regime == OFFLINE and not s.source.use_cached_targets)
-    if s2.compile_teacher == AUTO and (live_teacher or regime == ONLINE_TEACHER) and s.cfg.loss.target != "delta":
+    if s2.compile_teacher == AUTO and (live_teacher or regime == ONLINE_TEACHER):
         auto.append("teacher")
     if not auto:
         return None

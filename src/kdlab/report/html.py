@@ -104,7 +104,7 @@ def _condition_table(summary: dict) -> str:
 
 def _mean_se(v: dict | None, fmt: str = "{:.3f}") -> str:
     """A mean over seeds with its standard error ('–' when unknown; no ± with one seed)."""
-    if not v:
+    if not v or v["mean"] is None:
         return "–"
     return fmt.format(v["mean"]) + ("" if v.get("se") is None else " ± " + fmt.format(v["se"]))
 
