@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/vs_trl.py [--preset tiny|124m|qwen-0.5b-1.5b] [--smoke] [--device cpu|cuda]
         [--precision fp32|bf16|auto] [--threads N] [--configs off_fkl_cached,on_jsd] [--repeats 2] [--root DIR]
-        [--json out.json]
+        [--auto-steps 1500] [--json out.json]
 
     .venv/bin/python bench/vs_trl.py                                   # issue 7's tiny table, all CPU rows
     .venv/bin/python bench/vs_trl.py --preset 124m --configs off_fkl_cached,off_fkl_live,on_jsd --json 124m.json
@@ -59,6 +59,14 @@ Configurations (kdlab | TRL):
   *_cs / *_c       with stage2.compile_student=true: the cached rows (_cs); the live rows and on_jsd with
                    both the student and the teacher compiled (_c; on-policy this includes the student's
                    compiled decode step)
+  *_auto           kdlab's defaults in a long run (the base rows pin compile off; a 24-step run stays eager under
+                   the default `auto` anyway): stage2.compile_* = auto, the run configured for --auto-steps steps
+                   (default 1500, the demo's stage 2) and stopped once its timed steps are done; its warm-up covers
+                   auto's eager probe, the compile and the compiled probe (16 steps, then 20 timed). All *_auto
+                   children of one --root share kdlab's cache directory (root/kd-cache-auto: the compile record and
+                   Inductor's cache): the first run of a workload decides from the priors (cold), later ones from
+                   its measurement (warm), as a sweep's runs do. Each row prints auto's decision. TRL: its base row
+                   of the same repeat (reused) or a fresh one.
 
 kdlab runs its real loop, `kdlab.pipeline.distill.run(cfg, on_step=...)` (what `kdlab run` runs); the
 step time is the gap between consecutive `on_step` calls. TRL runs `GKDTrainer.train()` with a
@@ -153,6 +161,16 @@ class Workload:
     precision: str = "fp32"  # "fp32" | "bf16" (autocast, float32 weights) | "auto" (resolve_precision)
     max_positions: int = 128  # the models' max_position_embeddings (rotary: no weights, no FLOPs)
     lean_disk: bool = False  # stage-1 cache built once by the parent; children's run directories deleted
+    auto_steps: int = 1500  # the *_auto rows: the length of the run that compile 'auto' decides for (--auto-steps)
+
+    def auto_timing(self) -> "Workload":
+        """The *_auto rows' timing: their warm-up covers 'auto''s eager probe, the compile and its measured probe
+        (kdlab.pipeline.autocompile: WARMUP + PROBE eager steps, one compiling step, PROBE compiled steps), plus 3;
+        then as many timed steps as the other rows."""
+        from kdlab.pipeline.autocompile import PROBE, WARMUP
+
+        warmup = WARMUP + 2 * PROBE + 1 + 3
+        return replace(self, warmup=warmup, steps=warmup + self.steps - self.warmup)
 
     def data_key(self) -> dict:
         """What the saved models and fixed responses in --root depend on."""
@@ -226,6 +244,13 @@ CONFIGS = {
     "on_jsd_c": dict(regime="online_student", targets="none", loss="generalized_jsd", beta=0.5, compile=True,
                      compile_student=True),
 }
+# kdlab's defaults in a long run (issue 23): stage2.compile_student/teacher = auto (the defaults), the run configured
+# for --auto-steps steps and stopped once its timed steps are done. TRL as in the base row (reused when the base ran
+# in the same repeat). Every *_auto child of one --root shares a cache directory (kd-cache-auto: the compile record
+# and Inductor's cache), so its first run decides from the priors (cold) and later ones from what it measured (warm).
+CONFIGS.update({f"{n}_auto": {**CONFIGS[n], "auto": True, "trl_same_as": n}
+                for n in ("off_fkl_cached", "off_jsd_cached", "off_rkl_cached", "off_fkl_live", "off_jsd_live",
+                          "off_rkl_live", "on_jsd")})
 
 
 def unavailable(name: str, w: Workload) -> str | None:
@@ -486,21 +511,23 @@ def check_root(w: Workload, root: Path) -> None:
 # ------------------------------------------------------------------------------------------ kdlab
 def kdlab_overrides(w: Workload, name: str, root: Path, work: Path) -> list[str]:
     c = CONFIGS[name]
-    cache = root / "kd-cache" if w.lean_disk else work / "cache"
+    cache = root / "kd-cache" if w.lean_disk else root / "kd-cache-auto" if c.get("auto") else work / "cache"
+    compile_student = "auto" if c.get("auto") else str(c.get("compile_student", False)).lower()
+    compile_teacher = "auto" if c.get("auto") else str(c.get("compile", False)).lower()
     return [
         "world.oracle=none", f"models.teacher=hf:{root / 'teacher'}", f"models.student=hf:{root / 'student'}",
         f"world.vocab_size={w.vocab}", f"world.prompt_length={w.prompt}", f"world.response_length={w.response}",
         "world.pools.stage1=16", "stage1.teacher.num_samples=16", "stage1.student.num_samples=16",
         f"world.pools.stage2={w.num_prompts}", "world.pools.eval=4",
         "eval.num_prompts=4", "eval.num_points=2", "eval.train_prompts=0",
-        f"stage2.batch_size={w.batch}", f"stage2.steps={w.steps}", f"stage2.regime={c['regime']}",
+        f"stage2.batch_size={w.batch}", f"stage2.steps={w.auto_steps if c.get('auto') else w.steps}",
+        f"stage2.regime={c['regime']}",
         f"stage2.sampling.temperature={w.temperature}",
         f"stage2.offline.num_prompts={w.num_prompts}", "stage2.offline.generations_per_prompt=1",
         f"stage2.offline.targets={c['targets']}",
         f"loss.name={c['loss']}", "loss.beta=0.5", f"threads={w.threads}",
         f"output_dir={work / 'run'}", f"cache_dir={cache}",
-        f"stage2.compile_teacher={str(c.get('compile', False)).lower()}",
-        f"stage2.compile_student={str(c.get('compile_student', False)).lower()}",
+        f"stage2.compile_teacher={compile_teacher}", f"stage2.compile_student={compile_student}",
         f"device={w.device}", f"precision={'bf16' if w.precision == 'bf16' else 'float32'}",
         f"stage2.sampling.backend={c.get('backend', 'builtin')}",
     ]
@@ -514,6 +541,10 @@ def prepare_world(w: Workload, name: str, root: Path) -> None:
 
     cfg = build_config({}, kdlab_overrides(w, name, root, root / "kd-prepare"))
     build_world(cfg, device="cpu", log=lambda m: None)
+
+
+class _Enough(Exception):
+    """An *_auto row's run has given its timed steps (its configured length is --auto-steps)."""
 
 
 def child_kdlab(w: Workload, name: str, root: Path, tag: str) -> dict:
@@ -537,6 +568,8 @@ def child_kdlab(w: Workload, name: str, root: Path, tag: str) -> dict:
             sync()
         stamps[step] = time.perf_counter()
         clock.step_done(step)
+        if c.get("auto") and step == w.steps:
+            raise _Enough
 
     source_cls = sources.OfflineSource if c["regime"] == "offline" else sources.OnlineStudentSource
     clock.wrap(source_cls, "batch", "sampling")
@@ -547,10 +580,15 @@ def child_kdlab(w: Workload, name: str, root: Path, tag: str) -> dict:
     clock.wrap(torch.Tensor, "backward", "backward")
     clock.wrap(torch.optim.AdamW, "step", "optimizer step")
     t0 = time.perf_counter()
-    run(cfg, progress=False, on_step=on_step, log=lambda m: None)
+    said: list[str] = []
+    try:
+        run(cfg, progress=False, on_step=on_step, log=said.append)
+    except _Enough:
+        pass
     steps = timed_steps(stamps, w)
     return {"steps": steps, "wall": time.perf_counter() - t0,
-            "phases": clock.medians(steps, inner=("student forward + loss", "teacher forward"))}
+            "phases": clock.medians(steps, inner=("student forward + loss", "teacher forward")),
+            "compile_auto": [m for m in said if m.startswith("[compile auto]")]}
 
 
 # ------------------------------------------------------------------------------------------ TRL
@@ -680,6 +718,8 @@ def run_child(w: Workload, side: str, name: str, root: Path, tag: str) -> dict:
         # (WORLD_SIZE=1 keeps kdlab itself single-process: kdlab.pipeline.distributed).
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                    VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    if CONFIGS[name].get("auto") and side == "kdlab":
+        w = w.auto_timing()
     p = subprocess.run([sys.executable, __file__, "--child", side, name, str(root), tag,
                         "--workload", json.dumps(asdict(w))], capture_output=True, text=True, env=env)
     if w.lean_disk:  # the child's run / output directory (the Qwen student's checkpoint is 6 GB)
@@ -705,6 +745,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="override the preset's torch CPU threads")
     ap.add_argument("--configs", default=None, help="comma-separated (default: all; on the CPU all but on_jsd_vllm)")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--auto-steps", type=int, default=None,
+                    help="the *_auto rows: the run length compile 'auto' decides for (default 1500, the demo's)")
     ap.add_argument("--root", default=None, help="directory for the models and runs (default: a temp dir)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
@@ -715,8 +757,8 @@ def main() -> None:
         child_main(Workload.from_json(a.workload), side, name, Path(root), tag)
         return
     w = smoke(PRESETS[a.preset]) if a.smoke else PRESETS[a.preset]
-    w = replace(w, **{k: v for k, v in (("device", a.device), ("precision", a.precision), ("threads", a.threads))
-                      if v is not None})
+    w = replace(w, **{k: v for k, v in (("device", a.device), ("precision", a.precision), ("threads", a.threads),
+                                        ("auto_steps", a.auto_steps)) if v is not None})
     names = a.configs.split(",") if a.configs else [n for n in CONFIGS
                                                      if w.device == "cuda" or "backend" not in CONFIGS[n]]
     unknown = [n for n in names if n not in CONFIGS]
@@ -806,7 +848,8 @@ def main() -> None:
                    "kdlab_peak_rss_mb": k["peak_rss_mb"], "trl_peak_rss_mb": t["peak_rss_mb"],
                    "kdlab_steps_s": k["steps"], "trl_steps_s": t["steps"],
                    "kdlab_wall_s": k["wall"], "trl_wall_s": t["wall"],
-                   "kdlab_phases_s": k["phases"], "trl_phases_s": t["phases"]}
+                   "kdlab_phases_s": k["phases"], "trl_phases_s": t["phases"],
+                   "kdlab_compile_auto": k.get("compile_auto", [])}
             if w.device == "cuda":
                 row.update(kdlab_peak_cuda_mb=k["peak_cuda_mb"], trl_peak_cuda_mb=t["peak_cuda_mb"])
             if reused:
@@ -819,6 +862,8 @@ def main() -> None:
                 print(f"    {side:5}: " + ", ".join(f"{n} {v * 1e3:.1f}" for n, v in ph.items()) + " ms", flush=True)
             print(f"    steps min-max ms (n={len(k['steps'])}): kdlab {spread(k['steps'])}, TRL {spread(t['steps'])}"
                       + (f" (TRL: its {reused} run)" if reused else ""), flush=True)
+            for line in k.get("compile_auto", []):
+                print(f"    kdlab {line}", flush=True)
             if "sampling" in flops:
                 print(f"    sampling bound {flops['sampling'] / ref['per_s'] * 1e3:.1f} ms: kdlab "
                       f"{flops['sampling'] / ref['per_s'] / k['phases']['sampling']:.0%}, TRL "

@@ -101,10 +101,21 @@ def check(data: dict, stdout: str, root: Path, preset: str, configs: list[str]) 
 
 
 def test_124m_smoke(tmp_path):
-    configs = ["off_fkl_cached", "off_fkl_live", "on_jsd"]
+    configs = ["off_fkl_cached", "off_fkl_live", "on_jsd", "on_jsd_auto"]
     data, stdout, root = run_smoke(tmp_path, "124m", configs)
     check(data, stdout, root, "124m", configs)
     assert data["meta"]["precision"] in ("fp32", "bf16") and "auto" in data["meta"]["precision_reason"]
+    # the defaults row: a run configured for 1500 steps (the default --auto-steps), stopped after its timed steps;
+    # 'auto' decides after its 2 + 5 eager steps, from the priors (a fresh root): 20 s per model against
+    # milliseconds a step, so eager; TRL's column is its on_jsd run of the same repeat
+    auto = data["results"][-1]
+    from kdlab.pipeline.autocompile import PROBE, WARMUP
+
+    (line,) = auto["kdlab_compile_auto"]
+    assert line.startswith("[compile auto] ") and f"{1500 - WARMUP - PROBE} steps left" in line
+    assert ": eager (" in line and "priors" in line
+    assert auto["trl_reused_from"] == "on_jsd" and auto["trl_steps_s"] == data["results"][2]["trl_steps_s"]
+    assert f"kdlab {line}" in stdout
 
 
 def test_qwen_smoke(tmp_path):

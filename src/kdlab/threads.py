@@ -63,9 +63,3 @@ def apply(threads: int | None) -> int:
         torch.set_num_threads(n)
     return n
 
-
-def passive_wait() -> None:
-    """Waiting OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE), unless the user set a
-    policy. Read once, when torch loads its OpenMP runtime: kdlab's command line calls this before it
-    imports torch, and the processes it spawns inherit it."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
