@@ -81,6 +81,51 @@ def _check_built_once(cache: Path, results) -> None:
     assert not list(cache.glob(".tmp-*")), "no temporary directory may be left behind"
 
 
+_STUDY = """
+import sys
+from pathlib import Path
+from kdlab.config import load_config
+from kdlab.pipeline.study import Condition, run_study, study_configs
+if __name__ == "__main__":
+    out, tiny = Path(sys.argv[1]), sys.argv[2]
+    base = load_config(tiny, ["stage2.steps=1000000", "stage2.checkpoint_every=1000000", "eval.num_points=2"])
+    run_study(study_configs(base, [Condition("a", "g")], [0, 1], out), jobs=2, log=lambda m: print(m, flush=True))
+"""
+
+
+def test_a_killed_study_takes_its_workers_with_it(tmp_path):
+    """Killing `kdlab study` (SIGKILL: no cleanup in the parent) used to leave its workers training and holding their
+    run directories' locks, so that the study run again found its runs in use."""
+    psutil = pytest.importorskip("psutil")
+    script, out = tmp_path / "study.py", tmp_path / "out"
+    script.write_text(_STUDY)
+    study = subprocess.Popen([sys.executable, str(script), str(out), str(TINY)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    children = []
+    try:
+        deadline = time.time() + 240
+        # both runs have started training: each has written its step-0 evaluation
+        while not all((out / "a" / f"seed-{s}" / record.METRICS).exists() for s in (0, 1)):
+            assert study.poll() is None and time.time() < deadline, "the study did not start its runs"
+            time.sleep(0.5)
+        children = psutil.Process(study.pid).children(recursive=True)
+        assert len(children) >= 2  # the two workers (and multiprocessing's resource tracker)
+        study.kill()
+        study.wait()
+        _, alive = psutil.wait_procs(children, timeout=60)
+        assert alive == [], f"still running after their parent was killed: {[p.cmdline()[-2:] for p in alive]}"
+        for s in (0, 1):  # the killed runs left their directories unlocked
+            with hold_run_dir(out / "a" / f"seed-{s}"):
+                pass
+    finally:
+        study.kill()
+        for p in children:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
 def test_four_processes_sharing_a_cache_build_the_world_once(tmp_path):
     _check_built_once(tmp_path / "cache", _build_together(tmp_path / "cache", 4))
 

@@ -3,13 +3,17 @@
 Stage 1 and the shared evaluation references are built once in the parent process before any worker
 starts, so workers only read the caches. Each worker uses one torch thread (runs of tiny models
 scale better across processes than across threads) and reports its step through a queue, so the
-parent shows one progress bar with the condition, the step and an ETA for the whole study.
+parent shows one progress bar with the condition, the step and an ETA for the whole study. Workers end
+when the parent dies, however it dies (`_start_worker`), so a killed study can be run again at once.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection
+import os
 import queue
+import threading
 import sys
 import time
 import traceback
@@ -51,7 +55,30 @@ def study_configs(base: RunConfig, conditions: list[Condition], seeds: list[int]
     return configs
 
 
-def _worker(cfg_json: str, resume: bool, progress_queue) -> str:
+_progress_queue = None  # a worker's queue to the parent (set by _start_worker)
+
+
+def _start_worker(progress_queue) -> None:
+    """Each worker process, once: keep the parent's progress queue, and end this process when the parent dies.
+
+    A parent killed without cleanup (SIGKILL, SIGTERM, a closed terminal) used to leave its workers training, holding
+    their run directories' locks, so that running the study again found its runs "in use". Each worker now exits
+    when its parent's sentinel closes: the run stops where it is, its last checkpoint stays on disk, and the next
+    `kdlab study` resumes it."""
+    global _progress_queue
+    _progress_queue = progress_queue
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        mp.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="kdlab-parent-watch", daemon=True).start()
+
+
+def _worker(cfg_json: str, resume: bool) -> str:
     import torch
 
     torch.set_num_threads(1)
@@ -63,7 +90,7 @@ def _worker(cfg_json: str, resume: bool, progress_queue) -> str:
         now = time.time()
         if now - last[0] > 0.5 or step == total:
             last[0] = now
-            progress_queue.put((key, step))
+            _progress_queue.put((key, step))
 
     run(cfg, resume=resume, log=lambda m: None, progress=False, on_step=on_step)
     return key
@@ -97,35 +124,34 @@ def run_study(configs: list[RunConfig], jobs: int = 2, log=print) -> list[Path]:
 
     failures = []
     ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        q = manager.Queue()
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(_worker, c.model_dump_json(), (Path(c.output_dir) / record.CONFIG).exists(), q): c
-                       for c in todo}
-            pending = set(futures)
-            while pending:
+    q = ctx.Queue()  # handed to each worker as it starts (a manager process would outlive a killed parent)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_start_worker, initargs=(q,)) as pool:
+        futures = {pool.submit(_worker, c.model_dump_json(), (Path(c.output_dir) / record.CONFIG).exists()): c
+                   for c in todo}
+        pending = set(futures)
+        while pending:
+            try:
+                while True:
+                    key, step = q.get(timeout=0.2)
+                    bar.update(step - done_steps.get(key, 0))
+                    done_steps[key] = step
+                    bar.set_postfix_str(f"{key} step {step}")
+            except queue.Empty:
+                pass
+            if not interactive and time.time() - last_line > every:
+                plain_line()
+                last_line = time.time()
+            for fut in [f for f in pending if f.done()]:
+                pending.discard(fut)
+                cfg = futures[fut]
                 try:
-                    while True:
-                        key, step = q.get(timeout=0.2)
-                        bar.update(step - done_steps.get(key, 0))
-                        done_steps[key] = step
-                        bar.set_postfix_str(f"{key} step {step}")
-                except queue.Empty:
-                    pass
-                if not interactive and time.time() - last_line > every:
-                    plain_line()
-                    last_line = time.time()
-                for fut in [f for f in pending if f.done()]:
-                    pending.discard(fut)
-                    cfg = futures[fut]
-                    try:
-                        fut.result()
-                        if not interactive:
-                            log(f"[study] {cfg.name} seed {cfg.seed} finished ({len(todo) - len(pending)}/{len(todo)} runs)")
-                    except Exception as err:  # a failed run must not hide the others' results
-                        failures.append((cfg.name, cfg.seed, err))
-                        log(f"[study] {cfg.name} seed {cfg.seed} failed: {err}")
-                        log("".join(traceback.format_exception(err))[-2000:])
+                    fut.result()
+                    if not interactive:
+                        log(f"[study] {cfg.name} seed {cfg.seed} finished ({len(todo) - len(pending)}/{len(todo)} runs)")
+                except Exception as err:  # a failed run must not hide the others' results
+                    failures.append((cfg.name, cfg.seed, err))
+                    log(f"[study] {cfg.name} seed {cfg.seed} failed: {err}")
+                    log("".join(traceback.format_exception(err))[-2000:])
     bar.close()
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed: " + ", ".join(f"{n}/seed-{s}" for n, s, _ in failures))
