@@ -12,10 +12,14 @@ only in long runs. The rule, once per run:
    regime, batch, loss, device, precision, threads, torch version); without one, the priors `PRIOR_COST_S` per model compiled and
    `PRIOR_SAVING`.
 3. Compile iff steps left × t_e × f > C.
-4. After compiling, the first compiled step's time less t_e is the measured C, and the median of the next `PROBE`
-   compiled steps, t_c, gives f = 1 − t_c / t_e. Both are written to the record, so the next run of this workload
-   decides from measurements. If compiling did not make steps faster (t_c ≥ t_e), the run goes back to eager; if the
-   compile raised, the run goes back to eager and retries that step (`compile_failed`).
+4. After compiling, the first compiled step's time less t_e is the measured C. The next 2 x `PROBE` steps alternate
+   eager and compiled (the views share the weights, so switching is free), and the medians of each kind, t_e' and
+   t_c, give f = 1 − t_c / t_e'. Alternating steps see the same host: a machine that slows down or speeds up while
+   the run goes on (another process starting, a CPU that changes speed) moves both medians alike, where compiled
+   steps timed after eager ones would charge the change to the compile. C and f are written to the record, so the
+   next run of this workload decides from measurements. If compiling did not make steps faster (t_c ≥ t_e'), the
+   run goes back to eager; if the compile raised, the run goes back to eager and retries that step
+   (`compile_failed`).
 
 Compiled views share the models' parameters (`distill.compiled`), so switching mid-run changes no number the
 run computes beyond float rounding. The Inductor cache lives in the stage-1 cache directory too
@@ -105,7 +109,8 @@ class AutoCompile:
         self.measured = bool(known)
         self.state = "probing"
         self.eager: list[float] = []
-        self.compiled: list[float] = []
+        self.compiled: list[float] = []  # compiled steps of the measurement
+        self.paired: list[float] = []  # eager steps of the measurement, alternating with those
         self.seen = 0
         self._t = None
         self.decision: Decision | None = None
@@ -161,17 +166,21 @@ class AutoCompile:
         elif self.state == "compiling":
             self.first_compiled_s = dt
             self.state = "measuring"
+            self._compiled_now = False  # the measured steps alternate, starting eager
+            self.switch(False)
         elif self.state == "measuring":
-            self.compiled.append(dt)
-            if len(self.compiled) == PROBE:
-                t_e, t_c = statistics.median(self.eager), statistics.median(self.compiled)
-                cost = max(self.first_compiled_s - t_e, 0.0)
-                saving = 1.0 - t_c / t_e
-                self._write({"compile_s": round(cost, 3), "saving": round(saving, 4), "eager_step_s": t_e,
-                             "compiled_step_s": t_c, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
-                kept = saving > 0
-                self.log(f"[compile auto] measured: compile {cost:.1f} s, step {t_e * 1e3:.1f} -> {t_c * 1e3:.1f} ms "
-                         f"({saving:+.0%}); {'kept' if kept else 'no gain: back to eager'}")
-                if not kept:
-                    self.switch(False)
-                self.state = "done"
+            (self.compiled if self._compiled_now else self.paired).append(dt)
+            if len(self.compiled) < PROBE or len(self.paired) < PROBE:
+                self._compiled_now = not self._compiled_now
+                self.switch(self._compiled_now)
+                return
+            t_e, t_c = statistics.median(self.paired), statistics.median(self.compiled)
+            cost = max(self.first_compiled_s - statistics.median(self.eager), 0.0)
+            saving = 1.0 - t_c / t_e
+            self._write({"compile_s": round(cost, 3), "saving": round(saving, 4), "eager_step_s": t_e,
+                         "compiled_step_s": t_c, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            kept = saving > 0
+            self.log(f"[compile auto] measured over {2 * PROBE} alternating steps: compile {cost:.1f} s, step "
+                     f"{t_e * 1e3:.1f} -> {t_c * 1e3:.1f} ms ({saving:+.0%}); {'kept' if kept else 'no gain: eager'}")
+            self.switch(kept)
+            self.state = "done"

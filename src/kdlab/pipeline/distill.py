@@ -472,13 +472,20 @@ def make_autocompile(s: Stage2, log) -> AutoCompile | None:
     eager_trainee, eager_teacher = s.trainee, s.target_teacher
     decoders = {OnlineStudentSource: "student", OnlineTeacherSource: "teacher"}  # whose decode step each samples
 
+    views: dict[str, LM] = {}  # the compiled views, made once: the measurement switches back and forth
+
+    def view(name: str, lm: LM) -> LM:
+        if name not in views:
+            views[name] = compiled(lm)
+        return views[name]
+
     def switch(on: bool) -> None:
         if "student" in auto:
-            s.trainee = compiled(s.student) if on else eager_trainee
+            s.trainee = view("student", s.student) if on else eager_trainee
             if s.controller is not None:
                 s.controller.compile_student = on
         if "teacher" in auto and live_teacher:
-            s.target_teacher = compiled(world.teacher) if on else eager_teacher
+            s.target_teacher = view("teacher", world.teacher) if on else eager_teacher
         for src in _sampling_sources(s.source) if s2.sampling.backend == "builtin" else []:
             if decoders[type(src)] in auto:
                 src.params = dataclasses.replace(src.params, compile_step=on)
