@@ -81,49 +81,65 @@ def _check_built_once(cache: Path, results) -> None:
     assert not list(cache.glob(".tmp-*")), "no temporary directory may be left behind"
 
 
-_STUDY = """
-import sys
-from pathlib import Path
-from kdlab.config import load_config
-from kdlab.pipeline.study import Condition, run_study, study_configs
-if __name__ == "__main__":
-    out, tiny = Path(sys.argv[1]), sys.argv[2]
-    base = load_config(tiny, ["stage2.steps=1000000", "stage2.checkpoint_every=1000000", "eval.num_points=2"])
-    run_study(study_configs(base, [Condition("a", "g")], [0, 1], out), jobs=2, log=lambda m: print(m, flush=True))
-"""
+def _start_study(tmp_path: Path):
+    """`kdlab study` (in its own process group, as a shell starts a command) on four long runs of the quick demo world
+    and two workers; returns the process, the run directories and the study's child processes once two runs are
+    training (the other two wait for a worker)."""
+    import yaml
+
+    psutil = pytest.importorskip("psutil")
+    quick = ROOT / "src" / "kdlab" / "pipeline" / "demo_configs" / "quick.yaml"
+    spec = tmp_path / "study.yaml"
+    spec.write_text(yaml.safe_dump({
+        "base": str(quick), "out": str(tmp_path / "out"), "world_seeds": [0], "seeds": [0, 1], "jobs": 2,
+        "rows": {"t": {}}, "columns": {"a": {}},
+        "set": {"stage2.steps": 1_000_000, "stage2.checkpoint_every": 1_000_000, "eval.num_points": 2}}))
+    study = subprocess.Popen([sys.executable, "-m", "kdlab.cli", "study", str(spec)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while len(runs := sorted((tmp_path / "out").glob(f"*/*/seed-*/{record.METRICS}"))) < 2:  # two evaluated step 0
+        if study.poll() is not None or time.time() > deadline:
+            study.kill()
+            raise AssertionError(f"the study did not start its runs:\n{study.communicate()[1][-3000:]}")
+        time.sleep(0.5)
+    return study, [r.parent for r in runs], psutil.Process(study.pid).children(recursive=True)
+
+
+def _check_gone(children, run_dirs) -> None:
+    import psutil
+
+    _, alive = psutil.wait_procs(children, timeout=60)
+    for p in alive:
+        p.kill()
+    assert alive == [], "still running after their parent stopped"
+    for d in run_dirs:  # the stopped runs left their directories unlocked
+        with hold_run_dir(d):
+            pass
 
 
 def test_a_killed_study_takes_its_workers_with_it(tmp_path):
     """Killing `kdlab study` (SIGKILL: no cleanup in the parent) used to leave its workers training and holding their
     run directories' locks, so that the study run again found its runs in use."""
-    psutil = pytest.importorskip("psutil")
-    script, out = tmp_path / "study.py", tmp_path / "out"
-    script.write_text(_STUDY)
-    study = subprocess.Popen([sys.executable, str(script), str(out), str(TINY)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    children = []
+    study, run_dirs, children = _start_study(tmp_path)
+    assert len(children) >= 2  # the two workers (and multiprocessing's resource tracker)
+    study.kill()
+    study.communicate()
+    _check_gone(children, run_dirs)
+
+
+def test_ctrl_c_stops_a_study_at_once_with_a_message(tmp_path):
+    """Ctrl-C (SIGINT to the process group) used to stop only the running runs: ProcessPoolExecutor's workers report
+    the interrupt and start the next run, and the parent waited for every run of the study."""
+    study, run_dirs, children = _start_study(tmp_path)
+    os.killpg(study.pid, signal.SIGINT)
     try:
-        deadline = time.time() + 240
-        # both runs have started training: each has written its step-0 evaluation
-        while not all((out / "a" / f"seed-{s}" / record.METRICS).exists() for s in (0, 1)):
-            assert study.poll() is None and time.time() < deadline, "the study did not start its runs"
-            time.sleep(0.5)
-        children = psutil.Process(study.pid).children(recursive=True)
-        assert len(children) >= 2  # the two workers (and multiprocessing's resource tracker)
-        study.kill()
-        study.wait()
-        _, alive = psutil.wait_procs(children, timeout=60)
-        assert alive == [], f"still running after their parent was killed: {[p.cmdline()[-2:] for p in alive]}"
-        for s in (0, 1):  # the killed runs left their directories unlocked
-            with hold_run_dir(out / "a" / f"seed-{s}"):
-                pass
-    finally:
-        study.kill()
-        for p in children:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        _, err = study.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(study.pid, signal.SIGKILL)
+        raise AssertionError("kdlab study still running 60 s after Ctrl-C") from None
+    assert study.returncode == 130 and "kdlab: interrupted" in err and "Traceback" not in err, err[-3000:]
+    assert "leaked" not in err, err[-3000:]  # the workers ended cleanly (multiprocessing's tracker had nothing left)
+    _check_gone(children, run_dirs)
 
 
 def test_four_processes_sharing_a_cache_build_the_world_once(tmp_path):

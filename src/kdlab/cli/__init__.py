@@ -95,6 +95,17 @@ def _empty_argument(argv: list[str]) -> str | None:
     return None
 
 
+def _from_ctrl_c(err: BaseException) -> bool:
+    """Whether `err` was raised while handling a KeyboardInterrupt (its cause or context chain holds one)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def main() -> None:
     """Run the verb. An error that no verb turned into a message becomes one line and exit code 1; the
     traceback is shown only with --debug (anywhere on the command line) or KDLAB_DEBUG=1."""
@@ -110,8 +121,12 @@ def main() -> None:
     _register()
     try:
         app()
-    except KeyboardInterrupt:
-        typer.echo("kdlab: interrupted (finished work is on disk; a run continues with --resume)", err=True)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # typer turns Ctrl-C into a silent SystemExit(130) (raised from the KeyboardInterrupt): say what was kept
+        if isinstance(stop, SystemExit) and not _from_ctrl_c(stop):
+            raise
+        typer.echo("kdlab: interrupted (finished work is on disk; a run continues with --resume, a study or the demo "
+                   "when run again)", err=True)
         sys.exit(130)
     except Exception as err:  # the last line of defence: no traceback for a user's mistake
         if debug:

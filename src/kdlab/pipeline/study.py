@@ -13,6 +13,7 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import queue
+import signal
 import threading
 import sys
 import time
@@ -56,17 +57,25 @@ def study_configs(base: RunConfig, conditions: list[Condition], seeds: list[int]
 
 
 _progress_queue = None  # a worker's queue to the parent (set by _start_worker)
+_stop_event = None  # set by the parent when the study is interrupted: each run stops after its current step
 
 
-def _start_worker(progress_queue) -> None:
+class _Stopped(Exception):
+    """A worker's run stopped because the study was interrupted."""
+
+
+def _start_worker(progress_queue, stop_event) -> None:
     """Each worker process, once: keep the parent's progress queue, and end this process when the parent dies.
 
     A parent killed without cleanup (SIGKILL, SIGTERM, a closed terminal) used to leave its workers training, holding
     their run directories' locks, so that running the study again found its runs "in use". Each worker now exits
     when its parent's sentinel closes: the run stops where it is, its last checkpoint stays on disk, and the next
     `kdlab study` resumes it."""
-    global _progress_queue
-    _progress_queue = progress_queue
+    global _progress_queue, _stop_event
+    _progress_queue, _stop_event = progress_queue, stop_event
+    # Ctrl-C reaches the whole process group; the parent alone acts on it (`_stop`), so a worker neither dies with
+    # a traceback of its own nor, as ProcessPoolExecutor's workers do, reports the interrupt and starts the next run.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = mp.parent_process()
     if parent is None:
         return
@@ -78,6 +87,25 @@ def _start_worker(progress_queue) -> None:
     threading.Thread(target=watch, name="kdlab-parent-watch", daemon=True).start()
 
 
+def _stop(pool: ProcessPoolExecutor, stop_event) -> None:
+    """End a pool's workers now: the runs not started are cancelled, the running ones stop after their current step
+    (their last checkpoints stay on disk and the next `kdlab study` resumes them), and a worker still busy after
+    `STOP_WAIT_S` (inside an evaluation) is terminated. `shutdown` alone would wait for every run of the study."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    stop_event.set()
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.time() + STOP_WAIT_S
+    for w in workers:
+        w.join(timeout=max(deadline - time.time(), 0.0))
+    for w in workers:
+        if w.is_alive():
+            w.terminate()
+            w.join(timeout=30)
+
+
+STOP_WAIT_S = 10.0
+
+
 def _worker(cfg_json: str, resume: bool) -> str:
     import torch
 
@@ -87,6 +115,8 @@ def _worker(cfg_json: str, resume: bool) -> str:
     last = [0.0]
 
     def on_step(step: int, total: int) -> None:
+        if _stop_event.is_set():
+            raise _Stopped(key)
         now = time.time()
         if now - last[0] > 0.5 or step == total:
             last[0] = now
@@ -124,34 +154,40 @@ def run_study(configs: list[RunConfig], jobs: int = 2, log=print) -> list[Path]:
 
     failures = []
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()  # handed to each worker as it starts (a manager process would outlive a killed parent)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_start_worker, initargs=(q,)) as pool:
+    # handed to each worker as it starts (a manager process would outlive a killed parent)
+    q, stop = ctx.Queue(), ctx.Event()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_start_worker, initargs=(q, stop)) as pool:
         futures = {pool.submit(_worker, c.model_dump_json(), (Path(c.output_dir) / record.CONFIG).exists()): c
                    for c in todo}
         pending = set(futures)
-        while pending:
-            try:
-                while True:
-                    key, step = q.get(timeout=0.2)
-                    bar.update(step - done_steps.get(key, 0))
-                    done_steps[key] = step
-                    bar.set_postfix_str(f"{key} step {step}")
-            except queue.Empty:
-                pass
-            if not interactive and time.time() - last_line > every:
-                plain_line()
-                last_line = time.time()
-            for fut in [f for f in pending if f.done()]:
-                pending.discard(fut)
-                cfg = futures[fut]
+        try:
+            while pending:
                 try:
-                    fut.result()
-                    if not interactive:
-                        log(f"[study] {cfg.name} seed {cfg.seed} finished ({len(todo) - len(pending)}/{len(todo)} runs)")
-                except Exception as err:  # a failed run must not hide the others' results
-                    failures.append((cfg.name, cfg.seed, err))
-                    log(f"[study] {cfg.name} seed {cfg.seed} failed: {err}")
-                    log("".join(traceback.format_exception(err))[-2000:])
+                    while True:
+                        key, step = q.get(timeout=0.2)
+                        bar.update(step - done_steps.get(key, 0))
+                        done_steps[key] = step
+                        bar.set_postfix_str(f"{key} step {step}")
+                except queue.Empty:
+                    pass
+                if not interactive and time.time() - last_line > every:
+                    plain_line()
+                    last_line = time.time()
+                for fut in [f for f in pending if f.done()]:
+                    pending.discard(fut)
+                    cfg = futures[fut]
+                    try:
+                        fut.result()
+                        if not interactive:
+                            n_done = len(todo) - len(pending)
+                            log(f"[study] {cfg.name} seed {cfg.seed} finished ({n_done}/{len(todo)} runs)")
+                    except Exception as err:  # a failed run must not hide the others' results
+                        failures.append((cfg.name, cfg.seed, err))
+                        log(f"[study] {cfg.name} seed {cfg.seed} failed: {err}")
+                        log("".join(traceback.format_exception(err))[-2000:])
+        except BaseException:  # Ctrl-C (KeyboardInterrupt) or an error here: the workers stop with the parent
+            _stop(pool, stop)
+            raise
     bar.close()
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed: " + ", ".join(f"{n}/seed-{s}" for n, s, _ in failures))
