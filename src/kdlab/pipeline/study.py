@@ -58,6 +58,7 @@ def study_configs(base: RunConfig, conditions: list[Condition], seeds: list[int]
 
 _progress_queue = None  # a worker's queue to the parent (set by _start_worker)
 _stop_event = None  # set by the parent when the study is interrupted: each run stops after its current step
+STOP_WAIT_S = 10.0  # how long an interrupted study waits for a worker to reach the end of a step (then terminates it)
 
 
 class _Stopped(Exception):
@@ -101,9 +102,6 @@ def _stop(pool: ProcessPoolExecutor, stop_event) -> None:
         if w.is_alive():
             w.terminate()
             w.join(timeout=30)
-
-
-STOP_WAIT_S = 10.0
 
 
 def _worker(cfg_json: str, resume: bool) -> str:
