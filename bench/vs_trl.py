@@ -62,7 +62,7 @@ Configurations (kdlab | TRL):
   *_auto           kdlab's defaults in a long run (the base rows pin compile off; a 24-step run stays eager under
                    the default `auto` anyway): stage2.compile_* = auto, the run configured for --auto-steps steps
                    (default 1500, the demo's stage 2) and stopped once its timed steps are done; its warm-up covers
-                   auto's eager probe, the compile and the compiled probe (16 steps, then 20 timed). All *_auto
+                   auto's eager probe, the compile and its alternating measurement (21 steps, then 20 timed). All *_auto
                    children of one --root share kdlab's cache directory (root/kd-cache-auto: the compile record and
                    Inductor's cache): the first run of a workload decides from the priors (cold), later ones from
                    its measurement (warm), as a sweep's runs do. Each row prints auto's decision. TRL: its base row
@@ -164,12 +164,12 @@ class Workload:
     auto_steps: int = 1500  # the *_auto rows: the length of the run that compile 'auto' decides for (--auto-steps)
 
     def auto_timing(self) -> "Workload":
-        """The *_auto rows' timing: their warm-up covers 'auto''s eager probe, the compile and its measured probe
-        (kdlab.pipeline.autocompile: WARMUP + PROBE eager steps, one compiling step, PROBE compiled steps), plus 3;
+        """The *_auto rows' timing: their warm-up covers the steps until 'auto''s choice is final
+        (kdlab.pipeline.autocompile.SETTLED_AFTER: the eager probe, the compile, the alternating measurement), plus 3;
         then as many timed steps as the other rows."""
-        from kdlab.pipeline.autocompile import PROBE, WARMUP
+        from kdlab.pipeline.autocompile import SETTLED_AFTER
 
-        warmup = WARMUP + 2 * PROBE + 1 + 3
+        warmup = SETTLED_AFTER + 3
         return replace(self, warmup=warmup, steps=warmup + self.steps - self.warmup)
 
     def data_key(self) -> dict:
@@ -244,10 +244,7 @@ CONFIGS = {
     "on_jsd_c": dict(regime="online_student", targets="none", loss="generalized_jsd", beta=0.5, compile=True,
                      compile_student=True),
 }
-# kdlab's defaults in a long run (issue 23): stage2.compile_student/teacher = auto (the defaults), the run configured
-# for --auto-steps steps and stopped once its timed steps are done. TRL as in the base row (reused when the base ran
-# in the same repeat). Every *_auto child of one --root shares a cache directory (kd-cache-auto: the compile record
-# and Inductor's cache), so its first run decides from the priors (cold) and later ones from what it measured (warm).
+# kdlab's defaults in a long run (the module docstring's *_auto).
 CONFIGS.update({f"{n}_auto": {**CONFIGS[n], "auto": True, "trl_same_as": n}
                 for n in ("off_fkl_cached", "off_jsd_cached", "off_rkl_cached", "off_fkl_live", "off_jsd_live",
                           "off_rkl_live", "on_jsd")})

@@ -58,7 +58,13 @@ def test_a_long_run_compiles_measures_and_records(tmp_path):
     auto, clock, calls, lines = make(tmp_path)
     # warm-up (untimed), 5 eager steps of 100 ms, the compile step (100 ms + 12 s), then eager and compiled steps
     # alternating (100 and 80 ms), then compiled ones
-    drive(auto, clock, [9.0, 9.0] + [0.1] * 5 + [12.1] + alternate(0.1, 0.08) + [0.08] * 10, total=10_000)
+    steps = [9.0, 9.0] + [0.1] * 5 + [12.1] + alternate(0.1, 0.08)
+    drive(auto, clock, steps[:-1], total=10_000)
+    assert auto.state == "measuring"
+    drive(auto, clock, steps[-1:], total=10_000)
+    # the choice is final after SETTLED_AFTER steps (the benchmark's *_auto rows start timing after it)
+    assert auto.state == "done" and len(steps) == ac.SETTLED_AFTER
+    drive(auto, clock, [0.08] * 10, total=10_000)
     # compile; the measurement switches eager before each eager step and back; compiled for the rest
     assert calls == [True] + [False, True] * ac.PROBE + [True]
     rec = json.loads((tmp_path / ac.RECORD).read_text())["w"]

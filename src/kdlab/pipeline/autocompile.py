@@ -9,8 +9,8 @@ only in long runs. The rule, once per run:
    t_e is their median.
 2. The compile cost C and the fraction f of a step that compiling saves come from `compile-costs.json` in the
    stage-1 cache directory, measured by an earlier run of the same workload (`workload_key`: model shapes, lengths,
-   regime, batch, loss, device, precision, threads, torch version); without one, the priors `PRIOR_COST_S` per model compiled and
-   `PRIOR_SAVING`.
+   regime, batch, loss, device, precision, threads, torch version); without one, the priors `PRIOR_COST_S` per
+   model compiled and `PRIOR_SAVING`.
 3. Compile iff steps left × t_e × f > C.
 4. After compiling, the first compiled step's time less t_e is the measured C. The next 2 x `PROBE` steps alternate
    eager and compiled (the views share the weights, so switching is free), and the medians of each kind, t_e' and
@@ -43,6 +43,8 @@ import torch
 
 AUTO = "auto"
 WARMUP, PROBE = 2, 5
+# Steps after which a compiling run's choice is final: the eager probe, the compiling step, the alternating measurement.
+SETTLED_AFTER = WARMUP + PROBE + 1 + 2 * PROBE
 PRIOR_COST_S = 20.0  # per model compiled (the student's training forward, the teacher's forward): 15-25 s measured
 PRIOR_SAVING = 0.15  # fraction of an eager step saved (measured 0.17-0.2 on the issue-7 workload; rounded down)
 RECORD = "compile-costs.json"
@@ -166,13 +168,12 @@ class AutoCompile:
         elif self.state == "compiling":
             self.first_compiled_s = dt
             self.state = "measuring"
-            self._compiled_now = False  # the measured steps alternate, starting eager
-            self.switch(False)
+            self.switch(False)  # the measured steps alternate, starting eager
         elif self.state == "measuring":
-            (self.compiled if self._compiled_now else self.paired).append(dt)
-            if len(self.compiled) < PROBE or len(self.paired) < PROBE:
-                self._compiled_now = not self._compiled_now
-                self.switch(self._compiled_now)
+            was_compiled = len(self.compiled) < len(self.paired)
+            (self.compiled if was_compiled else self.paired).append(dt)
+            if len(self.compiled) < PROBE:
+                self.switch(not was_compiled)
                 return
             t_e, t_c = statistics.median(self.paired), statistics.median(self.compiled)
             cost = max(self.first_compiled_s - statistics.median(self.eager), 0.0)

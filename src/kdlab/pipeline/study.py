@@ -14,8 +14,8 @@ import multiprocessing.connection
 import os
 import queue
 import signal
-import threading
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
