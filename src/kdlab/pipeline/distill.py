@@ -358,14 +358,15 @@ def _run(cfg: RunConfig, resume: bool, log, progress: bool, on_step) -> Path:
     while c.step < total and not stopped:
         if s.autocompile is not None:
             s.autocompile.start_step()
+        align = s.alignment is not None and c.step + 1 in evals
         try:
-            loss, n_tokens, measured = train_step(s, c.step, align=s.alignment is not None and c.step + 1 in evals)
+            loss, n_tokens, measured = train_step(s, c.step, align=align)
         except Exception as err:  # noqa: BLE001 — only a failed 'auto' compile is caught; anything else re-raised
             if s.autocompile is None or not s.autocompile.compile_failed(err):
                 raise
             # the compile failed in the step's forward or backward, before the optimizer step: the same step again,
             # eager (its batch and dropout come from (seed, step), so the retry trains on what the first try saw)
-            loss, n_tokens, measured = train_step(s, c.step, align=s.alignment is not None and c.step + 1 in evals)
+            loss, n_tokens, measured = train_step(s, c.step, align=align)
         if s.autocompile is not None:
             s.autocompile.end_step(total - c.step - 1)
         aligned = measured or aligned
