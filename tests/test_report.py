@@ -288,3 +288,66 @@ def test_conditions_carry_final_golden_proxy_and_wall_time_over_seeds(sweep, tmp
     assert final["stage2_seconds"]["mean"] == pytest.approx(12.0)
     page = (root / "report.html").read_text()
     assert "final golden (mean ± SE over seeds)" in page and f"{final['golden']['mean']:.3f}" in page
+
+
+def test_csv_tables_hold_every_evaluation_and_verdict(sweep, tmp_path):
+    import csv
+
+    out = tmp_path / "out"
+    write_report(sweep, out)
+    with open(out / "evals.csv", newline="") as fh:
+        evals = list(csv.DictReader(fh))
+    # Ground truth: each run's metrics.jsonl, read here with json, row by row.
+    logs = {str(p.parent.relative_to(sweep)): [json.loads(line) for line in p.read_text().splitlines()]
+            for p in sweep.glob("*/metrics.jsonl")}
+    assert len(logs) == 6 and len(evals) == sum(len(rows) for rows in logs.values())
+    runs_in_csv = {}
+    for row in evals:
+        runs_in_csv.setdefault(row["path"], []).append(row)
+    # paths are relative to the run directories' root when the report is written elsewhere
+    assert {str((sweep / p).resolve().relative_to(sweep.resolve())) for p in runs_in_csv} == set(logs)
+    for path, rows in runs_in_csv.items():
+        truth = logs[str((sweep / path).resolve().relative_to(sweep.resolve()))]
+        assert [int(r["step"]) for r in rows] == [t["step"] for t in truth]
+        for r, t in zip(rows, truth):
+            for key, value in t.items():
+                cell = r[f"log.{key}" if key in ("run", "path", "condition") else key]
+                if value is None:
+                    assert cell == ""
+                elif isinstance(value, float):
+                    assert float(cell) == value  # repr round-trips exactly
+                else:
+                    assert cell == str(value)
+
+    summary = json.loads((out / "summary.json").read_text())
+    with open(out / "runs.csv", newline="") as fh:
+        runs = {r["path"]: r for r in csv.DictReader(fh)}
+    assert len(runs) == 6
+    assert not any(c.endswith(".config.z") or ".config." in c for c in next(iter(runs.values())))
+    for s in summary["runs"]:
+        row = runs[s["path"]]
+        assert row["condition"] == s["condition"] and row["golden.kind"] == s["golden"]["kind"]
+        assert row["golden.detected"] == str(s["golden"]["detected"])
+        assert float(row["golden.rise"]) == s["golden"]["rise"]
+        assert row["proxy_deviation.detected"] == str(s["proxy_deviation"]["detected"])
+        assert float(row["final.golden"]) == s["final"]["golden"]
+    # the hacking runs are the ones summary.json calls hacking, now one pandas call away
+    pd = pytest.importorskip("pandas")
+    table = pd.read_csv(out / "runs.csv")
+    assert sorted(table.loc[table["golden.kind"] == "hacking", "run"]) == sorted(
+        s["run"] for s in summary["runs"] if s["golden"]["kind"] == "hacking")
+
+
+def test_csv_keeps_a_log_key_named_like_an_identity_column(tmp_path):
+    import csv
+
+    rows = [{"step": s, "proxy_fkl": 2.0 / (s + 1), "run": "from-the-log", "note": {"a": s}} for s in range(6)]
+    run = syn.write_run(tmp_path / "r", rows, {"seed": 0, "stage2": {"regime": "offline"}})
+    write_report(run)
+    with open(run / "evals.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["log.run"] for r in table] == ["from-the-log"] * 6 and [r["run"] for r in table] == ["r"] * 6
+    assert [r["note.a"] for r in table] == [str(s) for s in range(6)]  # nested values flattened
+    with open(run / "runs.csv", newline="") as fh:
+        (single,) = list(csv.DictReader(fh))
+    assert single["run"] == "r" and single["golden"] == ""  # no oracle: the golden block is one empty cell

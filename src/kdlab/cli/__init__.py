@@ -27,7 +27,7 @@ VERBS = {
     "sweep": ("kdlab.cli.sweep", "Run every combination of a grid of config overrides."),
     "study": ("kdlab.cli.study", "Phase map of teacher hacking: teacher quality x student x offline data."),
     "detect": ("kdlab.cli.detect", "Detect teacher hacking in a metrics log (JSONL, CSV/TSV, trainer_state.json, TensorBoard)."),
-    "report": ("kdlab.cli.report", "Write summary.json and report.html for run or sweep directories."),
+    "report": ("kdlab.cli.report", "Write summary.json, CSV tables and report.html for run or sweep directories."),
     "conformance": ("kdlab.cli.conformance", "Check a token-level distillation loss against kdlab's float64 references."),
 }
 

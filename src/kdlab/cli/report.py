@@ -1,4 +1,4 @@
-"""`kdlab report DIR...`: summary.json and a self-contained report.html for runs or sweeps."""
+"""`kdlab report DIR...`: summary.json, runs.csv, evals.csv and a self-contained report.html for runs or sweeps."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ def command(
     proxy: Annotated[str, typer.Option("--proxy", help="Proxy column.")] = record.PROXY,
     golden: Annotated[str, typer.Option("--golden", help="Golden column (ignored where absent).")] = record.GOLDEN,
 ) -> None:
-    """Write summary.json and report.html for run or sweep directories.
+    """Write summary.json, runs.csv, evals.csv and report.html for run or sweep directories.
 
-    The report shows proxy and golden against the step (log-log) with the fitted early law and the detected onsets, golden against proxy, the training loss, a verdict table per run and per condition (seeds aggregated) and each run's config. PNG figures go to plots/ and are embedded in the HTML.
+    runs.csv has one row of verdicts per run (nested fields as dotted columns: golden.rise, proxy_deviation.onset_step), evals.csv every evaluation of every run with run, path and condition columns: both load with pandas.read_csv. The report shows proxy and golden against the step (log-log) with the fitted early law and the detected onsets, golden against proxy, the training loss, a verdict table per run and per condition (seeds aggregated) and each run's config. PNG figures go to plots/ and are embedded in the HTML.
 
     Exit code 0 on success, 2 for bad input (message on stderr).
     """  # one line per paragraph: typer's help keeps a docstring's line breaks

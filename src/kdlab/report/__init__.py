@@ -1,4 +1,4 @@
-"""kdlab.report: summary.json, PNG figures and a self-contained report.html for runs and sweeps.
+"""kdlab.report: summary.json, CSV tables, PNG figures and a self-contained report.html for runs and sweeps.
 
 Reads run directories only (metrics.jsonl, config.yaml) through `kdlab.analysis`; never imports
 training code, so a report can be written on a laptop from directories copied off a cluster.
@@ -37,9 +37,10 @@ def _plot_names(runs) -> dict[str, str]:
 def write_report(dirs, out_dir: str | Path | None = None, *, proxy_col: str = record.PROXY,
                  golden_col: str = record.GOLDEN, golden_config=None, proxy_config=None,
                  findings: list | None = None) -> Path:
-    """Analyse run or sweep directories and write `summary.json`, `report.html`, `plots/*.png` and,
-    per panel, PDF and SVG files at a paper's column width (`plots/<run>/` for a single run,
-    `plots/sweep/` for several).
+    """Analyse run or sweep directories and write `summary.json`, `report.html`, `plots/*.png`, per panel
+    PDF and SVG files at a paper's column width (`plots/<run>/` for a single run, `plots/sweep/` for
+    several), and two CSV tables (`kdlab.report.flat`): `runs.csv` (one flat row of verdicts per run) and
+    `evals.csv` (every evaluation of every run).
 
     dirs: one path or a list; each a run directory (has metrics.jsonl) or a sweep directory (run
         directories below it).
@@ -52,7 +53,7 @@ def write_report(dirs, out_dir: str | Path | None = None, *, proxy_col: str = re
         `kdlab demo` computes them): shown at the top of the page and kept in summary.json.
     Raises FileNotFoundError / MetricsError (a ValueError) on bad input.
     """
-    from kdlab.report import html, plots
+    from kdlab.report import flat, html, plots
 
     dirs = [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
     if not dirs:
@@ -103,6 +104,8 @@ def write_report(dirs, out_dir: str | Path | None = None, *, proxy_col: str = re
         if in_place:
             for run, run_summary in zip(runs, summary["runs"]):
                 _atomic_write(run.path / record.SUMMARY, json.dumps(dict(run_summary, thresholds=summary["thresholds"]), indent=2))
+    _atomic_write(out / record.RUNS_CSV, flat.runs_table([run_summary] if single_run else summary["runs"]))
+    _atomic_write(out / record.EVALS_CSV, flat.evals_table(runs, out))
     page = html.render(summary, runs, run_plots, sweep_plot, title, findings=summary.get("findings"),
                        attribution=attribution)
     report = out / record.REPORT
