@@ -84,7 +84,8 @@ child that fails is reported and the others still run; the exit status is then 1
 
 Where the time goes (both tools, the same wrappers where the code is shared): sampling (kdlab's
 regime `batch`, TRL's `generate_on_policy_outputs`), teacher forward (kdlab's `LM.response_logits` on
-the teacher, TRL's teacher module), student forward + loss (kdlab's `loss_on_batch`, TRL's
+the teacher, or `PromptCachedTeacher.response_logits` under its default `stage2.teacher_prompt_cache: auto`;
+TRL's teacher module), student forward + loss (kdlab's `loss_on_batch`, TRL's
 `compute_loss`, less the teacher), backward (`torch.Tensor.backward`), optimizer step
 (`torch.optim.AdamW.step`), rest (clip, zero_grad, schedule, loop).
 
@@ -96,6 +97,9 @@ step spread (min and max of the timed steps), and for on-policy rows the samplin
 - FLOPs (`step_flops`): the matmul FLOPs of a step from the workload's shapes (`forward_flops`: Q and O
   projections h x h, K and V h x (KV heads x head dim) under GQA, the 3-matrix MLP, attention scores and
   values, the lm_head on the loss positions; tying does not change FLOPs; element-wise work not counted).
+  The teacher forward is counted over prompt + response for both tools, as TRL runs it: kdlab's default
+  prompt cache (kdlab.models.prefix) runs only the response tokens (the prompts once per run, before step
+  1, untimed, its time printed), so its "% lim" in the live and on-policy rows is against TRL's work.
 - CPU: "% lim" = bound / median step, the bound being the FLOPs at the best rate of a 2048³ matmul in
   the run's precision (float32, or bf16 under bf16 autocast) on the run's threads, measured at the start.
   Peak memory = the child's peak RSS.
@@ -292,6 +296,7 @@ class PhaseClock:
         self.w, self.sync = w, sync
         self.done = 0
         self.log = {name: {} for name in PHASES}
+        self.active: set[str] = set()  # phases being timed now: a nested call of the same phase is not counted twice
 
     def step_done(self, n: int) -> None:
         self.done = n
@@ -301,16 +306,18 @@ class PhaseClock:
         clock = self
 
         def timed(*a, **k):
-            if when is not None and not when(*a):
+            if (when is not None and not when(*a)) or phase in clock.active:
                 return fn(*a, **k)
             if clock.sync is not None:
                 clock.sync()
+            clock.active.add(phase)
             t = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
                 if clock.sync is not None:
                     clock.sync()
+                clock.active.discard(phase)
                 d = clock.log[phase]
                 d[clock.done] = d.get(clock.done, 0.0) + time.perf_counter() - t
 
@@ -549,6 +556,7 @@ def child_kdlab(w: Workload, name: str, root: Path, tag: str) -> dict:
 
     import kdlab.pipeline.distill as D
     from kdlab.models import LM
+    from kdlab.models.prefix import PromptCachedTeacher
     from kdlab.config import build_config
     from kdlab.data import sources
     from kdlab.pipeline.distill import run
@@ -574,6 +582,7 @@ def child_kdlab(w: Workload, name: str, root: Path, tag: str) -> dict:
     clock.wrap(LM, "response_logits", "teacher forward",
                when=lambda lm, *a: getattr(lm.hf, "config", None) is not None
                and lm.hf.config.hidden_size == w.teacher.hidden)
+    clock.wrap(PromptCachedTeacher, "response_logits", "teacher forward")  # the default live teacher (Llama)
     clock.wrap(torch.Tensor, "backward", "backward")
     clock.wrap(torch.optim.AdamW, "step", "optimizer step")
     t0 = time.perf_counter()
@@ -585,7 +594,8 @@ def child_kdlab(w: Workload, name: str, root: Path, tag: str) -> dict:
     steps = timed_steps(stamps, w)
     return {"steps": steps, "wall": time.perf_counter() - t0,
             "phases": clock.medians(steps, inner=("student forward + loss", "teacher forward")),
-            "compile_auto": [m for m in said if m.startswith("[compile auto]")]}
+            "compile_auto": [m for m in said if m.startswith("[compile auto]")],
+            "prompt_cache": [m for m in said if "teacher prompt cache" in m]}
 
 
 # ------------------------------------------------------------------------------------------ TRL
@@ -846,7 +856,7 @@ def main() -> None:
                    "kdlab_steps_s": k["steps"], "trl_steps_s": t["steps"],
                    "kdlab_wall_s": k["wall"], "trl_wall_s": t["wall"],
                    "kdlab_phases_s": k["phases"], "trl_phases_s": t["phases"],
-                   "kdlab_compile_auto": k.get("compile_auto", [])}
+                   "kdlab_compile_auto": k.get("compile_auto", []), "kdlab_prompt_cache": k.get("prompt_cache", [])}
             if w.device == "cuda":
                 row.update(kdlab_peak_cuda_mb=k["peak_cuda_mb"], trl_peak_cuda_mb=t["peak_cuda_mb"])
             if reused:
@@ -859,7 +869,7 @@ def main() -> None:
                 print(f"    {side:5}: " + ", ".join(f"{n} {v * 1e3:.1f}" for n, v in ph.items()) + " ms", flush=True)
             print(f"    steps min-max ms (n={len(k['steps'])}): kdlab {spread(k['steps'])}, TRL {spread(t['steps'])}"
                       + (f" (TRL: its {reused} run)" if reused else ""), flush=True)
-            for line in k.get("compile_auto", []):
+            for line in k.get("compile_auto", []) + k.get("prompt_cache", []):
                 print(f"    kdlab {line}", flush=True)
             if "sampling" in flops:
                 print(f"    sampling bound {flops['sampling'] / ref['per_s'] * 1e3:.1f} ms: kdlab "

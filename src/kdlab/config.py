@@ -382,6 +382,13 @@ class Stage2Config(_Section):
         "the issue-7 CPU workload, for a compile of ~15-25 s. Single-process runs only ('auto' stays eager under "
         "accelerate launch). 'auto' (default): as compile_teacher. Evaluation keeps the eager student (same "
         "weights).")
+    teacher_prompt_cache: bool | Literal["auto"] = Field(
+        "auto", description="Keep the frozen teacher's keys and values of each prompt (and its first response "
+        "token's logits), so that the live teacher forward (offline without cached targets, on-policy, mixed) runs "
+        "only the response tokens: the same targets up to float rounding, fewer FLOPs by prompt ÷ (prompt + "
+        "response) (kdlab.models.prefix). Llama teachers, single process. 'auto' (default): on where it applies, "
+        "the prompt pool run once before step 1 and the cache capped at 1 GiB (prompts past it run the full "
+        "forward); true: the same without the cap, and an error where the teacher or the run cannot use it; false: off.")
 
 
 class LossConfig(_Section):

@@ -39,6 +39,8 @@ from kdlab.data.sources import (Batch, MixedSource, OfflineSource, OnlineStudent
                                 SamplingParams)
 from kdlab.losses.names import LOSS_PARAMS, SEQUENCE_LOSSES
 from kdlab.models import LM, bf16_autocast, check_vocab_compatible, set_dropout
+from kdlab.models.decode import supports as decode_supports
+from kdlab.models.prefix import PROMPT_CACHE_AUTO_BYTES, PromptCachedTeacher
 from kdlab.models.sampling import sample
 from kdlab.models.vllm_backend import check_backend, make_sampler
 from kdlab.pipeline.alignment import GradientAlignment
@@ -167,6 +169,12 @@ def compiled(lm: LM) -> LM:
     return out
 
 
+def teacher_view(teacher: LM | PromptCachedTeacher) -> LM | PromptCachedTeacher:
+    """The compiled form of what makes live targets: `compiled` for a plain teacher; for the prompt-cached one, its
+    response pass compiled (the same cache)."""
+    return teacher.with_compile(True) if isinstance(teacher, PromptCachedTeacher) else compiled(teacher)
+
+
 def lr_at(step: int, cfg: RunConfig) -> float:
     """The learning rate of optimizer step `step` (0-based): a linear warm-up over `warmup_steps`, then
     constant or a linear / cosine decay towards lr x lr_final_ratio at the end of training. After the
@@ -286,7 +294,7 @@ class Stage2:
     student: LM
     model: torch.nn.Module
     trainee: LM
-    target_teacher: LM  # the teacher whose forward makes live targets (compiled or not)
+    target_teacher: LM | PromptCachedTeacher  # what makes live targets: the teacher (compiled or not, prompt cache or not)
     optimizer: torch.optim.Optimizer
     loss_fn: Callable
     taid: losses.TAIDSchedule | None
@@ -412,7 +420,10 @@ def setup(cfg: RunConfig, run_dir: Path, device, dist: Distributed, log) -> Stag
     taid = make_taid_schedule(cfg)
     if True in (cfg.stage2.compile_student, cfg.stage2.compile_teacher):
         inductor_cache(cfg.resolved_cache_dir())
-    target_teacher = compiled(world.teacher) if cfg.stage2.compile_teacher is True else world.teacher
+    prompt_cache = make_prompt_cache(cfg, world.teacher, source, dist, log)
+    target_teacher = prompt_cache if prompt_cache is not None else world.teacher
+    if cfg.stage2.compile_teacher is True:
+        target_teacher = teacher_view(target_teacher)
     optimizer = make_optimizer(student.hf.parameters(), cfg)
     model, optimizer = dist.prepare(student.hf, optimizer)
     trainee = dist.trainee(student, model)
@@ -451,6 +462,47 @@ def _sampling_sources(source):
     return [source] if isinstance(source, (OnlineStudentSource, OnlineTeacherSource)) else []
 
 
+def _live_target_prompts(source) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The prompt pools of the sources in `source` whose batches get live teacher targets (a teacher forward)."""
+    if isinstance(source, MixedSource):
+        return [*_live_target_prompts(source.on_policy), *_live_target_prompts(source.other)]
+    if isinstance(source, OfflineSource):
+        return [] if source.use_cached_targets else [(source.data.prompt_ids, source.data.prompt_mask)]
+    if isinstance(source, OnlineStudentSource):
+        return [(source.prompt_ids, source.prompt_mask)]
+    return []  # online_teacher and teacher_mixed: the targets come out of the sampling pass
+
+
+def make_prompt_cache(cfg: RunConfig, teacher: LM, source, dist: Distributed, log) -> PromptCachedTeacher | None:
+    """`stage2.teacher_prompt_cache`: the teacher whose live targets reuse each prompt's keys and values
+    (kdlab.models.prefix), its prompt pool run once here; None where it is off or does not apply."""
+    setting = cfg.stage2.teacher_prompt_cache
+    if setting is False:
+        return None
+    pools = _live_target_prompts(source)
+    if not pools:
+        if setting is True:
+            log("[stage 2] stage2.teacher_prompt_cache=true: this regime makes no live teacher targets; not used")
+        return None
+    if dist.enabled or not decode_supports(teacher.hf):
+        if setting is True:
+            why = ("supports single-process runs; under accelerate launch" if dist.enabled else
+                   f"covers Llama teachers (kdlab.models.decode.supports), not {type(teacher.hf).__name__}; for this teacher")
+            raise ValueError(f"stage2.teacher_prompt_cache=true {why} set it to 'auto' or false")
+        return None
+    cache = PromptCachedTeacher(teacher, budget_bytes=None if setting is True else PROMPT_CACHE_AUTO_BYTES)
+    t0 = time.time()
+    with bf16_autocast(teacher.device, cfg.precision == "bf16"):
+        for ids, mask in pools:
+            cache.warm(ids, mask)
+    st = cache.stats
+    capped = (f" ({st['refused']} prompts past the 1 GiB cap of 'auto': they run the full forward)"
+              if st["refused"] else "")
+    log(f"[stage 2] teacher prompt cache: {st['prompts']} prompts, {st['bytes'] / 2**20:.1f} MiB, "
+        f"run in {time.time() - t0:.1f} s{capped}")
+    return cache
+
+
 def make_autocompile(s: Stage2, log) -> AutoCompile | None:
     """The 'auto' compile switches of `s` (None when nothing is 'auto' or nothing could be compiled here).
 
@@ -473,11 +525,11 @@ def make_autocompile(s: Stage2, log) -> AutoCompile | None:
     eager_trainee, eager_teacher = s.trainee, s.target_teacher
     decoders = {OnlineStudentSource: "student", OnlineTeacherSource: "teacher"}  # whose decode step each samples
 
-    views: dict[str, LM] = {}  # the compiled views, made once: the measurement switches back and forth
+    views: dict = {}  # the compiled views, made once: the measurement switches back and forth
 
-    def view(name: str, lm: LM) -> LM:
+    def view(name: str, lm):
         if name not in views:
-            views[name] = compiled(lm)
+            views[name] = teacher_view(lm) if name == "teacher" else compiled(lm)
         return views[name]
 
     def switch(on: bool) -> None:
@@ -486,7 +538,7 @@ def make_autocompile(s: Stage2, log) -> AutoCompile | None:
             if s.controller is not None:
                 s.controller.compile_student = on
         if "teacher" in auto and live_teacher:
-            s.target_teacher = view("teacher", world.teacher) if on else eager_teacher
+            s.target_teacher = view("teacher", eager_teacher) if on else eager_teacher
         for src in _sampling_sources(s.source) if s2.sampling.backend == "builtin" else []:
             if decoders[type(src)] in auto:
                 src.params = dataclasses.replace(src.params, compile_step=on)
