@@ -151,8 +151,15 @@ def test_the_setting_where_the_teacher_or_the_regime_cannot_use_it(tmp_path):
     with pytest.raises(ValueError, match="stage2.teacher_prompt_cache=true covers Llama teachers"):
         cache("true", gpt2, on_policy)
     assert cache("auto", gpt2, on_policy) is None and cache("false", llama(), on_policy) is None
-    made = cache("auto", llama(), on_policy)
+    made = cache("auto", llama(), on_policy)  # 24 steps x 16 rows over 6 prompts: 64 uses each
     assert made.stats["prompts"] == len(x) and "teacher prompt cache: 6 prompts" in logs[-1]
+    # a run that uses each prompt less than twice: 'auto' leaves it off (the pool pass would not pay), true does not
+    short = ["stage2.steps=1", "stage2.batch_size=8"]
+    cfg = load_config("configs/tiny.yaml", ["stage2.teacher_prompt_cache=auto", *short])
+    assert make_prompt_cache(cfg, llama(), on_policy, Distributed(None), logs.append) is None
+    assert "off (1 steps x 8 use each of 6 prompts 1.33 times" in logs[-1]
+    cfg = load_config("configs/tiny.yaml", ["stage2.teacher_prompt_cache=true", *short])
+    assert make_prompt_cache(cfg, llama(), on_policy, Distributed(None), logs.append) is not None
     # online_teacher: its targets come out of the teacher's own sampling pass; nothing to cache
     teacher_samples = OnlineTeacherSource(llama(), x, mask, 2, 0, SamplingParams(max_new_tokens=3))
     assert cache("true", llama(), teacher_samples) is None and "not used" in logs[-1]

@@ -29,9 +29,12 @@ from torch import Tensor
 from kdlab.models import decode
 from kdlab.models.lm import LM, left_pad, trim_left_padding
 
-__all__ = ["PromptCachedTeacher", "prompt_bytes", "PROMPT_CACHE_AUTO_BYTES"]
+__all__ = ["PromptCachedTeacher", "prompt_bytes", "distinct_prompts", "PROMPT_CACHE_AUTO_BYTES", "PROMPT_CACHE_MIN_USES"]
 
 PROMPT_CACHE_AUTO_BYTES = 1 << 30  # stage2.teacher_prompt_cache='auto': the cache's cap (1 GiB)
+# 'auto' runs the pool up front only when a prompt comes back: the pool pass costs one prompt pass per distinct
+# prompt, the cache saves one per use after the first, so it pays from two uses per prompt on average.
+PROMPT_CACHE_MIN_USES = 2.0
 
 
 def prompt_bytes(hf, n_tokens: int) -> int:
@@ -40,6 +43,11 @@ def prompt_bytes(hf, n_tokens: int) -> int:
     a0 = hf.get_decoder().layers[0].self_attn
     kv_heads = a0.k_proj.out_features // a0.head_dim
     return 4 * (cfg.num_hidden_layers * 2 * kv_heads * n_tokens * a0.head_dim + cfg.vocab_size)
+
+
+def distinct_prompts(pools) -> int:
+    """How many different prompts (real tokens; padding ignored) the (ids, mask) pools hold together."""
+    return len({PromptCachedTeacher._key(r) for ids, mask in pools for r in PromptCachedTeacher._real(ids, mask)})
 
 
 class PromptCachedTeacher:

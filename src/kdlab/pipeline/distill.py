@@ -40,7 +40,7 @@ from kdlab.data.sources import (Batch, MixedSource, OfflineSource, OnlineStudent
 from kdlab.losses.names import LOSS_PARAMS, SEQUENCE_LOSSES
 from kdlab.models import LM, bf16_autocast, check_vocab_compatible, set_dropout
 from kdlab.models.decode import supports as decode_supports
-from kdlab.models.prefix import PROMPT_CACHE_AUTO_BYTES, PromptCachedTeacher
+from kdlab.models.prefix import PROMPT_CACHE_AUTO_BYTES, PROMPT_CACHE_MIN_USES, PromptCachedTeacher, distinct_prompts
 from kdlab.models.sampling import sample
 from kdlab.models.vllm_backend import check_backend, make_sampler
 from kdlab.pipeline.alignment import GradientAlignment
@@ -490,6 +490,14 @@ def make_prompt_cache(cfg: RunConfig, teacher: LM, source, dist: Distributed, lo
                    f"covers Llama teachers (kdlab.models.decode.supports), not {type(teacher.hf).__name__}; for this teacher")
             raise ValueError(f"stage2.teacher_prompt_cache=true {why} set it to 'auto' or false")
         return None
+    if setting == AUTO:
+        distinct = distinct_prompts(pools)
+        uses = cfg.stage2.steps * cfg.stage2.batch_size / max(distinct, 1)
+        if uses < PROMPT_CACHE_MIN_USES:
+            log(f"[stage 2] teacher prompt cache: off ({cfg.stage2.steps} steps x {cfg.stage2.batch_size} use each of "
+                f"{distinct} prompts {uses:.2f} times on average; 'auto' runs the pool once from "
+                f"{PROMPT_CACHE_MIN_USES:g} uses)")
+            return None
     cache = PromptCachedTeacher(teacher, budget_bytes=None if setting is True else PROMPT_CACHE_AUTO_BYTES)
     t0 = time.time()
     with bf16_autocast(teacher.device, cfg.precision == "bf16"):
