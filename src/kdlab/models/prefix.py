@@ -179,7 +179,8 @@ class PromptCachedTeacher:
         R = response_ids_BxR.shape[1]
         if prompt_mask_BxP is not None:
             prompt_ids_BxP, prompt_mask_BxP = trim_left_padding(*left_pad(prompt_ids_BxP, prompt_mask_BxP))
-        real = self._real(prompt_ids_BxP, prompt_mask_BxP)
+        # the keys are made on the CPU: one copy of the batch's prompts, not one per row (a GPU sync each)
+        real = self._real(prompt_ids_BxP.cpu(), None if prompt_mask_BxP is None else prompt_mask_BxP.cpu())
         keys = [self._key(r) for r in real]
         entries = self._s["entries"]
         missing = [r for r, k in zip(real, keys) if k not in entries]
