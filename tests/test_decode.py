@@ -23,6 +23,25 @@ def llama(V=64, hidden=32, layers=2, heads=4, kv_heads=None, seed=0, **kw) -> LM
     return LM(AutoModelForCausalLM.from_config(cfg))
 
 
+def qwen2(V=64, hidden=32, layers=2, heads=4, kv_heads=None, seed=0) -> LM:
+    """Qwen2: Llama's layer with biases on q/k/v (random here, so that a dropped bias shows)."""
+    from transformers import Qwen2Config
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=V, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads or heads, intermediate_size=4 * hidden, max_position_embeddings=64,
+                      tie_word_embeddings=False, attn_implementation="sdpa")
+    hf = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    return LM(hf.eval())
+
+
+FAMILIES = {"llama": llama, "qwen2": qwen2}
+
+
 def padded_prompts(B=6, P=7, V=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, V, (B, P), generator=g)
@@ -33,10 +52,11 @@ def padded_prompts(B=6, P=7, V=64, seed=0):
     return x, mask
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kv_heads", [None, 2])
 @pytest.mark.parametrize("padded", [False, True])
-def test_logprobs_and_logits_equal_the_model_forward(kv_heads, padded):
-    lm = llama(kv_heads=kv_heads)
+def test_logprobs_and_logits_equal_the_model_forward(kv_heads, padded, family):
+    lm = FAMILIES[family](kv_heads=kv_heads)
     assert decode.supports(lm.hf)
     x, mask = padded_prompts()
     mask = mask if padded else None
@@ -47,8 +67,9 @@ def test_logprobs_and_logits_equal_the_model_forward(kv_heads, padded):
     torch.testing.assert_close(s.logits_BxRxV, logits, atol=1e-5, rtol=0)
 
 
-def test_greedy_matches_generate(monkeypatch):
-    lm = llama(V=32)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_matches_generate(monkeypatch, family):
+    lm = FAMILIES[family](V=32)
     x, mask = padded_prompts(V=32)
     fast = sample(lm, x, mask, max_new_tokens=8, temperature=0, eos_token_id=5)
     monkeypatch.setattr(decode, "supports", lambda hf: False)

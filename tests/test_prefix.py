@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from kdlab.data.sources import OnlineStudentSource
 from kdlab.models import LM
 from kdlab.models.prefix import PromptCachedTeacher, prompt_bytes
-from tests.test_decode import llama, padded_prompts
+from tests.test_decode import FAMILIES, llama, padded_prompts
 
 
 def responses(B, R=5, V=64, seed=1):
@@ -31,10 +31,11 @@ def check(teacher: PromptCachedTeacher, lm: LM, x, mask, r, r_mask=None):
     torch.testing.assert_close(got[keep], want[keep], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kv_heads", [None, 2])
 @pytest.mark.parametrize("padded", [False, True])
-def test_cached_logits_equal_the_model_forward(kv_heads, padded):
-    lm = llama(kv_heads=kv_heads, layers=3)
+def test_cached_logits_equal_the_model_forward(kv_heads, padded, family):
+    lm = FAMILIES[family](kv_heads=kv_heads, layers=3)
     x, mask = padded_prompts()
     mask = mask if padded else None
     teacher = PromptCachedTeacher(lm)
@@ -106,7 +107,7 @@ def test_compiled_response_pass_equals_the_forward():
 
 def test_other_architectures_are_refused():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_embd=8, n_layer=1, n_head=2, n_positions=16)).eval()
-    with pytest.raises(ValueError, match="Llama decoders"):
+    with pytest.raises(ValueError, match="Llama and Qwen2 decoders"):
         PromptCachedTeacher(LM(gpt2))
 
 
@@ -148,7 +149,7 @@ def test_the_setting_where_the_teacher_or_the_regime_cannot_use_it(tmp_path):
         cfg = load_config("configs/tiny.yaml", [f"stage2.teacher_prompt_cache={setting}"])
         return make_prompt_cache(cfg, teacher, source, Distributed(None), logs.append)
 
-    with pytest.raises(ValueError, match="stage2.teacher_prompt_cache=true covers Llama teachers"):
+    with pytest.raises(ValueError, match="stage2.teacher_prompt_cache=true covers Llama and Qwen2 teachers"):
         cache("true", gpt2, on_policy)
     assert cache("auto", gpt2, on_policy) is None and cache("false", llama(), on_policy) is None
     made = cache("auto", llama(), on_policy)  # 24 steps x 16 rows over 6 prompts: 64 uses each

@@ -386,7 +386,7 @@ class Stage2Config(_Section):
         "auto", description="Keep the frozen teacher's keys and values of each prompt (and its first response "
         "token's logits), so that the live teacher forward (offline without cached targets, on-policy, mixed) runs "
         "only the response tokens: the same targets up to float rounding, fewer FLOPs by prompt ÷ (prompt + "
-        "response) (kdlab.models.prefix). Llama teachers, single process. 'auto' (default): on where it applies and "
+        "response) (kdlab.models.prefix). Llama and Qwen2 teachers, single process. 'auto' (default): on where it applies and "
         "the run uses each prompt at least twice on average (steps x batch_size >= 2 x the distinct prompts): the "
         "prompt pool run once before step 1, the cache capped at 1 GiB (prompts past it run the full forward); "
         "true: on whatever the run's length, without the cap, and an error where the teacher or the run cannot use "

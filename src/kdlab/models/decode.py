@@ -1,4 +1,4 @@
-"""A decoding loop for Llama-architecture models with a preallocated KV cache (the fast path of `sample`).
+"""A decoding loop for Llama-architecture models (Llama, Qwen2) with a preallocated KV cache (the fast path of `sample`).
 
 `kdlab.models.sampling.sample` calls :func:`sample_llama` when :func:`supports` accepts the model and
 `generate` otherwise. The sampled distribution is the one `sample` documents,
@@ -19,9 +19,10 @@ the last position only, and draws each token by inverse CDF from B uniforms of t
 generator. Numbers: docs/LOG.md and bench/RESULTS.md ("Sampling").
 
 Only the wiring of a Llama decoder layer is written here (pre-norm residual blocks, grouped-query
-SDPA with scale head_dim**-0.5); `supports` refuses anything that could make it differ from the
-model's own forward (another architecture, attention dropout in training mode, sliding windows,
-logit post-processing, layer types), and tests pin the log-probs to `LM.response_logprobs`.
+SDPA with scale head_dim**-0.5, projection biases where the model has them), which Qwen2 shares;
+`supports` refuses anything that could make it differ from the model's own forward (another
+architecture, attention dropout in training mode, sliding windows, logit post-processing, layer
+types), and tests pin the log-probs to `LM.response_logprobs` for both families.
 """
 
 from __future__ import annotations
@@ -38,9 +39,15 @@ __all__ = ["supports", "sample_llama"]
 _COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # hf model -> its compiled one-token step
 
 
+# The model classes whose decoder layer is Llama's wiring, and their module-name prefix. Qwen2 differs from Llama
+# only by biases on the q/k/v projections (which `_fuse` carries) and an optional sliding window (refused below).
+FAMILIES = {"LlamaForCausalLM": "Llama", "Qwen2ForCausalLM": "Qwen2"}
+
+
 def supports(hf: torch.nn.Module) -> bool:
     """True when :func:`sample_llama` computes exactly the model's own forward."""
-    if type(hf).__name__ != "LlamaForCausalLM" or hf.training:
+    family = FAMILIES.get(type(hf).__name__)
+    if family is None or hf.training:
         return False
     cfg = hf.config
     if getattr(cfg, "is_encoder_decoder", False) or getattr(cfg, "sliding_window", None):
@@ -53,9 +60,9 @@ def supports(hf: torch.nn.Module) -> bool:
     if not all(hasattr(model, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return False
     # The loop re-implements exactly these module types (fused projections, F.rms_norm).
-    return all(type(m).__name__ == n for layer in model.layers for m, n in (
-        (layer.self_attn, "LlamaAttention"), (layer.mlp, "LlamaMLP"), (layer.input_layernorm, "LlamaRMSNorm"),
-        (layer.post_attention_layernorm, "LlamaRMSNorm"))) and type(model.norm).__name__ == "LlamaRMSNorm"
+    return all(type(m).__name__ == family + n for layer in model.layers for m, n in (
+        (layer.self_attn, "Attention"), (layer.mlp, "MLP"), (layer.input_layernorm, "RMSNorm"),
+        (layer.post_attention_layernorm, "RMSNorm"))) and type(model.norm).__name__ == family + "RMSNorm"
 
 
 def _filter(scores_BxV: Tensor, top_k: int | None, top_p: float | None) -> Tensor:

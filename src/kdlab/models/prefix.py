@@ -1,4 +1,4 @@
-"""A frozen Llama teacher's prompts, run once (`stage2.teacher_prompt_cache`).
+"""A frozen Llama or Qwen2 teacher's prompts, run once (`stage2.teacher_prompt_cache`).
 
 A live teacher target is ``LM.response_logits(prompt, response)``: one forward over the prompt and the
 response. Prompts come from a fixed pool (an offline dataset's, or the online regimes' prompt set) and the
@@ -51,7 +51,7 @@ def distinct_prompts(pools) -> int:
 
 
 class PromptCachedTeacher:
-    """``response_logits`` of a frozen Llama teacher, with the prompts' keys and values cached.
+    """``response_logits`` of a frozen Llama or Qwen2 teacher, with the prompts' keys and values cached.
 
     The same call as `LM.response_logits` (it stands in for the teacher wherever live targets are made).
     Rows whose prompt is not cached, and batches the fast path does not cover (a response mask with a gap
@@ -63,7 +63,7 @@ class PromptCachedTeacher:
     def __init__(self, lm: LM, budget_bytes: int | None = None, compile_forward: bool = False,
                  _shared: dict | None = None):
         if not decode.supports(lm.hf):
-            raise ValueError(f"the teacher prompt cache covers Llama decoders (kdlab.models.decode.supports); "
+            raise ValueError(f"the teacher prompt cache covers Llama and Qwen2 decoders (kdlab.models.decode.supports); "
                              f"{type(lm.hf).__name__} is not one")
         self.lm, self.hf = lm, lm.hf
         self.device = lm.device

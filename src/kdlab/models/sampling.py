@@ -8,7 +8,7 @@ where ``filter`` keeps the ``top_k`` largest entries and/or the smallest set of 
 whose mass reaches ``top_p`` (nucleus sampling, Holtzman et al. 2020), and returns log q_t(y_t).
 With T = 1 and no filters q_t = p, so the returned log-probs equal ``LM.response_logprobs``.
 
-Implementation: Llama models (``kdlab.models.decode.supports``) run kdlab's own decoding loop in
+Implementation: Llama and Qwen2 models (``kdlab.models.decode.supports``) run kdlab's own decoding loop in
 ``kdlab.models.decode`` (preallocated KV cache, about 2x faster than ``generate`` on bench/sampling.py,
 above issue 3's 1.5x bar for keeping a second loop); every other model (causal LMs of other
 architectures, encoder-decoder LMs such as T5) goes through ``model.generate`` (KV cache, left

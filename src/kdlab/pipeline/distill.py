@@ -487,7 +487,7 @@ def make_prompt_cache(cfg: RunConfig, teacher: LM, source, dist: Distributed, lo
     if dist.enabled or not decode_supports(teacher.hf):
         if setting is True:
             why = ("supports single-process runs; under accelerate launch" if dist.enabled else
-                   f"covers Llama teachers (kdlab.models.decode.supports), not {type(teacher.hf).__name__}; for this teacher")
+                   f"covers Llama and Qwen2 teachers (kdlab.models.decode.supports), not {type(teacher.hf).__name__}; for this teacher")
             raise ValueError(f"stage2.teacher_prompt_cache=true {why} set it to 'auto' or false")
         return None
     if setting == AUTO:
