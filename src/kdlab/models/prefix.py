@@ -38,11 +38,13 @@ PROMPT_CACHE_MIN_USES = 2.0
 
 
 def prompt_bytes(hf, n_tokens: int) -> int:
-    """Bytes one cached prompt of ``n_tokens`` real tokens takes (float32 keys, values and first logits)."""
+    """Bytes one cached prompt of ``n_tokens`` real tokens takes: keys and values in the model's dtype (its
+    hidden states'), the first response token's logits in float32."""
     cfg = hf.config
     a0 = hf.get_decoder().layers[0].self_attn
     kv_heads = a0.k_proj.out_features // a0.head_dim
-    return 4 * (cfg.num_hidden_layers * 2 * kv_heads * n_tokens * a0.head_dim + cfg.vocab_size)
+    kv_item = hf.get_input_embeddings().weight.element_size()
+    return kv_item * cfg.num_hidden_layers * 2 * kv_heads * n_tokens * a0.head_dim + 4 * cfg.vocab_size
 
 
 def distinct_prompts(pools) -> int:
@@ -56,8 +58,8 @@ class PromptCachedTeacher:
     The same call as `LM.response_logits` (it stands in for the teacher wherever live targets are made).
     Rows whose prompt is not cached, and batches the fast path does not cover (a response mask with a gap
     before its end), run the teacher's full forward. ``compile_forward`` runs the response pass through
-    ``torch.compile`` (static shapes; one graph per batch shape), as ``stage2.compile_teacher`` does for the
-    plain forward. ``budget_bytes`` (None: no limit) caps the cache; prompts past it are not stored.
+    ``torch.compile`` (static shapes first, one recompile with dynamic shapes when another batch shape comes), as
+    ``stage2.compile_teacher`` does for the plain forward. ``budget_bytes`` (None: no limit) caps the cache; prompts past it are not stored.
     """
 
     def __init__(self, lm: LM, budget_bytes: int | None = None, compile_forward: bool = False,
@@ -142,17 +144,18 @@ class PromptCachedTeacher:
         mask = torch.zeros(B, P, dtype=torch.bool)
         for b, r in enumerate(real):  # left padding, as LM._inputs lays prompts out
             ids[b, P - len(r):], mask[b, P - len(r):] = r.cpu(), True
-        kv, logits0 = self._prompt_pass(ids.to(self.device), mask.to(self.device))
+        caches, logits0_BxV = self._prompt_pass(ids.to(self.device), mask.to(self.device))
         for b, r in enumerate(real):
-            n = len(r)
-            entry = (kv[b, :, :, :, P - n:].contiguous(), logits0[b].clone())
-            self._s["entries"][self._key(r)] = entry
+            n = len(r)  # row b's real tokens are its last n positions
+            kv_Lx2xHxnxD = torch.stack([torch.stack([kc[b, :, P - n:], vc[b, :, P - n:]]) for kc, vc in caches])
+            self._s["entries"][self._key(r)] = (kv_Lx2xHxnxD, logits0_BxV[b].clone())
             self._s["bytes"] += prompt_bytes(self.hf, n)
         return B
 
     @torch.no_grad()
-    def _prompt_pass(self, ids_BxP: Tensor, mask_BxP: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys/values (B × L × 2 × H_kv × P × D) and first-response-token logits (B × V) of left-padded prompts."""
+    def _prompt_pass(self, ids_BxP: Tensor, mask_BxP: Tensor) -> tuple[list, Tensor]:
+        """Each layer's (keys, values) (B × H_kv × P × D each) and the first response token's logits (B × V,
+        float32) of left-padded prompts."""
         rotary, model, head, layers = self._rotary, self._model, self._head, self._layers
         B, P = ids_BxP.shape
         pos = (mask_BxP.long().cumsum(-1) - 1).clamp_min(0)
@@ -168,9 +171,7 @@ class PromptCachedTeacher:
             attn_mask = ((causal & mask_BxP[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids_BxP.device))[:, None]
         for layer, fz, (kc, vc) in zip(layers, self._fused(), caches):
             h = decode._layer(layer, fz, h, cos, sin, kc, vc, 0, attn_mask, rotary)
-        logits0 = head(decode._rms_norm(model.norm, h[:, -1])).float()
-        kv = torch.stack([torch.stack([kc, vc], 1) for kc, vc in caches], 1)  # B × L × 2 × H_kv × P × D
-        return kv.float().clone(), logits0.clone()
+        return caches, head(decode._rms_norm(model.norm, h[:, -1])).float()
 
     # ------------------------------------------------------------------------------------ the targets
     def response_logits(self, prompt_ids_BxP: Tensor, prompt_mask_BxP: Tensor | None, response_ids_BxR: Tensor,
