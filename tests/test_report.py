@@ -322,7 +322,8 @@ def test_csv_tables_hold_every_evaluation_and_verdict(sweep, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     with open(out / "runs.csv", newline="") as fh:
         runs = {r["path"]: r for r in csv.DictReader(fh)}
-    assert len(runs) == 6
+    assert len(runs) == 6 and set(runs) == set(runs_in_csv)  # the tables join on path
+    runs = {str((out / p).resolve()): r for p, r in runs.items()}
     assert not any(c.endswith(".config.z") or ".config." in c for c in next(iter(runs.values())))
     for s in summary["runs"]:
         row = runs[s["path"]]

@@ -104,7 +104,7 @@ def write_report(dirs, out_dir: str | Path | None = None, *, proxy_col: str = re
         if in_place:
             for run, run_summary in zip(runs, summary["runs"]):
                 _atomic_write(run.path / record.SUMMARY, json.dumps(dict(run_summary, thresholds=summary["thresholds"]), indent=2))
-    _atomic_write(out / record.RUNS_CSV, flat.runs_table([run_summary] if single_run else summary["runs"]))
+    _atomic_write(out / record.RUNS_CSV, flat.runs_table([run_summary] if single_run else summary["runs"], out))
     _atomic_write(out / record.EVALS_CSV, flat.evals_table(runs, out))
     page = html.render(summary, runs, run_plots, sweep_plot, title, findings=summary.get("findings"),
                        attribution=attribution)

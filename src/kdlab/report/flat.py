@@ -1,6 +1,7 @@
 """The report's two CSV tables, for pandas, R or a spreadsheet (`write_report` writes them beside summary.json).
 
-- `runs.csv` (`runs_table`): one row per run, the run's summary.json entry flattened: nested fields become
+- `runs.csv` (`runs_table`): one row per run, the run's summary.json entry flattened (its `path` written as in
+  evals.csv, so the two tables join on `path`): nested fields become
   dotted columns (`golden.rise`, `proxy_deviation.onset_step`, `alarms.length.detected`, `final.golden`), lists
   are JSON text, and the detectors' `config` blocks are left out (they are the report's thresholds, in
   summary.json once).
@@ -62,9 +63,11 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def runs_table(run_summaries: list[dict]) -> str:
-    """`runs.csv`: each run's summary (`RunAnalysis.summary()`) as one flat row."""
-    return _csv([_flatten(s, skip=("config",)) for s in run_summaries])
+def runs_table(run_summaries: list[dict], root: str | Path) -> str:
+    """`runs.csv`: each run's summary (`RunAnalysis.summary()`) as one flat row; `path` as in evals.csv (the
+    tables join on it)."""
+    return _csv([_flatten({**s, "path": _relative(Path(s["path"]), Path(root))}, skip=("config",))
+                 for s in run_summaries])
 
 
 def _relative(path: Path, root: Path) -> str:
