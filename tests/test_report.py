@@ -352,3 +352,5 @@ def test_csv_keeps_a_log_key_named_like_an_identity_column(tmp_path):
     with open(run / "runs.csv", newline="") as fh:
         (single,) = list(csv.DictReader(fh))
     assert single["run"] == "r" and single["golden"] == ""  # no oracle: the golden block is one empty cell
+    # a report in place: paths relative to the report's directory, the same in both tables (they join on it)
+    assert single["path"] == table[0]["path"] == "."
