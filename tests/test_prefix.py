@@ -164,3 +164,23 @@ def test_the_setting_where_the_teacher_or_the_regime_cannot_use_it(tmp_path):
     # online_teacher: its targets come out of the teacher's own sampling pass; nothing to cache
     teacher_samples = OnlineTeacherSource(llama(), x, mask, 2, 0, SamplingParams(max_new_tokens=3))
     assert cache("true", llama(), teacher_samples) is None and "not used" in logs[-1]
+
+
+def test_under_bf16_autocast_the_cached_logits_follow_the_forward():
+    """The 124m preset runs bf16 autocast on the CPU: the cached path under it stays at the forward's bf16 rounding
+    (both round their matmuls to bf16; the cached one keeps the prompts' keys in float32)."""
+    from kdlab.models import bf16_autocast
+
+    lm = llama(layers=3)
+    x, mask = padded_prompts()
+    r = responses(len(x))
+    with bf16_autocast(torch.device("cpu"), True), torch.no_grad():
+        teacher = PromptCachedTeacher(lm)
+        teacher.warm(x, mask)
+        got, want = teacher.response_logits(x, mask, r), lm.response_logits(x, mask, r)
+    assert teacher.stats["hits"] == len(x) and got.dtype == torch.float32
+    with torch.no_grad():
+        exact = lm.response_logits(x, mask, r)  # float32: how far bf16 itself moves the logits
+    bf16_error = (want - exact).abs().max()
+    assert bf16_error > 0  # autocast did round
+    assert (got - want).abs().max() <= 2 * bf16_error
