@@ -125,7 +125,8 @@ def test_a_run_compiles_when_its_record_says_it_pays_and_matches_an_eager_run(tm
                                    "stage2.compile_teacher=false", *common]), log=lambda m: None, progress=False)
     assert not (tmp_path / "cache" / ac.RECORD).exists()
     cfg = load_config(tiny, [f"output_dir={tmp_path / 'auto'}", *common])
-    key = ac.workload_key(cfg, cfg.stage2.regime, ("student", "teacher"))
+    # live teacher over 64 prompts used 3-5 times each: the prompt cache is on, and part of the key
+    key = ac.workload_key(cfg, cfg.stage2.regime, ("student", "teacher"), prompt_cache=True)
     (tmp_path / "cache" / ac.RECORD).write_text(json.dumps({key: {"compile_s": 0.0, "saving": 0.5}}))
     lines = []
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -167,7 +168,8 @@ def test_a_compile_that_fails_falls_back_to_eager_and_retries_the_step(tmp_path,
     eager = distill.run(load_config(tiny, [f"output_dir={tmp_path / 'eager'}", "stage2.compile_student=false",
                                            "stage2.compile_teacher=false", *common]), log=lambda m: None, progress=False)
     cfg = load_config(tiny, [f"output_dir={tmp_path / 'auto'}", *common])
-    key = ac.workload_key(cfg, cfg.stage2.regime, ("student", "teacher"))
+    # live teacher over 64 prompts used 3-5 times each: the prompt cache is on, and part of the key
+    key = ac.workload_key(cfg, cfg.stage2.regime, ("student", "teacher"), prompt_cache=True)
     (tmp_path / "cache" / ac.RECORD).write_text(json.dumps({key: {"compile_s": 0.0, "saving": 0.5}}))
     lines = []
     auto = distill.run(cfg, log=lines.append, progress=False)
@@ -197,3 +199,7 @@ def test_the_workload_key_is_the_step_cost_not_the_seeds():
     assert key() == key("world.seed=7", "seed=3", "stage1.teacher.steps=11")
     assert key() != key("models.student.hidden_size=48")
     assert key() != key("stage2.batch_size=4")
+    # the prompt cache changes a live-teacher step's cost; 'auto' turns it on by run length, so the key says whether
+    # it is on, not the setting
+    cfg = load_config(tiny, [])
+    assert ac.workload_key(cfg, "offline", ("teacher",), prompt_cache=True) != ac.workload_key(cfg, "offline", ("teacher",))

@@ -164,6 +164,9 @@ def test_the_setting_where_the_teacher_or_the_regime_cannot_use_it(tmp_path):
     # online_teacher: its targets come out of the teacher's own sampling pass; nothing to cache
     teacher_samples = OnlineTeacherSource(llama(), x, mask, 2, 0, SamplingParams(max_new_tokens=3))
     assert cache("true", llama(), teacher_samples) is None and "not used" in logs[-1]
+    # ... except from vLLM, which returns no logits: those batches run the teacher forward, and the cache serves them
+    cfg = load_config("configs/tiny.yaml", ["stage2.teacher_prompt_cache=true", "stage2.sampling.backend=vllm"])
+    assert make_prompt_cache(cfg, llama(), teacher_samples, Distributed(None), logs.append).stats["prompts"] == len(x)
 
 
 def test_under_bf16_autocast_the_cached_logits_follow_the_forward():

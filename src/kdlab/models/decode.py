@@ -116,6 +116,17 @@ def _layer(layer, fused, h_BxLxH: Tensor, cos: Tensor, sin: Tensor, k_cache: Ten
     return h_BxLxH + mlp.down_proj(mlp.act_fn(gate) * up)
 
 
+def _prefill_mask(mask_BxP: Tensor | None):
+    """`_layer`'s attention mask for a left-padded prompt run from position 0: "causal" without padding, else
+    B×1×P×P, causal over real keys; pad queries attend to themselves only (a fully masked row would give NaN in
+    SDPA; their outputs are never used)."""
+    if mask_BxP is None or bool(mask_BxP.all()):
+        return "causal"
+    P, dev = mask_BxP.shape[1], mask_BxP.device
+    causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+    return ((causal & mask_BxP.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool, device=dev))[:, None]
+
+
 @torch.inference_mode()
 def _decode(hf, ids_BxP: Tensor, mask_BxP: Tensor | None, R: int, temperature: float, top_k, top_p,
             eos: tuple[int, ...], generator, row_seeds, return_logits: bool, compile_step: bool):
@@ -143,13 +154,11 @@ def _decode(hf, ids_BxP: Tensor, mask_BxP: Tensor | None, R: int, temperature: f
     # Zeros for the compiled step, which attends over every slot (masked, but 0 x NaN garbage would be NaN).
     new = h.new_zeros if compile_step else h.new_empty
     caches = [(new(B, H_kv, P + R, a0.head_dim), new(B, H_kv, P + R, a0.head_dim)) for _ in layers]
+    prefill_mask = _prefill_mask(mask_BxP)
     if mask_BxP is None:
-        prefill_mask, key_mask = "causal", None
+        key_mask = None
     else:
         keep_BxPR = torch.cat([mask_BxP.bool(), mask_BxP.new_ones(B, R, dtype=torch.bool)], 1)
-        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-        # Pad queries attend to themselves only (a fully masked row would give NaN in SDPA).
-        prefill_mask = ((causal & keep_BxPR[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev))[:, None]
         key_mask = keep_BxPR[:, None, None, :]  # B×1×1×(P+R), sliced to the keys seen so far
 
     def run(h, start, mask):

@@ -164,11 +164,7 @@ class PromptCachedTeacher:
         a0 = layers[0].self_attn
         H_kv = a0.k_proj.out_features // a0.head_dim
         caches = [(h.new_zeros(B, H_kv, P, a0.head_dim), h.new_zeros(B, H_kv, P, a0.head_dim)) for _ in layers]
-        if bool(mask_BxP.all()):
-            attn_mask = "causal"
-        else:  # pad queries attend to themselves only (a fully masked row would be NaN in SDPA); dropped anyway
-            causal = torch.ones(P, P, dtype=torch.bool, device=ids_BxP.device).tril()
-            attn_mask = ((causal & mask_BxP[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids_BxP.device))[:, None]
+        attn_mask = decode._prefill_mask(mask_BxP)
         for layer, fz, (kc, vc) in zip(layers, self._fused(), caches):
             h = decode._layer(layer, fz, h, cos, sin, kc, vc, 0, attn_mask, rotary)
         return caches, head(decode._rms_norm(model.norm, h[:, -1])).float()
@@ -184,10 +180,9 @@ class PromptCachedTeacher:
         real = self._real(prompt_ids_BxP.cpu(), None if prompt_mask_BxP is None else prompt_mask_BxP.cpu())
         keys = [self._key(r) for r in real]
         entries = self._s["entries"]
-        missing = [r for r, k in zip(real, keys) if k not in entries]
+        missing = {k: r for r, k in zip(real, keys) if k not in entries}  # distinct prompts not cached yet
         if missing:  # first sight of these prompts: run them once (a full forward costs the same)
-            unique = {self._key(r): r for r in missing}
-            self._add(list(unique.values()))
+            self._add(list(missing.values()))
         trailing = response_mask_BxR is None or bool((response_mask_BxR[:, 1:] <= response_mask_BxR[:, :-1]).all())
         if R < 2 or not trailing or any(k not in entries for k in keys):
             self._s["misses"] += len(keys)

@@ -70,16 +70,17 @@ def compiler_available(device: torch.device) -> bool:
     return any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++"))
 
 
-def workload_key(cfg, regime: str, models: tuple[str, ...]) -> str:
+def workload_key(cfg, regime: str, models: tuple[str, ...], prompt_cache: bool = False) -> str:
     """What makes steps cost the same: the models' architectures, the vocabulary and sequence lengths, regime,
-    batch, loss, device, precision, threads, the teacher prompt cache's setting and the torch version (not the seeds
-    or stage-1 budgets: the runs of a study over world seeds share one measurement)."""
+    batch, loss, device, precision, threads, whether the teacher prompt cache is on (its 'auto' turns it on by run
+    length: the setting alone does not say) and the torch version (not the seeds or stage-1 budgets: the runs of a
+    study over world seeds share one measurement)."""
     w, s2 = cfg.world, cfg.stage2
     shapes = json.dumps({"models": cfg.models.model_dump(), "oracle": w.oracle, "vocab": w.vocab_size,
                          "prompt": w.prompt_length, "response": w.response_length}, sort_keys=True)
     return "|".join(str(x) for x in (shapes, regime, s2.batch_size, cfg.loss.name, cfg.loss.lean, cfg.device,
-                                      cfg.precision, torch.get_num_threads(), torch.__version__, "+".join(models),
-                                      f"prompt-cache={s2.teacher_prompt_cache}"))
+                                      cfg.precision, torch.get_num_threads(), torch.__version__, "+".join(models))
+                    + (("teacher-prompt-cache",) if prompt_cache else ()))
 
 
 @dataclasses.dataclass

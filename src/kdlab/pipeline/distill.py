@@ -462,15 +462,17 @@ def _sampling_sources(source):
     return [source] if isinstance(source, (OnlineStudentSource, OnlineTeacherSource)) else []
 
 
-def _live_target_prompts(source) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The prompt pools of the sources in `source` whose batches get live teacher targets (a teacher forward)."""
+def _live_target_prompts(source, backend: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The prompt pools of the sources in `source` whose batches get live teacher targets (a teacher forward in
+    `loss_on_batch`): what the prompt cache runs and what 'auto' compiles the teacher forward for. `backend`:
+    stage2.sampling.backend (vLLM returns no logits, so its online_teacher batches need the forward too)."""
     if isinstance(source, MixedSource):
-        return [*_live_target_prompts(source.on_policy), *_live_target_prompts(source.other)]
+        return [*_live_target_prompts(source.on_policy, backend), *_live_target_prompts(source.other, backend)]
     if isinstance(source, OfflineSource):
         return [] if source.use_cached_targets else [(source.data.prompt_ids, source.data.prompt_mask)]
-    if isinstance(source, OnlineStudentSource):
+    if isinstance(source, OnlineStudentSource) or (isinstance(source, OnlineTeacherSource) and backend == "vllm"):
         return [(source.prompt_ids, source.prompt_mask)]
-    return []  # online_teacher and teacher_mixed: the targets come out of the sampling pass
+    return []  # builtin online_teacher and teacher_mixed: the targets come out of the sampling pass
 
 
 def make_prompt_cache(cfg: RunConfig, teacher: LM, source, dist: Distributed, log) -> PromptCachedTeacher | None:
@@ -479,7 +481,7 @@ def make_prompt_cache(cfg: RunConfig, teacher: LM, source, dist: Distributed, lo
     setting = cfg.stage2.teacher_prompt_cache
     if setting is False:
         return None
-    pools = _live_target_prompts(source)
+    pools = _live_target_prompts(source, cfg.stage2.sampling.backend)
     if not pools:
         if setting is True:
             log("[stage 2] stage2.teacher_prompt_cache=true: this regime makes no live teacher targets; not used")
@@ -504,8 +506,8 @@ def make_prompt_cache(cfg: RunConfig, teacher: LM, source, dist: Distributed, lo
         for ids, mask in pools:
             cache.warm(ids, mask)
     st = cache.stats
-    capped = (f" ({st['refused']} prompts past the 1 GiB cap of 'auto': they run the full forward)"
-              if st["refused"] else "")
+    capped = (f" ({st['refused']} prompts past the {PROMPT_CACHE_AUTO_BYTES / 2**30:g} GiB cap of 'auto': they run "
+              "the full forward)" if st["refused"] else "")
     log(f"[stage 2] teacher prompt cache: {st['prompts']} prompts, {st['bytes'] / 2**20:.1f} MiB, "
         f"run in {time.time() - t0:.1f} s{capped}")
     return cache
@@ -521,7 +523,7 @@ def make_autocompile(s: Stage2, log) -> AutoCompile | None:
     auto = []
     if s2.compile_student == AUTO and not s.dist.enabled:
         auto.append("student")
-    live_teacher = regime in (ONLINE_STUDENT, MIXED) or (regime == OFFLINE and not s.source.use_cached_targets)
+    live_teacher = bool(_live_target_prompts(s.source, s2.sampling.backend))
     if s2.compile_teacher == AUTO and (live_teacher or regime == ONLINE_TEACHER):
         auto.append("teacher")
     if not auto:
@@ -552,7 +554,8 @@ def make_autocompile(s: Stage2, log) -> AutoCompile | None:
                 src.params = dataclasses.replace(src.params, compile_step=on)
 
     models = tuple(auto)
-    return AutoCompile(workload_key(s.cfg, regime, models), models, s.cfg.resolved_cache_dir(), switch, log)
+    key = workload_key(s.cfg, regime, models, prompt_cache=isinstance(eager_teacher, PromptCachedTeacher))
+    return AutoCompile(key, models, s.cfg.resolved_cache_dir(), switch, log)
 
 
 def train_step(s: Stage2, step: int, align: bool = False) -> tuple[float, int, dict | None]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 __all__ = ["runs_table", "evals_table", "IDENTITY"]
@@ -71,10 +70,9 @@ def runs_table(run_summaries: list[dict], root: str | Path) -> str:
 
 
 def _relative(path: Path, root: Path) -> str:
-    try:
-        return os.path.relpath(path, root) if Path(path).resolve().is_relative_to(Path(root).resolve()) else str(path)
-    except ValueError:  # another drive (Windows)
-        return str(path)
+    """`path` below `root` ("." for root itself), else as given."""
+    p, r = Path(path).resolve(), Path(root).resolve()
+    return str(p.relative_to(r)) if p.is_relative_to(r) else str(path)
 
 
 def evals_table(runs, root: str | Path) -> str:
